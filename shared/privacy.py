@@ -1,0 +1,129 @@
+"""Differential-privacy events and their accounting, kept as plain data.
+
+Each round a site trains in is one :class:`DpEvent`: Poisson-sampled Gaussian DP-SGD with a sample rate, a noise
+multiplier and a number of steps. Epsilon is always recomputed by composing the list of events with a fresh
+Opacus accountant, so it survives restarts (the events live in the site's ledger) and anyone can re-account it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Accountant = Literal["prv", "rdp"]
+ACCOUNTANTS: tuple[str, ...] = ("prv", "rdp")
+
+
+class PrivacyError(ValueError):
+    """Invalid DP parameters or an impossible privacy request."""
+
+
+@dataclass(frozen=True)
+class DpEvent:
+    """One round of Poisson-sampled DP-SGD at one site.
+
+    ``sample_rate`` is the Poisson probability of each record being in a batch, ``steps`` the number of
+    noisy steps taken in the round, ``noise_multiplier`` the Gaussian noise std divided by ``clip_norm``.
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    clip_norm: float
+    sampling: str = "poisson"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise PrivacyError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if not self.noise_multiplier >= 0.0 or math.isinf(self.noise_multiplier):
+            raise PrivacyError(f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise PrivacyError(f"steps must be a non-negative integer, got {self.steps!r}")
+        if not self.clip_norm > 0.0:
+            raise PrivacyError(f"clip_norm must be > 0, got {self.clip_norm}")
+        if self.sampling != "poisson":
+            # Opacus accounts every sampler as Poisson; a fixed-size batch would need another analysis.
+            raise PrivacyError(f"only Poisson sampling is accounted, got sampling={self.sampling!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DpEvent:
+        expected = {"sample_rate", "noise_multiplier", "steps", "clip_norm", "sampling"}
+        missing = {"sample_rate", "noise_multiplier", "steps", "clip_norm"} - raw.keys()
+        if missing:
+            raise PrivacyError(f"DP event is missing {sorted(missing)}: {raw}")
+        unknown = raw.keys() - expected
+        if unknown:
+            raise PrivacyError(f"DP event has unknown keys {sorted(unknown)}: {raw}")
+        return cls(
+            sample_rate=float(raw["sample_rate"]),
+            noise_multiplier=float(raw["noise_multiplier"]),
+            steps=int(raw["steps"]),
+            clip_norm=float(raw["clip_norm"]),
+            sampling=str(raw.get("sampling", "poisson")),
+        )
+
+
+def check_delta(delta: float) -> None:
+    if not 0.0 < delta < 1.0:
+        raise PrivacyError(f"delta must be in (0, 1), got {delta}")
+
+
+def check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+
+
+def _opacus_accountant(accountant: str) -> Any:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return PRVAccountant() if accountant == "prv" else RDPAccountant()
+
+
+def compose_epsilon(events: Iterable[DpEvent], *, delta: float, accountant: str = "prv") -> float:
+    """Epsilon at ``delta`` of the adaptive composition of ``events`` (0.0 for no steps, inf for no noise)."""
+    check_delta(delta)
+    check_accountant(accountant)
+    steps = [e for e in events if e.steps > 0]
+    if not steps:
+        return 0.0
+    if any(e.noise_multiplier == 0.0 for e in steps):
+        return math.inf
+    acc = _opacus_accountant(accountant)
+    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in steps]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """The smallest noise multiplier whose ``steps`` Poisson-sampled steps spend at most ``target_epsilon``."""
+    check_delta(delta)
+    check_accountant(accountant)
+    if not target_epsilon > 0.0 or math.isinf(target_epsilon):
+        raise PrivacyError(f"target epsilon must be finite and > 0, got {target_epsilon}")
+    if steps <= 0:
+        raise PrivacyError(f"steps must be > 0 to calibrate noise, got {steps}")
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.005,
+        )
+    )
+
+
+def epsilon_after(
+    history: Sequence[DpEvent], planned: DpEvent, *, delta: float, accountant: str = "prv"
+) -> float:
+    """Epsilon the site would have spent after ``planned`` on top of ``history``: the budget check's number."""
+    return compose_epsilon([*history, planned], delta=delta, accountant=accountant)
