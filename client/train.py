@@ -1,0 +1,136 @@
+"""Local training of the adapter on a site's rows: Opacus DP-SGD (Poisson sampling, per-sample clipping).
+
+One call trains one round. The round's privacy cost is returned as a :class:`shared.privacy.DpEvent`; the
+site's cumulative epsilon is composed from all its events elsewhere (``shared/privacy.py``, the ledger), so a
+fresh PrivacyEngine per round never resets it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from shared.privacy import DpEvent
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Tokenised rows, padded to the run's max length (batches are trimmed to their longest row)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode(tokenizer: object, texts: tuple[str, ...] | list[str], labels: np.ndarray, *, max_length: int) -> Encoded:
+    batch = tokenizer(  # type: ignore[operator]
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return Encoded(batch["input_ids"], batch["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
+
+
+def _trim_collate(rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    ids, mask, labels = (torch.stack(col) for col in zip(*rows, strict=True))
+    width = max(int(mask.sum(dim=1).max().item()), 1)
+    return ids[:, :width], mask[:, :width], labels
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    steps: int
+    event: DpEvent | None  # None when DP is off
+
+
+def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+    while True:
+        yield from loader
+
+
+def train_round(
+    model: nn.Module,
+    data: Encoded,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    dp: bool,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int,
+    device: str = "cpu",
+) -> TrainResult:
+    """Run ``steps`` optimizer steps on ``data``; with ``dp`` they are DP-SGD steps under Opacus.
+
+    With DP, each record enters each batch independently with probability ``batch_size / len(data)``
+    (Poisson sampling), every per-sample gradient is clipped to ``max_grad_norm`` and Gaussian noise of std
+    ``noise_multiplier * max_grad_norm`` is added to their sum.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot train on 0 rows")
+    model.to(device)
+    model.train()  # HF models load in eval mode; Opacus must wrap a model in train mode
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.0)
+    dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=min(batch_size, len(data)),
+        shuffle=True,
+        generator=generator,
+        collate_fn=_trim_collate,
+    )
+    engine_module: nn.Module = model
+    event: DpEvent | None = None
+    if dp:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="prv")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+            warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+            engine_module, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+            )
+        event = DpEvent(
+            sample_rate=float(loader.sample_rate),
+            noise_multiplier=float(noise_multiplier),
+            steps=steps,
+            clip_norm=float(max_grad_norm),
+        )
+    loss_fn = nn.CrossEntropyLoss()
+    losses: list[float] = []
+    batches = _batches(loader)
+    try:
+        for _ in range(steps):
+            input_ids, attention_mask, labels = (t.to(device) for t in next(batches))
+            optimizer.zero_grad(set_to_none=True)
+            if labels.numel() == 0:  # an empty Poisson batch: still a (pure-noise) DP step
+                logits_loss = sum(p.sum() * 0.0 for p in params)
+                logits_loss.backward()
+            else:
+                out = engine_module(input_ids=input_ids, attention_mask=attention_mask)
+                loss = loss_fn(out.logits, labels)
+                loss.backward()
+                losses.append(float(loss.detach()))
+            optimizer.step()
+    finally:
+        if dp:
+            engine_module._close()  # type: ignore[operator]  # remove Opacus hooks: the model is plain again
+    return TrainResult(mean_loss=float(np.mean(losses)) if losses else float("nan"), steps=steps, event=event)

@@ -1,0 +1,174 @@
+"""The run configuration: Flower's flat ``[tool.flwr.app.config]`` converted once into a validated dataclass.
+
+Every key is kebab-case in Flower (``local-steps``) and snake_case here (``local_steps``). Unknown keys, wrong
+types and impossible combinations raise :class:`ConfigError` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from shared.privacy import ACCOUNTANTS
+
+BUILTIN_DATA = "builtin:rotten-tomatoes"
+BUILTIN_MODEL = "builtin:all-minilm-l6-v2"
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type, or impossible."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # federation
+    num_server_rounds: int = field(default=5, metadata=_help("Number of federated rounds."))
+    fraction_train: float = field(default=1.0, metadata=_help("Fraction of connected nodes sampled per round."))
+    min_train_nodes: int = field(default=2, metadata=_help("Fewest nodes a round is run with."))
+    seed: int = field(default=42, metadata=_help("Seed of partitioning, FFA-LoRA's frozen A, head init, sampling."))
+    # data
+    data_path: str = field(default=BUILTIN_DATA, metadata=_help("builtin:rotten-tomatoes or a .csv/.jsonl/.parquet"))
+    text_column: str = field(default="text", metadata=_help("Column holding the text."))
+    label_column: str = field(default="label", metadata=_help("Column holding the label."))
+    labels: str = field(default="", metadata=_help("Comma-separated label set, in class-index order; '' = inferred."))
+    partitioning: Literal["iid", "dirichlet"] = field(default="iid", metadata=_help("How rows go to clients."))
+    dirichlet_alpha: float = field(default=0.5, metadata=_help("Label-skew concentration (smaller = more skew)."))
+    test_fraction: float = field(default=0.15, metadata=_help("Held-out test split no client sees."))
+    max_test_examples: int = field(default=600, metadata=_help("Cap on the server's test set (0 = no cap)."))
+    max_length: int = field(default=48, metadata=_help("Token limit per example."))
+    # model
+    model_path: str = field(default=BUILTIN_MODEL, metadata=_help("builtin:all-minilm-l6-v2 or a local HF model dir."))
+    lora_mode: Literal["ffa", "lora"] = field(default="ffa", metadata=_help("ffa: A frozen from the seed, B trained."))
+    lora_r: int = field(default=8, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA scaling numerator."))
+    lora_target_modules: str = field(default="query,value", metadata=_help("Comma-separated module names."))
+    learning_rate: float = field(default=0.02, metadata=_help("Client SGD learning rate."))
+    local_steps: int = field(default=4, metadata=_help("DP-SGD steps per client per round."))
+    batch_size: int = field(default=32, metadata=_help("Expected (Poisson) batch size."))
+    # differential privacy
+    dp: bool = field(default=True, metadata=_help("DP-SGD on every client. Off = non-private baseline."))
+    target_epsilon: float = field(default=8.0, metadata=_help("Calibrate noise to this epsilon over all rounds."))
+    noise_multiplier: float = field(default=0.0, metadata=_help("Set the noise directly (then target-epsilon = 0)."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Per-sample gradient clip norm."))
+    delta: float = field(default=1e-5, metadata=_help("DP delta per site."))
+    accountant: Literal["prv", "rdp"] = field(default="prv", metadata=_help("Privacy accountant."))
+    # aggregation
+    update_clip_norm: float = field(default=5.0, metadata=_help("L2 bound of a client's update (encoding range)."))
+    secure_aggregation: bool = field(default=True, metadata=_help("Server learns only the sum of updates."))
+    secagg_degree: int = field(default=0, metadata=_help("Neighbours per client; 0 = about log2(n)."))
+    secagg_threshold: int = field(default=0, metadata=_help("Shamir threshold; 0 = default from the degree."))
+    secagg_timeout: float = field(default=120.0, metadata=_help("Seconds each secure-aggregation stage waits."))
+    secagg_on_abort: Literal["skip", "stop"] = field(default="skip", metadata=_help("After an aborted round."))
+    # output
+    output_dir: str = field(default="runs", metadata=_help("Where run outputs go (run-<id>/ below it)."))
+    sim_dir: str = field(default="runs/federation", metadata=_help("Simulated sites' keys and ledgers."))
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, key: str, value: Any, what: str) -> None:
+            if not cond:
+                raise ConfigError(f"{key.replace('_', '-')} must be {what}, got {value!r}")
+
+        need(self.num_server_rounds >= 1, "num_server_rounds", self.num_server_rounds, ">= 1")
+        need(0.0 < self.fraction_train <= 1.0, "fraction_train", self.fraction_train, "in (0, 1]")
+        need(self.min_train_nodes >= 1, "min_train_nodes", self.min_train_nodes, ">= 1")
+        need(self.partitioning in ("iid", "dirichlet"), "partitioning", self.partitioning, "'iid' or 'dirichlet'")
+        need(self.dirichlet_alpha > 0.0, "dirichlet_alpha", self.dirichlet_alpha, "> 0")
+        need(0.0 < self.test_fraction < 1.0, "test_fraction", self.test_fraction, "in (0, 1)")
+        need(self.max_test_examples >= 0, "max_test_examples", self.max_test_examples, ">= 0")
+        need(self.max_length >= 8, "max_length", self.max_length, ">= 8")
+        need(self.lora_mode in ("ffa", "lora"), "lora_mode", self.lora_mode, "'ffa' or 'lora'")
+        need(self.lora_r >= 1, "lora_r", self.lora_r, ">= 1")
+        need(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, ">= 1")
+        need(bool(self.target_modules), "lora_target_modules", self.lora_target_modules, "a non-empty list")
+        need(self.learning_rate > 0.0, "learning_rate", self.learning_rate, "> 0")
+        need(self.local_steps >= 1, "local_steps", self.local_steps, ">= 1")
+        need(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        need(self.max_grad_norm > 0.0, "max_grad_norm", self.max_grad_norm, "> 0")
+        need(0.0 < self.delta < 1.0, "delta", self.delta, "in (0, 1)")
+        need(self.accountant in ACCOUNTANTS, "accountant", self.accountant, f"one of {ACCOUNTANTS}")
+        need(self.update_clip_norm > 0.0, "update_clip_norm", self.update_clip_norm, "> 0")
+        need(self.secagg_degree >= 0, "secagg_degree", self.secagg_degree, ">= 0")
+        need(self.secagg_threshold >= 0, "secagg_threshold", self.secagg_threshold, ">= 0")
+        need(self.secagg_timeout > 0.0, "secagg_timeout", self.secagg_timeout, "> 0")
+        need(self.secagg_on_abort in ("skip", "stop"), "secagg_on_abort", self.secagg_on_abort, "'skip' or 'stop'")
+        need(self.noise_multiplier >= 0.0, "noise_multiplier", self.noise_multiplier, ">= 0")
+        need(self.target_epsilon >= 0.0, "target_epsilon", self.target_epsilon, ">= 0")
+        if self.dp:
+            if self.target_epsilon > 0.0 and self.noise_multiplier > 0.0:
+                raise ConfigError(
+                    "set either target-epsilon (noise calibrated to it) or noise-multiplier (then "
+                    f"target-epsilon = 0), not both: got target-epsilon={self.target_epsilon}, "
+                    f"noise-multiplier={self.noise_multiplier}"
+                )
+            if self.target_epsilon == 0.0 and self.noise_multiplier == 0.0:
+                raise ConfigError(
+                    "with dp = true, set target-epsilon > 0 or noise-multiplier > 0 "
+                    "(for a non-private baseline set dp = false)"
+                )
+            if math.isinf(self.target_epsilon):
+                raise ConfigError(f"target-epsilon must be finite, got {self.target_epsilon}")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def label_names(self) -> list[str] | None:
+        names = [s.strip() for s in self.labels.split(",") if s.strip()]
+        return names or None
+
+    def resolve(self, path: str) -> Path:
+        return Path(path).expanduser().resolve()
+
+    def to_flower(self) -> dict[str, Any]:
+        """The flat kebab-case dict Flower's run config holds."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Convert Flower's flat run config (kebab-case keys), checking every key and type."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: {sorted(cls().to_flower())}")
+            kwargs[name] = _coerce(key, value, hints[name])
+        return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint}")  # pragma: no cover

