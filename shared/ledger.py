@@ -39,7 +39,9 @@ ENTRY_FIELDS = (
     "prev_hash",
     "entry_hash",
     "signature",
+    "max_epsilon",
 )
+OPTIONAL_FIELDS = ("max_epsilon",)  # absent in older entries
 ATTESTATION_FIELDS = (
     "site_id",
     "run_id",
@@ -164,6 +166,7 @@ class LedgerEntry:
     prev_hash: str
     entry_hash: str
     signature: str
+    max_epsilon: float | None = None  # the site's budget when it trained this round (None: not recorded)
 
     def to_record(self) -> dict[str, Any]:
         """The entry as the JSON object stored on its line (``inf`` spelled ``"inf"``)."""
@@ -174,7 +177,7 @@ class LedgerEntry:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> LedgerEntry:
         """Parse a stored record, naming the first missing or mistyped field."""
-        missing = [f for f in ENTRY_FIELDS if f not in record]
+        missing = [f for f in ENTRY_FIELDS if f not in record and f not in OPTIONAL_FIELDS]
         if missing:
             raise LedgerError(f"ledger entry {record.get('seq', '?')} is missing {missing}")
         unknown = sorted(set(record) - set(ENTRY_FIELDS))
@@ -197,6 +200,7 @@ class LedgerEntry:
                 prev_hash=_typed(record, "prev_hash", str),
                 entry_hash=_typed(record, "entry_hash", str),
                 signature=_typed(record, "signature", str),
+                max_epsilon=None if record.get("max_epsilon") is None else float(record["max_epsilon"]),
             )
         except (PrivacyError, TypeError, ValueError) as e:
             raise LedgerError(f"ledger entry {record.get('seq', '?')} is malformed: {e}") from e
@@ -282,11 +286,14 @@ class SiteLedger:
         event: DpEvent,
         delta: float,
         accountant: str,
+        max_epsilon: float | None = None,
     ) -> LedgerEntry:
         """Record one trained round, with the cumulative epsilon over this data set's history and ``event``.
 
         Refuses a round already recorded for the same run and data set, so a retried or resumed round is never
-        counted twice (use :meth:`find` to get the existing entry back).
+        counted twice (use :meth:`find` to get the existing entry back). ``max_epsilon``, the site's budget
+        when it decided to train, is recorded so that an audit can show the budget held; a round is recorded
+        even over budget (it was trained: hiding it would be worse).
         """
         check_delta(delta)
         check_accountant(accountant)
@@ -296,6 +303,8 @@ class SiteLedger:
             raise LedgerError(f"server_round must be a non-negative integer, got {server_round!r}")
         if not run_id:
             raise LedgerError("run_id must be a non-empty string")
+        if max_epsilon is not None and not max_epsilon > 0:
+            raise LedgerError(f"max_epsilon must be > 0 (inf for no budget) or None, got {max_epsilon}")
         event = DpEvent.from_dict(event.to_dict())  # normalized types: a stable hash
 
         def make_body(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -317,6 +326,7 @@ class SiteLedger:
                 "delta": float(delta),
                 "accountant": accountant,
                 "epsilon": cumulative_epsilon([*history, event], delta=delta, accountant=accountant),
+                "max_epsilon": None if max_epsilon is None else float(max_epsilon),
             }
 
         try:

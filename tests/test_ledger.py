@@ -154,6 +154,24 @@ def test_a_round_without_noise_records_infinite_epsilon_as_strict_json(tmp_path,
     assert SiteLedger(tmp_path / "l.jsonl", site_id="site-0").entries()[0].epsilon == float("inf")
 
 
+def test_the_budget_in_force_is_recorded_with_the_entry(tmp_path, key):
+    ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=key)
+    _append(ledger, max_epsilon=3.0)
+    _append(ledger, server_round=2, max_epsilon=float("inf"))
+
+    entries = SiteLedger(tmp_path / "l.jsonl", site_id="site-0").entries()
+
+    assert [e.max_epsilon for e in entries] == [3.0, float("inf")]
+
+
+def test_a_non_positive_budget_is_not_recorded(tmp_path, key):
+    ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=key)
+
+    with pytest.raises(LedgerError, match=r"max_epsilon must be > 0 \(inf for no budget\) or None, got 0.0"):
+        _append(ledger, max_epsilon=0.0)
+    assert not (tmp_path / "l.jsonl").exists()
+
+
 # -- attestations
 
 
