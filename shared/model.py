@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,27 @@ def load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path(model_path)), local_files_only=True)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Tokenised rows, padded to the run's max length (batches are trimmed to their longest row)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def encode(
+    tokenizer: object, texts: tuple[str, ...] | list[str], labels: np.ndarray, *, max_length: int
+) -> Encoded:
+    batch = tokenizer(  # type: ignore[operator]
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return Encoded(batch["input_ids"], batch["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
 
 
 def _seeded_uniform_(tensor: torch.Tensor, bound: float, seed: int, name: str) -> None:
@@ -119,7 +141,9 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def get_trainable(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     params = dict(model.named_parameters())
-    return OrderedDict((n, params[n].detach().cpu().numpy().astype(np.float32)) for n in trainable_names(model))
+    return OrderedDict(
+        (n, params[n].detach().cpu().numpy().astype(np.float32)) for n in trainable_names(model)
+    )
 
 
 def set_trainable(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -127,12 +151,16 @@ def set_trainable(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     names = trainable_names(model)
     if sorted(arrays) != names:
         missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
-        raise ModelError(f"trainable tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ModelError(
+            f"trainable tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     with torch.no_grad():
         for name in names:
             value = torch.as_tensor(np.asarray(arrays[name]), dtype=params[name].dtype)
             if value.shape != params[name].shape:
-                raise ModelError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+                raise ModelError(
+                    f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}"
+                )
             params[name].copy_(value)
 
 
@@ -152,17 +180,6 @@ def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> OrderedDict[st
         out[name] = vector[offset : offset + size].reshape(like[name].shape).astype(np.float32)
         offset += size
     return out
-
-
-def adapter_hash(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 of the trainable tensors (names, shapes, float32 bytes): identifies a global adapter."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name], dtype=np.float32)
-        h.update(name.encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return "sha256:" + h.hexdigest()
 
 
 def silence_transformers() -> None:

@@ -118,3 +118,11 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
         max_epsilon=max_epsilon,
         delta=delta,
     )
+
+
+def site_from_context(context: Any) -> Site:
+    """The :class:`Site` of the node running ``context`` (a Flower Context): node config + the run's sim dir."""
+    from shared.config import RunConfig
+
+    cfg = RunConfig.from_flower(context.run_config)
+    return site_from_node_config(context.node_config, sim_dir=cfg.simulation_dir(context.run_id))

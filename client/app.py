@@ -1,0 +1,177 @@
+"""The ClientApp: a site trains the global adapter on its own rows under DP and returns only its update.
+
+Everything privacy-relevant is decided here, at the site, from the site's own config: its data, its device,
+its budget (``max-epsilon``, ``delta`` in its node config) and its ledger. The server's request only says which
+round it is and carries the global trainable tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.budget import decide
+from client.train import train_round
+from shared import constants as C
+from shared.config import RunConfig
+from shared.data import LabelledText
+from shared.federation import site_training_rows
+from shared.identity import load_private_key
+from shared.ledger import SiteLedger, digest_arrays, fingerprint_rows
+from shared.metrics import evaluate_model
+from shared.model import Encoded, build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable
+from shared.privacy import DpEvent, calibrate_noise_multiplier
+from shared.records import arrays_from_record, config_value
+from shared.site import Site, site_from_context
+from shared.updates import clip_to_norm
+
+logger = logging.getLogger("privatune.client")
+
+app = ClientApp()
+
+STATE_RECORD = "privatune-client"
+
+
+def poisson_sample_rate(num_rows: int, batch_size: int) -> float:
+    """The rate Opacus's DPDataLoader uses: 1 / (number of batches of the non-private loader)."""
+    return 1.0 / math.ceil(num_rows / min(batch_size, num_rows))
+
+
+def noise_multiplier_for(cfg: RunConfig, sample_rate: float, context: Context) -> float:
+    """The site's noise multiplier: given directly, or calibrated once per run to reach ``target-epsilon``
+    after ``num-server-rounds`` rounds of ``local-steps`` steps at this site's sample rate."""
+    if cfg.noise_multiplier > 0:
+        return cfg.noise_multiplier
+    state = context.state.config_records.get(STATE_RECORD)
+    if state is not None and state.get("sample-rate") == sample_rate:
+        return float(state["noise-multiplier"])  # type: ignore[arg-type]
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=cfg.target_epsilon,
+        delta=cfg.delta,
+        sample_rate=sample_rate,
+        steps=cfg.local_steps * cfg.num_server_rounds,
+        accountant=cfg.accountant,
+    )
+    context.state[STATE_RECORD] = ConfigRecord({"sample-rate": sample_rate, "noise-multiplier": sigma})
+    return sigma
+
+
+def _decline(msg: Message, reason: str) -> Message:
+    logger.warning("declining round: %s", reason)
+    return Message(RecordDict({C.DECLINE_RECORD: ConfigRecord({"reason": reason})}), reply_to=msg)
+
+
+def _open_ledger(site: Site) -> SiteLedger:
+    return SiteLedger(site.ledger_path, site_id=site.site_id, signing_key=load_private_key(site.identity_key_path))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_flower(context.run_config)
+    site = site_from_context(context)
+    server_round = int(config_value(msg.content, C.TRAIN_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
+    run_id = str(context.run_id)
+    delta = site.delta if site.delta is not None else cfg.delta
+
+    rows = site_training_rows(cfg, site)
+    fingerprint = fingerprint_rows(rows.rows())
+    ledger = _open_ledger(site)
+    if ledger.find(run_id=run_id, server_round=server_round, dataset_fingerprint=fingerprint) is not None:
+        return _decline(msg, f"round {server_round} of run {run_id} was already trained on this data (replay)")
+
+    sample_rate = poisson_sample_rate(len(rows), cfg.batch_size)
+    if cfg.dp:
+        planned = DpEvent(
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier_for(cfg, sample_rate, context),
+            steps=cfg.local_steps,
+            clip_norm=cfg.max_grad_norm,
+        )
+    else:  # a non-private round: recorded as noise 0, i.e. epsilon = inf for this data from now on
+        planned = DpEvent(sample_rate=sample_rate, noise_multiplier=0.0, steps=cfg.local_steps, clip_norm=1.0)
+    decision = decide(
+        ledger.history(fingerprint), planned, max_epsilon=site.max_epsilon, delta=delta, accountant=cfg.accountant
+    )
+    if not decision.accept:
+        return _decline(msg, f"site {site.site_id}: {decision.reason}")
+
+    tokenizer = load_tokenizer(cfg.model_path)
+    model = build_model(cfg, num_labels=len(rows.label_names))
+    global_arrays = arrays_from_record(msg.content, C.GLOBAL_RECORD)
+    set_trainable(model, global_arrays)
+    before = flatten(get_trainable(model))
+    data = encode(tokenizer, rows.texts, rows.labels, max_length=cfg.max_length)
+    result = train_round(
+        model,
+        data,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        dp=cfg.dp,
+        noise_multiplier=planned.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=_round_seed(cfg.seed, site.site_id, run_id, server_round),
+        device=site.device,
+    )
+    if result.event is not None and result.event != planned:
+        raise RuntimeError(f"Opacus ran {result.event}, but the site planned and budgeted {planned}")
+    update, norm = clip_to_norm(flatten(get_trainable(model)) - before, cfg.update_clip_norm)
+    if norm > cfg.update_clip_norm:
+        logger.warning("update norm %.3f clipped to update-clip-norm %.3f", norm, cfg.update_clip_norm)
+
+    entry = ledger.append(
+        run_id=run_id,
+        server_round=server_round,
+        adapter_hash=digest_arrays(global_arrays),
+        dataset_fingerprint=fingerprint,
+        event=planned,
+        delta=delta,
+        accountant=cfg.accountant,
+    )
+    metrics = MetricRecord(
+        {
+            C.METRIC_EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0,
+            C.METRIC_DELTA: delta,
+            C.METRIC_TRAIN_LOSS: result.mean_loss,
+            "update-norm": norm,
+        }
+    )
+    return Message(
+        RecordDict(
+            {
+                C.UPDATE_RECORD: ArrayRecord({C.UPDATE_ARRAY: Array(update.astype(np.float32))}),
+                C.METRICS_RECORD: metrics,
+                C.DP_EVENT_RECORD: ConfigRecord({**planned.to_dict(), "site-id": site.site_id}),
+                C.ATTESTATION_RECORD: ConfigRecord(ledger.attestation(entry)),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global adapter on the site's own rows.
+
+    These metrics are NOT differentially private; the default ServerApp evaluates centrally on held-out data
+    and never calls this. It is here for deployments whose sites agree to release local metrics.
+    """
+    cfg = RunConfig.from_flower(context.run_config)
+    site = site_from_context(context)
+    rows: LabelledText = site_training_rows(cfg, site)
+    model = build_model(cfg, num_labels=len(rows.label_names))
+    set_trainable(model, arrays_from_record(msg.content, C.GLOBAL_RECORD))
+    data: Encoded = encode(load_tokenizer(cfg.model_path), rows.texts, rows.labels, max_length=cfg.max_length)
+    metrics = evaluate_model(model, data, num_classes=len(rows.label_names), device=site.device)
+    return Message(RecordDict({C.METRICS_RECORD: MetricRecord({**metrics, "num-examples": len(rows)})}), reply_to=msg)
+
+
+def _round_seed(seed: int, site_id: str, run_id: str, server_round: int) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{site_id}:{run_id}:{server_round}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")

@@ -1,0 +1,96 @@
+"""Plain (non-secure) fixed-weight aggregation: the server sums the clients' updates in the clear.
+
+Only for comparison and debugging: every individual update is visible to the server. Secure aggregation
+(``server/secagg_workflow.py``) returns the same :class:`RoundAggregate` while seeing only masked vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from server.round_result import RoundAggregate
+from shared import constants as C
+
+logger = logging.getLogger("privatune.server")
+
+INSECURE_WARNING = (
+    "SECURE AGGREGATION IS OFF: the server sees every client's individual update in the clear. "
+    "Use this only to compare against secure aggregation (secure-aggregation = true)."
+)
+
+
+def read_reply_records(reply: Message, result: RoundAggregate) -> bool:
+    """File a reply's clear-text records (metrics, DP event, attestation, decline) into ``result``.
+
+    Returns True when the reply carries an update to aggregate, False for an error or a decline.
+    """
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        logger.warning("node %s failed: %s", node, reply.error.reason)
+        result.dropped.append(node)
+        return False
+    content = reply.content
+    if C.DECLINE_RECORD in content.config_records:
+        reason = str(content.config_records[C.DECLINE_RECORD].get("reason", ""))
+        result.declined.append(node)
+        result.decline_reasons[node] = reason
+        logger.info("node %s declined: %s", node, reason)
+        return False
+    metrics = content.metric_records.get(C.METRICS_RECORD)
+    if metrics is not None:
+        result.client_metrics[node] = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+    event = content.config_records.get(C.DP_EVENT_RECORD)
+    if event is not None:
+        result.dp_events[node] = dict(event)
+        if "site-id" in event:
+            result.site_ids[node] = str(event["site-id"])
+    attestation = content.config_records.get(C.ATTESTATION_RECORD)
+    if attestation is not None:
+        result.attestations[node] = dict(attestation)
+    return True
+
+
+def aggregate_plain(
+    grid: Grid, *, node_ids: list[int], content: RecordDict, update_clip_norm: float, dim: int, timeout_s: float
+) -> RoundAggregate:
+    """Send the train request to ``node_ids`` and sum the (clipped, weight-1) updates that come back."""
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    result = RoundAggregate(total=None, total_weight=0.0)
+    answered = {r.metadata.src_node_id for r in replies}
+    result.dropped.extend(n for n in node_ids if n not in answered)
+    total = np.zeros(dim, dtype=np.float64)
+    for reply in replies:
+        if not read_reply_records(reply, result):
+            continue
+        node = reply.metadata.src_node_id
+        problem = _check_update(reply.content, dim=dim, bound=update_clip_norm)
+        if problem is not None:
+            logger.warning("node %s sent an invalid update (%s); treated as dropped", node, problem)
+            result.dropped.append(node)
+            continue
+        total += reply.content.array_records[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy().astype(np.float64)
+        result.survivors.append(node)
+        result.total_weight += 1.0
+    result.total = total if result.survivors else None
+    return result
+
+
+def _check_update(content: RecordDict, *, dim: int, bound: float) -> str | None:
+    record: Any = content.array_records.get(C.UPDATE_RECORD)
+    if record is None or C.UPDATE_ARRAY not in record:
+        return f"no ArrayRecord {C.UPDATE_RECORD!r} with {C.UPDATE_ARRAY!r}"
+    vec = record[C.UPDATE_ARRAY].numpy()
+    if vec.shape != (dim,):
+        return f"shape {vec.shape}, expected ({dim},)"
+    if not np.all(np.isfinite(vec)):
+        return "non-finite values"
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if norm > bound * (1 + 1e-4):
+        return f"L2 norm {norm:.4g} over update-clip-norm {bound:g}"
+    return None

@@ -1,0 +1,216 @@
+"""The ServerApp: sample sites, aggregate their updates (securely by default), evaluate, record, repeat.
+
+Aggregation is sum-then-divide with weights fixed before the round (weight 1 per surviving site), so the
+server never needs any site's example count and can work from the sum alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from server.aggregation import INSECURE_WARNING, aggregate_plain
+from server.outputs import METRICS_FILE, RUN_LEDGER_FILE, save_adapter, write_json_atomic
+from server.round_result import RoundAggregate
+from server.run_ledger import RunLedger
+from shared import constants as C
+from shared.config import RunConfig
+from shared.federation import load_run_dataset, server_test_set
+from shared.identity import Roster, provision_simulation
+from shared.ledger import digest_array
+from shared.metrics import evaluate_model
+from shared.model import build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable, unflatten
+from shared.records import record_from_arrays
+from shared.updates import mean_from_sum
+
+logger = logging.getLogger("privatune")
+
+app = ServerApp()
+
+NODE_WAIT_S = 120.0
+
+
+def wait_for_nodes(grid: Grid, minimum: int, *, timeout_s: float = NODE_WAIT_S) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} node(s) connected after {timeout_s:.0f}s; need min-train-nodes={minimum}")
+        time.sleep(1.0)
+
+
+def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> list[int]:
+    k = min(len(nodes), max(cfg.min_train_nodes, math.ceil(cfg.fraction_train * len(nodes))))
+    picks = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids are uint64, numpy would mangle them
+    return sorted(nodes[i] for i in picks)
+
+
+def _aggregate(grid: Grid, cfg: RunConfig, *, node_ids: list[int], content: RecordDict, server_round: int,
+               run_id: str, dim: int) -> RoundAggregate:
+    if cfg.secure_aggregation:
+        from server.secagg_workflow import aggregate_secure, settings_from_config
+
+        return aggregate_secure(
+            grid,
+            node_ids=node_ids,
+            content=content,
+            server_round=server_round,
+            run_id=run_id,
+            settings=settings_from_config(cfg, num_clients=len(node_ids), dim=dim),
+            timeout_s=cfg.secagg_timeout,
+        )
+    return aggregate_plain(
+        grid, node_ids=node_ids, content=content, update_clip_norm=cfg.update_clip_norm, dim=dim,
+        timeout_s=cfg.secagg_timeout * 4,
+    )
+
+
+def _fmt_eps(values: list[float]) -> str:
+    if not values:
+        return "-"
+    top = max(values)
+    return "inf" if top < 0 or math.isinf(top) else f"{top:.2f}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flower(context.run_config)
+    run_id = str(context.run_id)
+    run_dir = cfg.run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.dp:
+        logger.warning("DIFFERENTIAL PRIVACY IS OFF: this is a non-private baseline; no epsilon holds, and every "
+                       "site's ledger records epsilon = inf for its data.")
+    if not cfg.secure_aggregation:
+        logger.warning(INSECURE_WARNING)
+
+    nodes = wait_for_nodes(grid, cfg.min_train_nodes)
+    sim_dir: Path | None = None
+    roster: Roster | None = None
+    data = load_run_dataset(cfg)
+    test = server_test_set(cfg, data, num_partitions=len(nodes))
+    if cfg.roster_path:  # deployment: sites were provisioned beforehand (privatune provision)
+        roster = Roster.load(Path(cfg.roster_path).expanduser())
+    else:  # simulation: the simulated sites' identities are made at start-up
+        sim_dir = cfg.simulation_dir(run_id)
+        roster = provision_simulation(sim_dir, len(nodes))
+    run_ledger = RunLedger(run_dir / RUN_LEDGER_FILE, run_id, roster=roster)
+
+    model = build_model(cfg, num_labels=len(data.label_names))
+    tokenizer = load_tokenizer(cfg.model_path)
+    test_enc = encode(tokenizer, test.texts, test.labels, max_length=cfg.max_length)
+    global_arrays = get_trainable(model)
+    dim = int(flatten(global_arrays).shape[0])
+    logger.info(
+        "run %s: %d sites, %d rounds, %s, %d trainable parameters, test set %d rows, DP %s, secure aggregation %s",
+        run_id, len(nodes), cfg.num_server_rounds, cfg.lora_mode.upper() + "-LoRA", dim, len(test),
+        f"on (target epsilon {cfg.target_epsilon:g}, delta {cfg.delta:g})" if cfg.dp else "OFF",
+        "on" if cfg.secure_aggregation else "OFF",
+    )
+    baseline = evaluate_model(model, test_enc, num_classes=len(data.label_names))
+    history: dict[str, Any] = {
+        "run_id": run_id,
+        "config": cfg.to_flower(),
+        "label_names": list(data.label_names),
+        "initial_test": baseline,
+        "rounds": [],
+    }
+    logger.info("round 0 | test acc %.4f f1 %.4f (before training)", baseline["accuracy"], baseline["macro_f1"])
+    rng = np.random.default_rng([cfg.seed, 0x5A3])
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        started = time.monotonic()
+        nodes = wait_for_nodes(grid, cfg.min_train_nodes)
+        sampled = sample_nodes(nodes, cfg, rng)
+        content = RecordDict(
+            {
+                C.GLOBAL_RECORD: record_from_arrays(global_arrays),
+                C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: run_id}),
+            }
+        )
+        agg = _aggregate(grid, cfg, node_ids=sampled, content=content, server_round=server_round, run_id=run_id,
+                         dim=dim)
+        if agg.total is None and not agg.aborted:
+            agg.aborted, agg.abort_reason = True, "no site contributed an update"
+        if agg.total is not None and agg.total_weight > 0:
+            mean = mean_from_sum(agg.total, agg.total_weight)
+            global_arrays = unflatten(flatten(global_arrays) + mean, global_arrays)
+            set_trainable(model, global_arrays)
+        test_metrics = evaluate_model(model, test_enc, num_classes=len(data.label_names))
+        seconds = time.monotonic() - started
+
+        def site(node: int) -> str:
+            return agg.site_ids.get(node, f"node-{node}")
+
+        clients = {
+            site(n): {"epsilon": m.get(C.METRIC_EPSILON, float("nan")), "train_loss": m.get(C.METRIC_TRAIN_LOSS)}
+            for n, m in agg.client_metrics.items()
+        }
+        for entry in clients.values():
+            if entry["epsilon"] is not None and entry["epsilon"] < 0:
+                entry["epsilon"] = None  # inf (non-private) is not JSON; None means "no finite epsilon"
+        losses = [m[C.METRIC_TRAIN_LOSS] for m in agg.client_metrics.values() if C.METRIC_TRAIN_LOSS in m]
+        epsilons = [m[C.METRIC_EPSILON] for m in agg.client_metrics.values() if C.METRIC_EPSILON in m]
+        round_record = {
+            "round": server_round,
+            "test": test_metrics,
+            "train_loss": float(np.nanmean(losses)) if losses else None,
+            "clients": clients,
+            "sampled": [site(n) for n in sampled],
+            "survivors": [site(n) for n in agg.survivors],
+            "dropped": [site(n) for n in agg.dropped],
+            "declined": {site(n): agg.decline_reasons.get(n, "") for n in agg.declined},
+            "aborted": agg.aborted,
+            "abort_reason": agg.abort_reason,
+            "secure_aggregation": cfg.secure_aggregation,
+            "seconds": seconds,
+        }
+        history["rounds"].append(round_record)
+        run_ledger.record_round(
+            server_round,
+            participants=[site(n) for n in sampled],
+            declined=round_record["declined"],
+            survivors=round_record["survivors"],
+            dropped=round_record["dropped"],
+            aborted=agg.aborted,
+            aggregate_hash=digest_array(agg.total) if agg.total is not None else None,
+            attestations={site(n): att for n, att in agg.attestations.items()},
+            metrics=test_metrics,
+            secure_aggregation=cfg.secure_aggregation,
+        )
+        write_json_atomic(run_dir / METRICS_FILE, history)
+        note = ""
+        if agg.aborted:
+            note = f" | ABORTED: {agg.abort_reason}"
+        elif agg.dropped or agg.declined:
+            note = f" | {len(agg.survivors)}/{len(sampled)} sites ({len(agg.dropped)} dropped, {len(agg.declined)} declined)"
+        logger.info(
+            "round %d/%d | train loss %s | test acc %.4f f1 %.4f | max eps %s | %.1fs%s",
+            server_round, cfg.num_server_rounds,
+            f"{round_record['train_loss']:.4f}" if round_record["train_loss"] is not None else "-",
+            test_metrics["accuracy"], test_metrics["macro_f1"], _fmt_eps(epsilons), seconds, note,
+        )
+        if agg.aborted and cfg.secure_aggregation and cfg.secagg_on_abort == "stop":
+            raise RuntimeError(f"round {server_round} aborted ({agg.abort_reason}) and secagg-on-abort = 'stop'")
+
+    adapter_dir = save_adapter(
+        model,
+        run_dir,
+        card={
+            "base_model": cfg.model_path,
+            "label_names": list(data.label_names),
+            "max_length": cfg.max_length,
+            "final_test": history["rounds"][-1]["test"] if history["rounds"] else baseline,
+        },
+    )
+    history["adapter_dir"] = str(adapter_dir)
+    write_json_atomic(run_dir / METRICS_FILE, history)
+    logger.info("adapter saved to %s; metrics in %s", adapter_dir, run_dir / METRICS_FILE)

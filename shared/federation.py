@@ -1,0 +1,66 @@
+"""Which rows a party uses: the server's held-out test split and each site's training rows.
+
+In simulation every party recomputes the same split of the run's dataset from the seed. A deployed site reads
+its own file from its own node config; the run must then declare its label set, and the site's labels must
+be in it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.config import RunConfig
+from shared.data import DataError, LabelledText, load_labelled_text
+from shared.partition import federated_split
+from shared.site import Site
+
+
+def load_run_dataset(cfg: RunConfig) -> LabelledText:
+    return load_labelled_text(
+        cfg.data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names
+    )
+
+
+def simulated_split(
+    cfg: RunConfig, data: LabelledText, num_partitions: int
+) -> tuple[list[np.ndarray], np.ndarray]:
+    return federated_split(
+        data.labels,
+        num_partitions=num_partitions,
+        partitioning=cfg.partitioning,
+        alpha=cfg.dirichlet_alpha,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+    )
+
+
+def server_test_set(cfg: RunConfig, data: LabelledText, num_partitions: int) -> LabelledText:
+    """The held-out test rows (capped at ``max_test_examples`` by a seeded draw)."""
+    _, test = simulated_split(cfg, data, num_partitions)
+    if cfg.max_test_examples and len(test) > cfg.max_test_examples:
+        rng = np.random.default_rng([cfg.seed, 0x7E5])
+        test = np.sort(rng.choice(test, size=cfg.max_test_examples, replace=False))
+    return data.subset(test)
+
+
+def site_training_rows(cfg: RunConfig, site: Site) -> LabelledText:
+    """A site's own training rows: its partition in simulation, its own file when deployed."""
+    if site.simulated:
+        assert site.partition_id is not None
+        if not site.num_partitions:
+            raise DataError("simulation node config has no num-partitions")
+        data = load_run_dataset(cfg)
+        parts, _ = simulated_split(cfg, data, site.num_partitions)
+        rows = data.subset(parts[site.partition_id])
+    else:
+        if cfg.label_names is None:
+            raise DataError(
+                "a deployed run must declare its label set in the run config (labels = 'a,b,...')"
+            )
+        assert site.data_path is not None
+        rows = load_labelled_text(
+            site.data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names
+        )
+    if len(rows) == 0:
+        raise DataError(f"site {site.site_id} has no training rows")
+    return rows

@@ -1,0 +1,62 @@
+"""Classification metrics (loss, accuracy, macro precision / recall / F1) and batched evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, *, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-averaged precision, recall and F1 (a class never predicted has precision 0)."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(f"need equal, non-empty label arrays, got {y_true.shape} and {y_pred.shape}")
+    precision, recall, f1 = [], [], []
+    for c in range(num_classes):
+        tp = float(np.sum((y_pred == c) & (y_true == c)))
+        fp = float(np.sum((y_pred == c) & (y_true != c)))
+        fn = float(np.sum((y_pred != c) & (y_true == c)))
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        precision.append(p)
+        recall.append(r)
+        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    return {
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "precision": float(np.mean(precision)),
+        "recall": float(np.mean(recall)),
+        "macro_f1": float(np.mean(f1)),
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: Any, *, device: str = "cpu", batch_size: int = 128
+) -> tuple[np.ndarray, float]:
+    """Logits-argmax predictions and mean cross-entropy of ``model`` on encoded rows."""
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    preds, loss_sum = [], 0.0
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    try:
+        for start in range(0, len(data), batch_size):
+            mask = data.attention_mask[start : start + batch_size]
+            width = max(int(mask.sum(dim=1).max().item()), 1)
+            ids = data.input_ids[start : start + batch_size, :width].to(device)
+            labels = data.labels[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, attention_mask=mask[:, :width].to(device)).logits
+            loss_sum += float(loss_fn(logits, labels))
+            preds.append(logits.argmax(dim=-1).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(preds), loss_sum / len(data)
+
+
+def evaluate_model(model: nn.Module, data: Any, *, num_classes: int, device: str = "cpu") -> dict[str, float]:
+    preds, loss = predict(model, data, device=device)
+    return {"loss": loss, **classification_metrics(data.labels.numpy(), preds, num_classes=num_classes)}
