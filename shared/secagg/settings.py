@@ -1,0 +1,100 @@
+"""Secure-aggregation settings (validated once) and the defaults for the graph degree and the threshold."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.secagg.graph import effective_degree
+
+
+def default_degree(n: int) -> int:
+    """SecAgg+'s O(log n) degree: ``2 * ceil(log2 n)``, capped at ``n - 1`` (complete graph up to n = 8)."""
+    return min(n - 1, 2 * math.ceil(math.log2(n)))
+
+
+def default_threshold(closed_neighbourhood: int) -> int:
+    """``ceil(2m/3)`` of a closed neighbourhood of ``m = degree + 1`` holders.
+
+    A curious server learns a client's input only if it gets both the self-mask seed and the mask key of the
+    same client; every honest holder gives out at most one of the two, so the server needs ``2t - m`` holders
+    colluding with it: at least ``ceil(m/3)`` here. The round survives up to ``m - t`` (about ``m/3``)
+    dropouts per neighbourhood.
+    """
+    return math.ceil(2 * closed_neighbourhood / 3)
+
+
+def check_threshold(threshold: int, closed_neighbourhood: int) -> None:
+    """Raise unless ``2 <= t <= m`` and ``2t > m`` (no two disjoint sets of ``t`` holders exist)."""
+    m = closed_neighbourhood
+    if isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise ValueError(f"threshold must be an int, got {threshold!r}")
+    if not 2 <= threshold <= m or 2 * threshold <= m:
+        raise ValueError(
+            f"threshold must satisfy 2 <= t <= m and 2t > m for a closed neighbourhood of m = {m} holders, "
+            f"got t = {threshold}"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecAggSettings:
+    """How secure aggregation runs; converted once from the run config."""
+
+    clip_norm: float = field(metadata={"help": "L2 bound C of a client's update before weighting"})
+    max_clients: int = field(
+        default=1000, metadata={"help": "most clients summed in a round (fixes the scale)"}
+    )
+    degree: int | None = field(
+        default=None, metadata={"help": "neighbours per client; None: 2*ceil(log2 n); >= n-1: classic SecAgg"}
+    )
+    threshold: int | None = field(
+        default=None, metadata={"help": "Shamir threshold t; None: ceil(2(k+1)/3); must have 2t > k+1"}
+    )
+    max_weight: float = field(default=1.0, metadata={"help": "largest per-client weight"})
+    modulus_bits: Literal[32] = field(default=32, metadata={"help": "sums are taken modulo 2^modulus_bits"})
+    stage_timeout_s: float = field(default=60.0, metadata={"help": "timeout of each key/unmask stage"})
+    on_abort: Literal["skip", "stop"] = field(
+        default="skip", metadata={"help": "an aborted round: skip it and go on, or stop the run"}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clip_norm, bool) or not isinstance(self.clip_norm, (int, float)):
+            raise ValueError(f"clip_norm must be a number, got {self.clip_norm!r}")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm must be finite and > 0, got {self.clip_norm}")
+        if (
+            isinstance(self.max_clients, bool)
+            or not isinstance(self.max_clients, int)
+            or self.max_clients < 2
+        ):
+            raise ValueError(f"max_clients must be an int >= 2, got {self.max_clients!r}")
+        if self.degree is not None and (
+            isinstance(self.degree, bool) or not isinstance(self.degree, int) or self.degree < 1
+        ):
+            raise ValueError(f"degree must be None or an int >= 1, got {self.degree!r}")
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 2
+        ):
+            raise ValueError(f"threshold must be None or an int >= 2, got {self.threshold!r}")
+        if isinstance(self.max_weight, bool) or not isinstance(self.max_weight, (int, float)):
+            raise ValueError(f"max_weight must be a number, got {self.max_weight!r}")
+        if not (math.isfinite(self.max_weight) and self.max_weight > 0):
+            raise ValueError(f"max_weight must be finite and > 0, got {self.max_weight}")
+        if self.modulus_bits != 32:
+            raise ValueError(f"modulus_bits must be 32, got {self.modulus_bits!r}")
+        if not (isinstance(self.stage_timeout_s, (int, float)) and self.stage_timeout_s > 0):
+            raise ValueError(f"stage_timeout_s must be > 0, got {self.stage_timeout_s!r}")
+        if self.on_abort not in ("skip", "stop"):
+            raise ValueError(f"on_abort must be 'skip' or 'stop', got {self.on_abort!r}")
+
+    def degree_for(self, n: int) -> int:
+        """The effective degree for a round of ``n`` sampled clients."""
+        return effective_degree(n, self.degree if self.degree is not None else default_degree(n))
+
+    def threshold_for(self, n: int) -> int:
+        """The Shamir threshold for a round of ``n`` sampled clients (validated against the degree)."""
+        m = self.degree_for(n) + 1
+        t = self.threshold if self.threshold is not None else default_threshold(m)
+        check_threshold(t, m)
+        return t
