@@ -18,10 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shared.hashchain import ChainError, ChainWriter
 from shared.identity import IdentityError, Roster
-from shared.ledger import LedgerEntry, LedgerError
+from shared.ledger import RUN_LEDGER_KIND, LedgerEntry, LedgerError
 from shared.ledger import verify_attestation as verify_site_attestation
 
-RUN_LEDGER_KIND = "privatune.run-ledger.v1"
 RUN_LEDGER_FILE = "run_ledger.jsonl"
 
 

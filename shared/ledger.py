@@ -24,6 +24,7 @@ from shared.hashchain import ChainError, ChainWriter, canonical_json, record_has
 from shared.privacy import DpEvent, PrivacyError, check_accountant, check_delta, compose_epsilon
 
 SITE_LEDGER_KIND = "privatune.site-ledger.v1"
+RUN_LEDGER_KIND = "privatune.run-ledger.v1"  # the server's ledger of a run (server/run_ledger.py)
 ENTRY_FIELDS = (
     "seq",
     "run_id",

@@ -1,0 +1,335 @@
+"""Re-verify the privacy ledgers, independently of what they claim.
+
+For a site ledger: every line complete and valid, the hash chain unbroken (no gap, reordering, fork or
+edit), every signature valid under the site's roster key, and every recorded epsilon equal to the one
+recomputed from the recorded DP events (never read from the recorded values). For the server's run ledger:
+its chain, and every site attestation in it signed by that site and present, identically, in the site's own
+ledger: an attestation the site's ledger does not hold at that position is a fork or a rollback.
+
+Nothing here raises on bad content: each problem is a :class:`Finding` naming the file, line and entry, so
+that the audit can list them all and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from shared.hashchain import read_chain
+from shared.identity import IdentityError, Roster
+from shared.ledger import (
+    RUN_LEDGER_KIND,
+    SITE_LEDGER_KIND,
+    LedgerEntry,
+    LedgerError,
+    cumulative_epsilon,
+    verify_attestation,
+)
+from shared.privacy import PrivacyError
+
+EPSILON_RTOL = 1e-4  # recomputed vs recorded epsilon (same accountant, same events: equal up to float noise)
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One verification result worth reading: an error fails the audit, a warning does not."""
+
+    subject: str  # "site-0 ledger", "run 42 ledger"
+    kind: str  # truncated, corrupt, gap, reordered, fork, tampered, signature, foreign, epsilon, budget, ...
+    message: str
+    line: int | None = None
+    severity: Severity = "error"
+
+    def __str__(self) -> str:
+        where = f" line {self.line}" if self.line is not None else ""
+        return f"{self.severity.upper()} {self.subject}{where} [{self.kind}]: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "kind": self.kind,
+            "line": self.line,
+            "severity": self.severity,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class EntryCheck:
+    """One verified site-ledger entry with its independently recomputed epsilon."""
+
+    line: int
+    entry: LedgerEntry
+    recomputed: float
+    cross_check: float | None  # dp-accounting PLD epsilon, when asked for
+
+    @property
+    def matches(self) -> bool:
+        return epsilons_agree(self.entry.epsilon, self.recomputed)
+
+
+@dataclass
+class SiteAudit:
+    site_id: str
+    path: Path
+    checks: list[EntryCheck] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    max_epsilon: float | None = None  # the budget the report draws: given, or the latest recorded
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    def entry_at(self, seq: int) -> LedgerEntry | None:
+        return next((c.entry for c in self.checks if c.entry.seq == seq), None)
+
+
+@dataclass
+class RunAudit:
+    run_id: str
+    path: Path
+    records: list[dict[str, Any]] = field(default_factory=list)
+    attested: dict[tuple[str, int], LedgerEntry] = field(default_factory=dict)  # (site, round) -> entry
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+
+def epsilons_agree(recorded: float, recomputed: float, *, rtol: float = EPSILON_RTOL) -> bool:
+    if math.isinf(recorded) or math.isinf(recomputed):
+        return recorded == recomputed
+    return math.isclose(recorded, recomputed, rel_tol=rtol, abs_tol=1e-9)
+
+
+def _eps(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.4f}"
+
+
+def audit_site_ledger(
+    path: Path,
+    *,
+    site_id: str,
+    public_key: Ed25519PublicKey,
+    max_epsilon: float | None = None,
+    cross_check: bool = False,
+) -> SiteAudit:
+    """Verify one site's ledger file end to end; see the module docstring."""
+    subject = f"{site_id} ledger"
+    audit = SiteAudit(site_id=site_id, path=Path(path), max_epsilon=max_epsilon)
+    if not Path(path).exists():
+        audit.findings.append(Finding(subject, "missing", f"no ledger at {path}"))
+        return audit
+    read = read_chain(
+        path, kind=SITE_LEDGER_KIND, owner=site_id, public_key=public_key, owner_field="site_id"
+    )
+    audit.findings.extend(Finding(subject, i.kind, i.message, line=i.line) for i in read.issues)
+    if read.issues:
+        audit.findings.append(
+            Finding(
+                subject,
+                "chain",
+                f"only the first {len(read.records)} entries verified; nothing after line "
+                f"{len(read.records)} is trusted or re-accounted",
+                severity="warning",
+            )
+        )
+
+    seen: set[tuple[str, str, int]] = set()
+    history: dict[str, list[Any]] = {}
+    for line, record in enumerate(read.records, start=1):
+        try:
+            entry = LedgerEntry.from_record(record)
+        except LedgerError as e:
+            audit.findings.append(Finding(subject, "corrupt", str(e), line=line))
+            break
+        name = f"entry {entry.seq} (run {entry.run_id}, round {entry.round})"
+        key = (entry.dataset_fingerprint, entry.run_id, entry.round)
+        if key in seen:
+            audit.findings.append(
+                Finding(subject, "duplicate", f"{name} is recorded twice for the same data set", line=line)
+            )
+        seen.add(key)
+        events = history.setdefault(entry.dataset_fingerprint, [])
+        events.append(entry.event)
+        try:
+            recomputed = cumulative_epsilon(events, delta=entry.delta, accountant=entry.accountant)
+        except PrivacyError as e:
+            audit.findings.append(Finding(subject, "corrupt", f"{name}: {e}", line=line))
+            break
+        pld = None
+        if cross_check:
+            from shared.audit.accounting import pld_epsilon
+
+            pld = pld_epsilon(events, delta=entry.delta)
+        check = EntryCheck(line=line, entry=entry, recomputed=recomputed, cross_check=pld)
+        audit.checks.append(check)
+        if not check.matches:
+            audit.findings.append(
+                Finding(
+                    subject,
+                    "epsilon",
+                    f"{name}: recorded epsilon {_eps(entry.epsilon)} but its {len(events)} events give "
+                    f"{_eps(recomputed)} ({entry.accountant}, delta={entry.delta:g})",
+                    line=line,
+                )
+            )
+        budget = entry.max_epsilon if entry.max_epsilon is not None else max_epsilon
+        if budget is not None and recomputed > budget:
+            audit.findings.append(
+                Finding(
+                    subject,
+                    "budget",
+                    f"{name}: epsilon {_eps(recomputed)} is over the site's budget max_epsilon={budget:g}",
+                    line=line,
+                )
+            )
+    if audit.max_epsilon is None:
+        recorded = [c.entry.max_epsilon for c in audit.checks if c.entry.max_epsilon is not None]
+        audit.max_epsilon = recorded[-1] if recorded else None
+    return audit
+
+
+def audit_run_ledger(path: Path, *, roster: Roster, run_id: str | None = None) -> RunAudit:
+    """Verify the server's ledger of one run and every attestation in it against the roster."""
+    path = Path(path)
+    if run_id is None:  # take the owner from the file; a mismatch with metrics.json is checked by the caller
+        run_id = _first_run_id(path)
+    subject = f"run {run_id} ledger"
+    audit = RunAudit(run_id=str(run_id), path=path)
+    if not path.exists():
+        audit.findings.append(Finding(subject, "missing", f"no run ledger at {path}"))
+        return audit
+    read = read_chain(path, kind=RUN_LEDGER_KIND, owner=str(run_id), public_key=None, owner_field="run_id")
+    audit.findings.extend(Finding(subject, i.kind, i.message, line=i.line) for i in read.issues)
+    audit.records = read.records
+    last_round = -1
+    for line, record in enumerate(read.records, start=1):
+        server_round = record.get("round")
+        if not isinstance(server_round, int) or server_round <= last_round:
+            audit.findings.append(
+                Finding(
+                    subject,
+                    "reordered",
+                    f"round {server_round!r} does not follow round {last_round}",
+                    line=line,
+                )
+            )
+        last_round = server_round if isinstance(server_round, int) else last_round
+        participants = set(record.get("participants", []))
+        declined = set(record.get("declined", {}))
+        for site_id, att in dict(record.get("attestations", {})).items():
+            where = f"round {server_round}: attestation of {site_id}"
+            try:
+                entry = verify_attestation(att, roster.public_key(site_id))
+            except (LedgerError, IdentityError) as e:
+                audit.findings.append(Finding(subject, "attestation", f"{where}: {e}", line=line))
+                continue
+            if entry.site_id != site_id or entry.run_id != str(run_id) or entry.round != server_round:
+                audit.findings.append(
+                    Finding(
+                        subject,
+                        "attestation",
+                        f"{where} is for {entry.site_id} run {entry.run_id} round {entry.round}",
+                        line=line,
+                    )
+                )
+                continue
+            if site_id not in participants or site_id in declined:
+                audit.findings.append(
+                    Finding(
+                        subject, "attestation", f"{where}: the site did not train in this round", line=line
+                    )
+                )
+            audit.attested[(site_id, server_round)] = entry
+    return audit
+
+
+def cross_check_attestations(run: RunAudit, sites: Mapping[str, SiteAudit]) -> list[Finding]:
+    """Each attestation the server holds must be, hash for hash, the entry at its seq in the site's ledger."""
+    findings: list[Finding] = []
+    for (site_id, server_round), attested in sorted(run.attested.items()):
+        site = sites.get(site_id)
+        subject = f"{site_id} ledger"
+        if site is None:
+            findings.append(
+                Finding(
+                    f"run {run.run_id} ledger",
+                    "unaudited",
+                    f"round {server_round}: {site_id} attested epsilon {_eps(attested.epsilon)} "
+                    "but its ledger was not given to the audit",
+                    severity="warning",
+                )
+            )
+            continue
+        own = site.entry_at(attested.seq)
+        if own is None:
+            verified = len(site.checks)
+            findings.append(
+                Finding(
+                    subject,
+                    "rollback",
+                    f"the server holds {site_id}'s signed entry {attested.seq} (run {run.run_id}, round "
+                    f"{server_round}), but only {verified} entries of its ledger verify: "
+                    "entries were removed or the ledger was truncated",
+                )
+            )
+        elif own.entry_hash != attested.entry_hash:
+            findings.append(
+                Finding(
+                    subject,
+                    "fork",
+                    f"entry {attested.seq} differs from the signed entry {attested.seq} the server holds "
+                    f"(run {run.run_id}, round {server_round}; ledger {own.entry_hash[:12]}, server "
+                    f"{attested.entry_hash[:12]}): the site signed two different histories",
+                    line=attested.seq + 1,
+                )
+            )
+    return findings
+
+
+def site_entries_of_run(site: SiteAudit, run_id: str) -> list[LedgerEntry]:
+    return [c.entry for c in site.checks if c.entry.run_id == run_id]
+
+
+def unattested_rounds(run: RunAudit, sites: Mapping[str, SiteAudit]) -> list[Finding]:
+    """Rounds a site recorded for this run without the server holding its attestation (e.g. a dropout):
+    not an error (the site spent the budget all the same, and its own ledger counts it), but worth reading."""
+    findings = []
+    for site_id, site in sorted(sites.items()):
+        for entry in site_entries_of_run(site, run.run_id):
+            if (site_id, entry.round) not in run.attested:
+                findings.append(
+                    Finding(
+                        f"{site_id} ledger",
+                        "unattested",
+                        f"entry {entry.seq}: {site_id} trained round {entry.round} of run {run.run_id} "
+                        f"(epsilon {_eps(entry.epsilon)}), but the run ledger holds no attestation of it "
+                        "(dropped after training); the site's own ledger counts it",
+                        line=entry.seq + 1,
+                        severity="warning",
+                    )
+                )
+    return findings
+
+
+def _first_run_id(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+        return str(json.loads(first).get("run_id", "?"))
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
+def all_findings(*groups: Sequence[Finding]) -> list[Finding]:
+    return [f for g in groups for f in g]
