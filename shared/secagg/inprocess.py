@@ -8,11 +8,19 @@ a node listed under a stage does not reply to that stage (and is gone from then 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from shared.identity import (
+    IDENTITY_KEY_FILE,
+    Roster,
+    load_private_key,
+    provision_simulation,
+    site_id_for_partition,
+)
 from shared.secagg import constants as K
 from shared.secagg.client import SecAggClient
 from shared.secagg.errors import SecAggProtocolError
@@ -152,3 +160,14 @@ def run_round(
         if reply is not None:
             unmask[nid] = UnmaskShares.from_config(reply)
     timed(lambda: server.receive_unmask_shares(unmask))
+
+
+def make_clients(sim_dir: Path, node_ids: Sequence[int]) -> tuple[dict[int, SecAggClient], Roster]:
+    """Provision one simulated site per node (``site-<i>`` for the i-th node id) and its protocol client."""
+    roster = provision_simulation(sim_dir, len(node_ids))
+    clients = {}
+    for i, nid in enumerate(node_ids):
+        site = site_id_for_partition(i)
+        key = load_private_key(Path(sim_dir) / "sites" / site / IDENTITY_KEY_FILE)
+        clients[nid] = SecAggClient(node_id=nid, site_id=site, identity_key=key, roster=roster)
+    return clients, roster
