@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,24 @@ class Meter:
         self.downloaded[nid] = self.downloaded.get(nid, 0) + down
 
 
+def _advertise(c: SecAggClient, req: dict[str, Any]) -> dict[str, Any]:
+    return c.advertise_keys(RoundParams.from_config(req)).to_config()
+
+
+def _share(c: SecAggClient, req: dict[str, Any]) -> dict[str, Any]:
+    return c.share_keys(ShareKeysRequest.from_config(req)).to_config()
+
+
+def _decline(c: SecAggClient, req: dict[str, Any]) -> dict[str, Any]:
+    c.receive_shares(MaskedInputRequest.from_config(req))
+    c.decline()
+    return {K.KEY_STAGE: K.STAGE_MASKED_INPUT}
+
+
+def _unmask(c: SecAggClient, req: dict[str, Any]) -> dict[str, Any]:
+    return c.unmask(UnmaskRequest.from_config(req)).to_config()
+
+
 def run_round(
     server: SecAggServer,
     clients: Mapping[int, SecAggClient],
@@ -79,87 +98,76 @@ def run_round(
         gone.update(drop.get(stage, ()))
         return [n for n in sorted(targets) if n not in gone]
 
-    def call(nid: int, fn: Callable[[], dict], down: int, extra_up: int = 0) -> dict | None:
+    def call(
+        nid: int, fn: Callable[[SecAggClient, dict[str, Any]], dict[str, Any]], req: dict[str, Any]
+    ) -> dict[str, Any] | None:
         start = time.perf_counter()
         try:
-            reply = fn()
+            reply = fn(clients[nid], req)
         except SecAggProtocolError as e:
             refusals[nid] = str(e)
             gone.add(nid)
             return None
-        meter.client(nid, time.perf_counter() - start, config_size(reply) + extra_up, down)
+        meter.client(nid, time.perf_counter() - start, config_size(reply), config_size(req))
         return reply
 
-    def timed(fn: Callable[[], object]) -> object:
-        start = time.perf_counter()
-        out = fn()
-        meter.server_seconds += time.perf_counter() - start
-        return out
+    clock = time.perf_counter
 
     # Stage 1: advertise keys
     setup = server.advertise_request().to_config()
-    adverts: dict[int, KeyAdvert] = {}
+    adverts = {}
     for nid in answering(K.STAGE_ADVERTISE_KEYS, server.params.node_ids):
-        c = clients[nid]
-        reply = call(
-            nid, lambda c=c: c.advertise_keys(RoundParams.from_config(setup)).to_config(), config_size(setup)
-        )
-        if reply is not None:
+        if (reply := call(nid, _advertise, setup)) is not None:
             adverts[nid] = KeyAdvert.from_config(reply)
-    timed(lambda: server.receive_adverts(adverts))
+    start = clock()
+    server.receive_adverts(adverts)
+    requests = {n: r.to_config() for n, r in server.share_keys_requests().items()}
+    meter.server_seconds += clock() - start
 
     # Stage 2: share keys
-    requests2 = {n: r.to_config() for n, r in timed(server.share_keys_requests).items()}  # type: ignore[attr-defined]
-    shares: dict[int, EncryptedShares] = {}
-    for nid in answering(K.STAGE_SHARE_KEYS, requests2):
-        c, req = clients[nid], requests2[nid]
-        reply = call(
-            nid,
-            lambda c=c, req=req: c.share_keys(ShareKeysRequest.from_config(req)).to_config(),
-            config_size(req),
-        )
-        if reply is not None:
+    shares = {}
+    for nid in answering(K.STAGE_SHARE_KEYS, requests):
+        if (reply := call(nid, _share, requests[nid])) is not None:
             shares[nid] = EncryptedShares.from_config(reply)
-    timed(lambda: server.receive_encrypted_shares(shares))
+    start = clock()
+    server.receive_encrypted_shares(shares)
+    requests = {n: r.to_config() for n, r in server.masked_input_requests(weights).items()}
+    meter.server_seconds += clock() - start
 
     # Stage 3: masked input (or a decline)
-    requests3 = {n: r.to_config() for n, r in timed(lambda: server.masked_input_requests(weights)).items()}  # type: ignore[attr-defined]
-    for nid in answering(K.STAGE_MASKED_INPUT, requests3):
-        c, req = clients[nid], requests3[nid]
+    for nid in answering(K.STAGE_MASKED_INPUT, requests):
         if nid in decline:
-
-            def declined(c: SecAggClient = c, req: dict = req) -> dict:
-                c.receive_shares(MaskedInputRequest.from_config(req))
-                c.decline()
-                return {K.KEY_STAGE: K.STAGE_MASKED_INPUT}
-
-            if call(nid, declined, config_size(req)) is not None:
-                timed(lambda nid=nid: server.mark_declined(nid))
+            if call(nid, _decline, requests[nid]) is not None:
+                server.mark_declined(nid)
             continue
-        update = update_for(nid)
-        holder: list[np.ndarray] = []
-
-        def masked(
-            c: SecAggClient = c, req: dict = req, update: np.ndarray = update, holder: list = holder
-        ) -> dict:
-            c.receive_shares(MaskedInputRequest.from_config(req))
-            holder.append(c.mask_input(update))
-            return masked_input_reply_config(c.node_id)
-
-        if call(nid, masked, config_size(req), extra_up=4 * update.size + ARRAY_HEADER_BYTES) is not None:
-            timed(lambda nid=nid, holder=holder: server.add_masked_input(nid, holder.pop()))
+        update = update_for(nid)  # local training: not part of the protocol's cost
+        start = clock()
+        try:
+            clients[nid].receive_shares(MaskedInputRequest.from_config(requests[nid]))
+            masked = clients[nid].mask_input(update)
+        except SecAggProtocolError as e:
+            refusals[nid] = str(e)
+            gone.add(nid)
+            continue
+        reply_cfg = masked_input_reply_config(nid)
+        up = config_size(reply_cfg) + 4 * masked.size + ARRAY_HEADER_BYTES
+        meter.client(nid, clock() - start, up, config_size(requests[nid]))
+        start = clock()
+        server.add_masked_input(nid, masked)
+        meter.server_seconds += clock() - start
+        del masked
+    start = clock()
+    requests = {n: r.to_config() for n, r in server.unmask_requests().items()}
+    meter.server_seconds += clock() - start
 
     # Stage 4: unmask
-    requests4 = {n: r.to_config() for n, r in timed(server.unmask_requests).items()}  # type: ignore[attr-defined]
-    unmask: dict[int, UnmaskShares] = {}
-    for nid in answering(K.STAGE_UNMASK, requests4):
-        c, req = clients[nid], requests4[nid]
-        reply = call(
-            nid, lambda c=c, req=req: c.unmask(UnmaskRequest.from_config(req)).to_config(), config_size(req)
-        )
-        if reply is not None:
+    unmask = {}
+    for nid in answering(K.STAGE_UNMASK, requests):
+        if (reply := call(nid, _unmask, requests[nid])) is not None:
             unmask[nid] = UnmaskShares.from_config(reply)
-    timed(lambda: server.receive_unmask_shares(unmask))
+    start = clock()
+    server.receive_unmask_shares(unmask)
+    meter.server_seconds += clock() - start
 
 
 def make_clients(sim_dir: Path, node_ids: Sequence[int]) -> tuple[dict[int, SecAggClient], Roster]:

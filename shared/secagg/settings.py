@@ -57,6 +57,7 @@ class SecAggSettings:
     on_abort: Literal["skip", "stop"] = field(
         default="skip", metadata={"help": "an aborted round: skip it and go on, or stop the run"}
     )
+    dim: int | None = field(default=None, metadata={"help": "update length; other lengths are dropped"})
 
     def __post_init__(self) -> None:
         if isinstance(self.clip_norm, bool) or not isinstance(self.clip_norm, (int, float)):
@@ -87,6 +88,10 @@ class SecAggSettings:
             raise ValueError(f"stage_timeout_s must be > 0, got {self.stage_timeout_s!r}")
         if self.on_abort not in ("skip", "stop"):
             raise ValueError(f"on_abort must be 'skip' or 'stop', got {self.on_abort!r}")
+        if self.dim is not None and (
+            isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1
+        ):
+            raise ValueError(f"dim must be None or an int >= 1, got {self.dim!r}")
 
     def degree_for(self, n: int) -> int:
         """The effective degree for a round of ``n`` sampled clients."""

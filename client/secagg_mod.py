@@ -1,0 +1,150 @@
+"""The client side of secure aggregation as a Flower mod: ``ClientApp(mods=[secagg_mod])``.
+
+A "train" message that carries a ``secagg`` ConfigRecord is a protocol stage and is answered here; the
+masked-input stage runs the app's own train handler (``call_next``) on the message without that record, then
+replaces the clipped, weighted update in the reply by its masked ``uint32`` encoding, keeping the metrics,
+DP-event and attestation records. A reply that declines the round passes through (the site is then counted
+as dropped for the masks, and reported as declined). The protocol state between stages lives in
+``context.state``; the site's identity key and roster are read from its own files, never from the server.
+
+Any protocol violation (a key not signed by the roster's site, a replay, a stage out of order, an update
+over the clip bound) is answered with an error reply: the site refuses the round and reveals nothing more.
+
+Messages without a ``secagg`` record pass through untouched (plain aggregation), unless the node config sets
+``require-secagg = true``: then a train message without secure aggregation is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
+
+from shared import constants as C
+from shared.identity import IdentityError, Roster, load_private_key
+from shared.secagg import constants as K
+from shared.secagg.client import ClientRoundState, SecAggClient
+from shared.secagg.encoding import EncodingError
+from shared.secagg.errors import SecAggError
+from shared.secagg.messages import (
+    MaskedInputRequest,
+    RoundParams,
+    ShareKeysRequest,
+    UnmaskRequest,
+    masked_input_reply_config,
+    stage_of,
+)
+from shared.site import Site, SiteConfigError
+
+logger = logging.getLogger("privatune.secagg")
+
+SiteLoader = Callable[[Context], Site]
+_TRUE = {"true", "1", "yes", "on"}
+
+
+def requires_secagg(node_config: Any) -> bool:
+    """Whether the site's own node config demands secure aggregation (``require-secagg``)."""
+    value = node_config.get(K.NODE_REQUIRE_SECAGG, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | {"false", "0", "no", "off", ""}:
+        return value.strip().lower() in _TRUE
+    raise SiteConfigError(f"node config {K.NODE_REQUIRE_SECAGG!r} must be true or false, got {value!r}")
+
+
+def _default_site(context: Context) -> Site:
+    from shared.site import site_from_context
+
+    return site_from_context(context)
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    logger.warning("secure aggregation: %s", reason)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+def _load_client(context: Context, site: Site) -> SecAggClient:
+    stored = context.state.config_records.get(K.CLIENT_STATE_RECORD)
+    return SecAggClient(
+        node_id=context.node_id,
+        site_id=site.site_id,
+        identity_key=load_private_key(site.identity_key_path),
+        roster=Roster.load(site.roster_path),
+        state=ClientRoundState.from_config(dict(stored)) if stored is not None else None,
+    )
+
+
+def _save(context: Context, client: SecAggClient) -> None:
+    if client.state is not None:
+        context.state[K.CLIENT_STATE_RECORD] = ConfigRecord(client.state.to_config())
+
+
+def _reply(msg: Message, cfg: dict[str, Any]) -> Message:
+    return Message(RecordDict({K.SECAGG_RECORD: ConfigRecord(cfg)}), reply_to=msg)
+
+
+def _masked_input(
+    msg: Message, context: Context, call_next: ClientAppCallable, client: SecAggClient
+) -> Message:
+    client.receive_shares(MaskedInputRequest.from_config(dict(msg.content.config_records[K.SECAGG_RECORD])))
+    _save(context, client)  # the shares are kept even if training fails: the server may still ask for them
+    del msg.content[K.SECAGG_RECORD]
+    out = call_next(msg, context)
+    if out.has_error():
+        return out
+    if C.DECLINE_RECORD in out.content.config_records:
+        client.decline()
+        return out
+    record = out.content.array_records.get(C.UPDATE_RECORD)
+    if record is None or C.UPDATE_ARRAY not in record:
+        raise SecAggError(f"the train reply has neither an ArrayRecord {C.UPDATE_RECORD!r} nor a decline")
+    masked = client.mask_input(record[C.UPDATE_ARRAY].numpy())
+    content = RecordDict({key: rec for key, rec in out.content.items() if key != C.UPDATE_RECORD})
+    content[K.MASKED_RECORD] = ArrayRecord({K.MASKED_ARRAY: Array(masked)})
+    content[K.SECAGG_RECORD] = ConfigRecord(masked_input_reply_config(client.node_id))
+    return Message(content, reply_to=msg)
+
+
+def make_secagg_mod(site_loader: SiteLoader = _default_site) -> Mod:
+    """The mod, with ``site_loader`` telling it where the site's identity key and roster are."""
+
+    def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
+            return call_next(msg, context)
+        if K.SECAGG_RECORD not in msg.content.config_records:
+            try:
+                required = requires_secagg(context.node_config)
+            except SiteConfigError as e:
+                return _refuse(msg, str(e))
+            if required:
+                return _refuse(
+                    msg,
+                    f"this site requires secure aggregation ({K.NODE_REQUIRE_SECAGG} = true in its node "
+                    "config) and refuses to send its update in the clear",
+                )
+            return call_next(msg, context)
+        try:
+            cfg = dict(msg.content.config_records[K.SECAGG_RECORD])
+            stage = stage_of(cfg)
+            client = _load_client(context, site_loader(context))
+            if stage == K.STAGE_ADVERTISE_KEYS:
+                reply = _reply(msg, client.advertise_keys(RoundParams.from_config(cfg)).to_config())
+            elif stage == K.STAGE_SHARE_KEYS:
+                reply = _reply(msg, client.share_keys(ShareKeysRequest.from_config(cfg)).to_config())
+            elif stage == K.STAGE_MASKED_INPUT:
+                reply = _masked_input(msg, context, call_next, client)
+            else:
+                reply = _reply(msg, client.unmask(UnmaskRequest.from_config(cfg)).to_config())
+            _save(context, client)
+            return reply
+        except (SecAggError, EncodingError, IdentityError, SiteConfigError) as e:
+            return _refuse(msg, f"node {context.node_id} refuses the secure-aggregation round: {e}")
+
+    return secagg_mod
+
+
+secagg_mod = make_secagg_mod()

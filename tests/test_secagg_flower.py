@@ -1,0 +1,383 @@
+"""The Flower integration: ``aggregate_secure`` over a Grid and ``secagg_mod`` in a ClientApp.
+
+The Grid is an in-process double: it serialises every message to protobuf and back (as the SuperLink
+would), dispatches it to the ClientApp with that node's persistent Context, and can drop nodes at a stage
+or let a test tamper with a request on the way (an active server).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+import server.secagg_workflow as workflow
+from client.secagg_mod import make_secagg_mod, requires_secagg
+from server.secagg_workflow import aggregate_secure, settings_from_config
+from shared import constants as C
+from shared.identity import provision_simulation
+from shared.secagg import constants as K
+from shared.secagg.settings import SecAggSettings
+from shared.site import SiteConfigError, site_from_node_config
+
+DIM = 257
+Tamper = Callable[[Message], None]
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterable[None]:
+    """A ServerApp process sets these before it creates messages; so does this test."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 77, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _copy(msg: Message) -> Message:
+    """The message as the other side gets it: through protobuf, with a fresh message id."""
+    out = message_from_proto(message_to_proto(msg))
+    out.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return out
+
+
+class InProcessGrid(Grid):
+    """Dispatches each message to ``app`` with the destination node's Context; no network, no threads."""
+
+    def __init__(
+        self,
+        app: ClientApp,
+        contexts: dict[int, Context],
+        *,
+        drop: dict[str, set[int]] | None = None,
+        tamper: Tamper | None = None,
+    ) -> None:
+        self.app, self.contexts = app, contexts
+        self.drop, self.tamper = drop or {}, tamper
+        self.gone: set[int] = set()
+        self.timeouts: list[float | None] = []
+        self.errors: dict[int, str] = {}
+
+    def set_run(self, run: object) -> None:  # type: ignore[override]
+        self._run = run
+
+    @property
+    def run(self) -> object:  # type: ignore[override]
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # type: ignore[no-untyped-def]
+        return Message(
+            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
+        )
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("the in-process grid only does send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("the in-process grid only does send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        self.timeouts.append(timeout)
+        replies = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            record = msg.content.config_records.get(K.SECAGG_RECORD)
+            if record is not None:
+                self.gone |= self.drop.get(str(record[K.KEY_STAGE]), set())
+            if nid in self.gone:
+                continue  # no reply within the timeout
+            delivered = _copy(msg)
+            if self.tamper is not None:
+                self.tamper(delivered)
+            reply = self.app(delivered, self.contexts[nid])
+            if reply.has_error():
+                self.errors[nid] = reply.error.reason
+            replies.append(_copy(reply))
+        return replies
+
+
+def make_app(
+    sim_dir: Path, updates: dict[int, np.ndarray], *, decline: frozenset[int] = frozenset()
+) -> ClientApp:
+    app = ClientApp(
+        mods=[make_secagg_mod(lambda ctx: site_from_node_config(ctx.node_config, sim_dir=sim_dir))]
+    )
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        assert K.SECAGG_RECORD not in msg.content, "the mod must strip its record before training"
+        assert C.GLOBAL_RECORD in msg.content.array_records
+        nid = context.node_id
+        if nid in decline:
+            return Message(
+                RecordDict({C.DECLINE_RECORD: ConfigRecord({"reason": "budget spent"})}), reply_to=msg
+            )
+        return Message(
+            RecordDict(
+                {
+                    C.UPDATE_RECORD: ArrayRecord({C.UPDATE_ARRAY: Array(updates[nid])}),
+                    C.METRICS_RECORD: MetricRecord({C.METRIC_TRAIN_LOSS: 0.5, C.METRIC_EPSILON: 1.25}),
+                    C.DP_EVENT_RECORD: ConfigRecord(
+                        {"steps": 4, "site-id": f"site-{sorted(updates).index(nid)}"}
+                    ),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    return app
+
+
+def federation(
+    tmp_path: Path, n: int, *, seed: int = 0, node_config: dict | None = None
+) -> tuple[dict[int, Context], dict[int, np.ndarray]]:
+    provision_simulation(tmp_path, n)
+    rng = np.random.default_rng(seed)
+    ids = [int(x) for x in sorted(rng.integers(1, 2**63, size=n))]
+    contexts = {
+        nid: Context(
+            run_id=77,
+            node_id=nid,
+            node_config={"partition-id": i, "num-partitions": n, **(node_config or {})},
+            state=RecordDict(),
+            run_config={},
+        )
+        for i, nid in enumerate(ids)
+    }
+    updates = {}
+    for nid in ids:
+        u = rng.normal(size=DIM)
+        updates[nid] = (u / np.linalg.norm(u) * rng.uniform(0.2, 0.9)).astype(np.float32)
+    return contexts, updates
+
+
+def train_content() -> RecordDict:
+    return RecordDict(
+        {
+            C.GLOBAL_RECORD: ArrayRecord({"w": Array(np.zeros(DIM, np.float32))}),
+            C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: 1, C.KEY_RUN_ID: "77"}),
+        }
+    )
+
+
+SETTINGS = SecAggSettings(clip_norm=1.0, max_clients=10, stage_timeout_s=5.0, dim=DIM)
+
+
+def run(grid: InProcessGrid, server_round: int = 1, settings: SecAggSettings = SETTINGS, **kw: object):  # type: ignore[no-untyped-def]
+    return aggregate_secure(
+        grid,
+        node_ids=sorted(grid.contexts),
+        content=train_content(),
+        server_round=server_round,
+        run_id="77",
+        settings=settings,
+        timeout_s=30.0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def plain(updates: dict[int, np.ndarray], nodes: list[int]) -> np.ndarray:
+    return np.sum([updates[n].astype(np.float64) for n in nodes], axis=0)
+
+
+def test_secure_round_returns_the_plain_sum_and_the_clear_records(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 5)
+    roster = provision_simulation(tmp_path, 5)
+    agg = run(InProcessGrid(make_app(tmp_path, updates), contexts), roster=roster)
+    assert not agg.aborted and agg.survivors == sorted(updates) and agg.dropped == [] and agg.declined == []
+    assert agg.total is not None and agg.total.dtype == np.float64
+    assert np.max(np.abs(agg.total - plain(updates, agg.survivors))) <= 5 * 2.0**-27
+    assert agg.total_weight == 5.0
+    assert agg.client_metrics[agg.survivors[0]][C.METRIC_EPSILON] == 1.25
+    assert agg.dp_events[agg.survivors[0]]["steps"] == 4
+    assert agg.site_ids == {nid: f"site-{i}" for i, nid in enumerate(sorted(updates))}
+
+
+def test_two_rounds_in_a_row_reuse_the_node_state(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 4)
+    grid = InProcessGrid(make_app(tmp_path, updates), contexts)
+    assert not run(grid, server_round=1).aborted
+    agg = run(grid, server_round=2)
+    assert not agg.aborted and agg.survivors == sorted(updates)
+
+
+def test_a_replayed_round_is_refused_by_every_site(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 4)
+    grid = InProcessGrid(make_app(tmp_path, updates), contexts)
+    run(grid, server_round=3)
+    agg = run(grid, server_round=3)
+    assert agg.aborted and agg.total is None
+    assert all("is not after the last round it set up" in reason for reason in grid.errors.values())
+
+
+@pytest.mark.parametrize("stage", K.STAGES)
+def test_a_third_dropping_at_a_stage_still_gives_the_sum(tmp_path: Path, stage: str) -> None:
+    contexts, updates = federation(tmp_path, 6)  # complete graph, t = 4
+    gone = set(sorted(updates)[1::3])
+    agg = run(InProcessGrid(make_app(tmp_path, updates), contexts, drop={stage: gone}))
+    assert not agg.aborted
+    expected = sorted(set(updates) - gone) if stage != K.STAGE_UNMASK else sorted(updates)
+    assert agg.survivors == expected and agg.dropped == sorted(set(updates) - set(expected))
+    assert np.max(np.abs(agg.total - plain(updates, expected))) <= len(expected) * 2.0**-27
+
+
+def test_a_declining_site_is_reported_declined_and_left_out(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 5)
+    decliner = sorted(updates)[0]
+    agg = run(InProcessGrid(make_app(tmp_path, updates, decline=frozenset({decliner})), contexts))
+    assert agg.declined == [decliner] and agg.decline_reasons == {decliner: "budget spent"}
+    assert decliner not in agg.survivors and decliner not in agg.dropped
+    assert np.max(np.abs(agg.total - plain(updates, agg.survivors))) <= 4 * 2.0**-27
+    assert decliner not in agg.client_metrics
+
+
+def test_too_many_dropouts_abort_and_reveal_nothing(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 6)
+    gone = set(sorted(updates)[:3])
+    agg = run(InProcessGrid(make_app(tmp_path, updates), contexts, drop={K.STAGE_MASKED_INPUT: gone}))
+    assert agg.aborted and agg.total is None and agg.total_weight == 0.0 and agg.survivors == []
+    assert agg.dropped == sorted(gone)
+    assert "only 3 masked inputs arrived, below threshold 4" in (agg.abort_reason or "")
+    for nid in set(updates) - gone:  # no site was asked for a share
+        assert contexts[nid].state.config_records[K.CLIENT_STATE_RECORD]["phase"] == "masked"
+
+
+def test_an_update_over_the_clip_bound_is_refused_and_dropped(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 5)
+    cheat = sorted(updates)[2]
+    updates[cheat] = updates[cheat] * 10
+    grid = InProcessGrid(make_app(tmp_path, updates), contexts)
+    agg = run(grid)
+    assert cheat in agg.dropped and cheat not in agg.survivors
+    assert "exceeds clip_norm * weight = 1; clip before masking" in grid.errors[cheat]
+    assert np.max(np.abs(agg.total - plain(updates, agg.survivors))) <= 4 * 2.0**-27
+
+
+def test_a_key_swapped_by_the_server_is_detected_through_flower(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 6)
+    victim = sorted(updates)[0]
+
+    def swap(msg: Message) -> None:
+        record = msg.content.config_records.get(K.SECAGG_RECORD)
+        if (
+            msg.metadata.dst_node_id == victim
+            and record is not None
+            and record[K.KEY_STAGE] == K.STAGE_SHARE_KEYS
+        ):
+            keys = list(record[K.KEY_ADVERT_MASK_KEYS])  # type: ignore[arg-type]
+            keys[0] = bytes(32 * [9])
+            record[K.KEY_ADVERT_MASK_KEYS] = keys
+
+    grid = InProcessGrid(make_app(tmp_path, updates), contexts, tamper=swap)
+    agg = run(grid)
+    assert "are not signed by that site" in grid.errors[victim]
+    assert victim in agg.dropped and not agg.aborted
+    assert np.max(np.abs(agg.total - plain(updates, agg.survivors))) <= 5 * 2.0**-27
+
+
+def test_each_stage_has_its_timeout(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 3)
+    grid = InProcessGrid(make_app(tmp_path, updates), contexts)
+    run(grid)
+    assert grid.timeouts == [5.0, 5.0, 30.0, 5.0]
+
+
+def test_a_plain_train_message_passes_through_the_mod(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 2)
+    nid = sorted(updates)[0]
+    msg = _copy(Message(train_content(), dst_node_id=nid, message_type="train"))
+    reply = make_app(tmp_path, updates)(msg, contexts[nid])
+    assert np.array_equal(reply.content.array_records[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy(), updates[nid])
+    assert K.CLIENT_STATE_RECORD not in contexts[nid].state.config_records
+
+
+def test_a_site_requiring_secagg_refuses_a_plain_train_message(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 2, node_config={K.NODE_REQUIRE_SECAGG: True})
+    nid = sorted(updates)[0]
+    msg = _copy(Message(train_content(), dst_node_id=nid, message_type="train"))
+    reply = make_app(tmp_path, updates)(msg, contexts[nid])
+    assert reply.has_error()
+    assert "requires secure aggregation (require-secagg = true" in reply.error.reason
+
+
+def test_require_secagg_must_be_a_boolean() -> None:
+    with pytest.raises(
+        SiteConfigError, match="node config 'require-secagg' must be true or false, got 'maybe'"
+    ):
+        requires_secagg({K.NODE_REQUIRE_SECAGG: "maybe"})
+    assert requires_secagg({K.NODE_REQUIRE_SECAGG: "true"}) and not requires_secagg({})
+
+
+def test_a_stage_message_out_of_order_gets_an_error_reply(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 2)
+    nid = sorted(updates)[0]
+    record = ConfigRecord({K.KEY_STAGE: K.STAGE_UNMASK, K.KEY_RUN_ID: "77", K.KEY_SERVER_ROUND: 1,
+                           K.KEY_SURVIVORS: [nid], K.KEY_DROPPED: []})  # fmt: skip
+    msg = _copy(Message(RecordDict({K.SECAGG_RECORD: record}), dst_node_id=nid, message_type="train"))
+    reply = make_app(tmp_path, updates)(msg, contexts[nid])
+    assert reply.has_error() and "no secagg round in progress" in reply.error.reason
+
+
+def test_settings_come_from_the_run_config() -> None:
+    from shared.config import RunConfig
+
+    cfg = RunConfig()
+    s = settings_from_config(cfg, num_clients=7, dim=100)
+    assert (s.clip_norm, s.max_clients, s.degree, s.threshold, s.dim) == (
+        cfg.update_clip_norm,
+        7,
+        None,
+        None,
+        100,
+    )
+    assert (s.stage_timeout_s, s.on_abort) == (cfg.secagg_timeout, cfg.secagg_on_abort)
+
+
+def test_the_workflow_hands_every_received_vector_straight_to_the_sum() -> None:
+    tree = ast.parse(inspect.getsource(workflow))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    numpy_calls = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith(".numpy")
+    ]
+    assert numpy_calls, "the workflow must read the masked vector somewhere"
+    for call in numpy_calls:
+        node: ast.AST = call
+        while not (isinstance(node, ast.Call) and ast.unparse(node.func) == "server.add_masked_input"):
+            assert node in parents, f"{ast.unparse(call)} is used outside server.add_masked_input"
+            node = parents[node]
+            assert not isinstance(node, (ast.Assign, ast.stmt)), (
+                f"{ast.unparse(call)} is stored: {ast.unparse(node)}"
+            )
+    decodes = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and "decode" in ast.unparse(n.func)]
+    assert decodes == [], "only SecAggServer decodes, and only the total"
+
+
+def test_an_error_reply_is_a_dropout_not_a_crash(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 5)
+    broken = sorted(updates)[4]
+    app = make_app(tmp_path, updates)
+
+    class Flaky(InProcessGrid):
+        def send_and_receive(
+            self, messages: Iterable[Message], *, timeout: float | None = None
+        ) -> list[Message]:
+            out = super().send_and_receive(messages, timeout=timeout)
+            return [
+                Message(Error(code=2, reason="boom"), reply_to=r) if r.metadata.src_node_id == broken else r
+                for r in out
+            ]
+
+    agg = run(Flaky(app, contexts))
+    assert broken in agg.dropped and len(agg.survivors) == 4 and not agg.aborted
