@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shared.hashchain import ChainError, ChainWriter
 from shared.identity import IdentityError, Roster
-from shared.ledger import RUN_LEDGER_KIND, LedgerEntry, LedgerError
-from shared.ledger import verify_attestation as verify_site_attestation
+from shared.ledger import RUN_LEDGER_FILE, RUN_LEDGER_KIND, LedgerEntry, LedgerError
 
-RUN_LEDGER_FILE = "run_ledger.jsonl"
+__all__ = ["RUN_LEDGER_FILE", "RunLedger"]
+from shared.ledger import verify_attestation as verify_site_attestation
 
 
 def _ids(name: str, values: Sequence[str | int]) -> list[str]:

@@ -40,12 +40,15 @@ class ChainError(ValueError):
 class ChainIssue:
     """One problem found in a chained file, at a 1-based line number."""
 
+    path: Path
     line: int
     kind: IssueKind
-    message: str
+    detail: str
 
     def __str__(self) -> str:
-        return self.message
+        if self.kind in ("truncated", "corrupt"):  # "line 3 is truncated (...)"
+            return f"{self.path}: line {self.line} is {self.detail}"
+        return f"{self.path}: line {self.line}: {self.detail}"
 
 
 def json_safe(value: Any) -> Any:
@@ -156,8 +159,7 @@ def read_chain(
 
     def problem(line: int, issue_kind: IssueKind, message: str) -> None:
         nonlocal prefix_valid
-        sep = " " if message.startswith("is ") else ": "  # "line 3 is truncated", "line 2: seq 2 where ..."
-        issues.append(ChainIssue(line, issue_kind, f"{path}: line {line}{sep}{message}"))
+        issues.append(ChainIssue(path, line, issue_kind, message))
         prefix_valid = False
 
     for index, raw in enumerate(complete):
@@ -167,7 +169,7 @@ def read_chain(
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
         except (UnicodeDecodeError, ValueError) as e:
-            problem(line, "corrupt", f"is not a valid JSON record ({e})")
+            problem(line, "corrupt", f"not a valid JSON record ({e})")
             expected_seq += 1
             continue
         seq = record.get("seq")
@@ -232,7 +234,7 @@ def read_chain(
         problem(
             len(complete) + 1,
             "truncated",
-            f"is truncated ({len(tail)} bytes without a newline): an interrupted write",
+            f"truncated ({len(tail)} bytes without a newline): an interrupted write",
         )
     return ChainRead(records, issues, len(data))
 

@@ -25,6 +25,7 @@ from shared.privacy import DpEvent, PrivacyError, check_accountant, check_delta,
 
 SITE_LEDGER_KIND = "privatune.site-ledger.v1"
 RUN_LEDGER_KIND = "privatune.run-ledger.v1"  # the server's ledger of a run (server/run_ledger.py)
+RUN_LEDGER_FILE = "run_ledger.jsonl"  # in the run's output directory
 ENTRY_FIELDS = (
     "seq",
     "run_id",

@@ -24,8 +24,8 @@ def pld_epsilon(
     try:
         from dp_accounting import dp_event
         from dp_accounting.pld import pld_privacy_accountant
-    except ImportError as e:
-        raise ImportError("the PLD cross-check needs dp-accounting: pip install 'dp-accounting>=0.4'") from e
+    except ImportError as missing:
+        raise ImportError("the PLD cross-check needs dp-accounting: pip install 'dp-accounting>=0.4'") from missing
     steps = [e for e in coalesce(events) if e.steps > 0]
     if not steps:
         return 0.0

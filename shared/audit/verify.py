@@ -127,12 +127,15 @@ def audit_site_ledger(
     subject = f"{site_id} ledger"
     audit = SiteAudit(site_id=site_id, path=Path(path), max_epsilon=max_epsilon)
     if not Path(path).exists():
-        audit.findings.append(Finding(subject, "missing", f"no ledger at {path}"))
+        audit.findings.append(  # a site that never trained has no ledger; one that did is caught by the
+            # cross-check of the server's attestations (a rollback)
+            Finding(subject, "missing", f"no ledger at {path}", severity="warning")
+        )
         return audit
     read = read_chain(
         path, kind=SITE_LEDGER_KIND, owner=site_id, public_key=public_key, owner_field="site_id"
     )
-    audit.findings.extend(Finding(subject, i.kind, i.message, line=i.line) for i in read.issues)
+    audit.findings.extend(Finding(subject, i.kind, i.detail, line=i.line) for i in read.issues)
     if read.issues:
         audit.findings.append(
             Finding(
@@ -210,7 +213,7 @@ def audit_run_ledger(path: Path, *, roster: Roster, run_id: str | None = None) -
         audit.findings.append(Finding(subject, "missing", f"no run ledger at {path}"))
         return audit
     read = read_chain(path, kind=RUN_LEDGER_KIND, owner=str(run_id), public_key=None, owner_field="run_id")
-    audit.findings.extend(Finding(subject, i.kind, i.message, line=i.line) for i in read.issues)
+    audit.findings.extend(Finding(subject, i.kind, i.detail, line=i.line) for i in read.issues)
     audit.records = read.records
     last_round = -1
     for line, record in enumerate(read.records, start=1):

@@ -1,0 +1,259 @@
+"""``privatune audit``: verify every ledger, re-account every epsilon, run the canary bound, write reports.
+
+Exit status: 0 when everything verifies, 1 when any check fails (each failure is printed, naming the file,
+line and entry), 2 for unusable arguments or inputs (missing roster, unreadable metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.audit.canary import CanaryError, one_run_audit
+from shared.audit.report import build_report, run_section, write_reports
+from shared.audit.verify import (
+    Finding,
+    SiteAudit,
+    audit_run_ledger,
+    audit_site_ledger,
+    cross_check_attestations,
+    unattested_rounds,
+)
+from shared.identity import ROSTER_FILE, IdentityError, Roster
+from shared.ledger import RUN_LEDGER_FILE
+from shared.site import LEDGER_FILE
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"  # written by the ServerApp (server/outputs.py)
+CANARY_FILE = "canary_scores.json"
+
+
+class AuditInputError(ValueError):
+    """The audit cannot start: a missing or malformed roster, metrics file or argument."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="privatune audit",
+        description="Verify the privacy ledgers (chains, signatures, attestations), recompute every epsilon, "
+        "and write report.html and report.json.",
+    )
+    p.add_argument("--sim-dir", type=Path, help="a simulation's sites directory (roster.json, sites/<id>/)")
+    p.add_argument(
+        "--ledger", type=Path, action="append", default=[], help="a site ledger (repeat with --site-id)"
+    )
+    p.add_argument("--site-id", action="append", default=[], help="the site id of the matching --ledger")
+    p.add_argument(
+        "--roster", type=Path, help="roster.json of site public keys (default: <sim-dir>/roster.json)"
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="a run's output directory (metrics.json, run_ledger.jsonl, canary_scores.json); repeatable",
+    )
+    p.add_argument("--out", type=Path, required=True, help="where to write report.html and report.json")
+    p.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="[SITE=]EPSILON",
+        help="a site's max_epsilon to draw and check, when its ledger does not record one; repeatable",
+    )
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the canary lower bound")
+    p.add_argument(
+        "--no-cross-check",
+        action="store_true",
+        help="skip the independent dp-accounting PLD epsilon per entry",
+    )
+    return p
+
+
+def parse_budgets(values: Sequence[str], site_ids: Sequence[str]) -> dict[str, float]:
+    budgets: dict[str, float] = {}
+    for raw in values:
+        site, _, number = raw.rpartition("=")
+        try:
+            value = float(number)
+        except ValueError as e:
+            raise AuditInputError(f"--budget must be [SITE=]EPSILON, got {raw!r}") from e
+        if not value > 0:
+            raise AuditInputError(f"--budget must be > 0, got {raw!r}")
+        if site and site not in site_ids:
+            raise AuditInputError(
+                f"--budget names site {site!r}, which is not audited ({', '.join(site_ids)})"
+            )
+        for s in [site] if site else site_ids:
+            budgets[s] = value
+    return budgets
+
+
+def _sites(args: argparse.Namespace) -> tuple[Roster, list[tuple[str, Path]]]:
+    roster_path = args.roster or (args.sim_dir / ROSTER_FILE if args.sim_dir else None)
+    if roster_path is None:
+        raise AuditInputError("give --roster (or --sim-dir, whose roster.json is used)")
+    try:
+        roster = Roster.load(roster_path)
+    except IdentityError as e:
+        raise AuditInputError(str(e)) from e
+    if len(args.ledger) != len(args.site_id):
+        raise AuditInputError(
+            f"give one --site-id per --ledger, got {len(args.ledger)} and {len(args.site_id)}"
+        )
+    pairs = list(zip(args.site_id, args.ledger, strict=True))
+    if args.sim_dir:
+        pairs += [(s, args.sim_dir / "sites" / s / LEDGER_FILE) for s in sorted(roster.keys)]
+    if not pairs:
+        raise AuditInputError("nothing to audit: give --sim-dir or --ledger/--site-id pairs")
+    return roster, pairs
+
+
+def _load_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AuditInputError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise AuditInputError(f"{path} must hold a JSON object")
+    return data
+
+
+def canary_section(
+    scores_file: Mapping[str, Any],
+    *,
+    run_id: str,
+    sites: Mapping[str, SiteAudit],
+    confidence: float,
+    where: Path,
+) -> tuple[dict[str, Any], list[Finding]]:
+    """The one-run lower bound from ``canary_scores.json``, next to the epsilon the sites claim for it."""
+    rows = scores_file.get("canaries")
+    if not isinstance(rows, list) or not rows:
+        raise AuditInputError(f"{where}: 'canaries' must be a non-empty list")
+    try:
+        scores = [float(r["score"]) for r in rows]
+        included = [bool(r["included"]) for r in rows]
+        canary_sites = sorted({str(r["site"]) for r in rows})
+    except (KeyError, TypeError, ValueError) as e:
+        raise AuditInputError(f"{where}: each canary needs 'score', 'included' and 'site': {e}") from e
+    claims: dict[str, tuple[float, float]] = {}  # site -> (epsilon, delta) at the end of this run
+    for s in canary_sites:
+        audit = sites.get(s)
+        of_run = [c for c in audit.checks if c.entry.run_id == run_id] if audit else []
+        if of_run:
+            claims[s] = (of_run[-1].recomputed, of_run[-1].entry.delta)
+    if claims:
+        claimed = max(eps for eps, _ in claims.values())
+        delta = max(d for _, d in claims.values())
+        source = "site ledgers"
+    else:
+        claimed = float(scores_file.get("claimed_epsilon", math.nan))
+        delta = float(scores_file.get("delta", math.nan))
+        source = str(where)
+    if not 0.0 < delta < 1.0:
+        raise AuditInputError(
+            f"{where}: no delta for the canary audit (no site ledger of run {run_id}, no 'delta')"
+        )
+    try:
+        result = one_run_audit(scores, included, delta=delta, confidence=confidence)
+    except CanaryError as e:
+        raise AuditInputError(f"{where}: {e}") from e
+    section = {**result.to_dict(), "claimed_epsilon": claimed, "claimed_from": source, "sites": canary_sites}
+    findings = []
+    if result.epsilon_lower > claimed:
+        findings.append(
+            Finding(
+                f"run {run_id} canaries",
+                "canary",
+                f"empirical lower bound epsilon >= {result.epsilon_lower:.3f} (confidence {confidence:.0%}) "
+                f"exceeds the claimed epsilon {claimed:.3f}: the DP guarantee does not hold as claimed",
+            )
+        )
+    return section, findings
+
+
+def run_audit(args: argparse.Namespace) -> tuple[dict[str, Any], list[Finding]]:
+    roster, pairs = _sites(args)
+    site_ids = [s for s, _ in pairs]
+    budgets = parse_budgets(args.budget, site_ids)
+    findings: list[Finding] = []
+    sites: dict[str, SiteAudit] = {}
+    for site_id, path in pairs:
+        try:
+            key = roster.public_key(site_id)
+        except IdentityError as e:
+            raise AuditInputError(str(e)) from e
+        audit = audit_site_ledger(
+            path,
+            site_id=site_id,
+            public_key=key,
+            max_epsilon=budgets.get(site_id),
+            cross_check=not args.no_cross_check,
+        )
+        sites[site_id] = audit
+        findings.extend(audit.findings)
+
+    run_dirs = list(args.run_dir)
+    if not run_dirs and args.sim_dir and (args.sim_dir.parent / RUN_LEDGER_FILE).exists():
+        run_dirs = [args.sim_dir.parent]  # the default simulation layout: <run dir>/federation
+    runs = []
+    for run_dir in run_dirs:
+        metrics = _load_json(run_dir / METRICS_FILE)
+        expected = str(metrics["run_id"]) if metrics and "run_id" in metrics else None
+        run = audit_run_ledger(run_dir / RUN_LEDGER_FILE, roster=roster, run_id=expected)
+        run_findings = list(run.findings)
+        run_findings += cross_check_attestations(run, sites)
+        run_findings += unattested_rounds(run, sites)
+        run.findings = run_findings
+        canary = None
+        scores = _load_json(run_dir / CANARY_FILE)
+        if scores is not None:
+            canary, canary_findings = canary_section(
+                scores,
+                run_id=run.run_id,
+                sites=sites,
+                confidence=args.confidence,
+                where=run_dir / CANARY_FILE,
+            )
+            run.findings += canary_findings
+        findings.extend(run.findings)
+        runs.append(run_section(run, metrics, run_dir, canary))
+    report = build_report(sites=list(sites.values()), runs=runs, findings=findings)
+    return report, findings
+
+
+def audit_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``privatune audit``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        report, findings = run_audit(args)
+    except AuditInputError as e:
+        print(f"privatune audit: error: {e}", file=sys.stderr)
+        return 2
+    html_path, json_path = write_reports(report, args.out)
+    for site in report["sites"]:
+        for fp, d in site["data_sets"].items():
+            print(
+                f"{site['site_id']}: {site['verified_entries']} entries verified | data set {fp[:19]}... "
+                f"| epsilon {d['epsilon']} at delta {d['delta']:g} ({d['accountant']}) over {d['rounds']} "
+                f"round(s) in {len(d['runs'])} run(s) | budget {site['max_epsilon']}"
+            )
+    for f in findings:
+        print(str(f), file=sys.stderr)
+    errors = sum(f.severity == "error" for f in findings)
+    print(f"audit {'FAILED' if errors else 'verified'}: {errors} error(s); reports: {html_path} {json_path}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(audit_main())
