@@ -38,15 +38,17 @@ class Chart:
     vrules: Sequence[Rule] = field(default_factory=tuple)
     y_min: float | None = None
     y_max: float | None = None
+    integer_x: bool = True  # rounds, ledger entries
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering [lo, hi]."""
+def nice_ticks(lo: float, hi: float, count: int = 5, *, min_step: float = 0.0) -> list[float]:
+    """About ``count`` round tick values covering [lo, hi], ``min_step`` apart at least (1: integers)."""
     if not hi > lo:
         hi = lo + 1.0
     raw = (hi - lo) / max(count, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    steps = (1, 2, 5, 10) if min_step >= 1 else (1, 2, 2.5, 5, 10)
+    step = max(min_step, next(m * magnitude for m in steps if m * magnitude >= raw))
     start = math.floor(lo / step) * step
     ticks = []
     t = start
@@ -108,7 +110,7 @@ def render_svg(chart: Chart, *, width: int = 640, height: int = 300) -> str:
         y = py(t)
         out.append(_tag("line", x1=left, y1=y, x2=left + pw, y2=y, stroke="#e6e6e6"))
         out.append(_tag("text", _fmt(t), x=left - 6, y=y + 4, text_anchor="end", font_size=11))
-    for t in nice_ticks(x_lo, x_hi, count=min(8, max(1, int(x_hi - x_lo)))):
+    for t in nice_ticks(x_lo, x_hi, count=8, min_step=1.0 if chart.integer_x else 0.0):
         if x_lo <= t <= x_hi:
             x = px(t)
             out.append(_tag("line", x1=x, y1=top + ph, x2=x, y2=top + ph + 4, stroke="#333333"))
