@@ -30,12 +30,35 @@ def _trim_collate(rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, .
 class TrainResult:
     mean_loss: float
     steps: int
+    empty_batches: int  # Poisson batches that drew no row (still noisy, accounted steps)
     event: DpEvent | None  # None when DP is off
 
 
 def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
     while True:
         yield from loader
+
+
+def _event_from_opacus(history: list[tuple[float, float, int]], *, max_grad_norm: float) -> DpEvent:
+    """The round's DP event as Opacus's own accountant recorded it (one mechanism: one history entry)."""
+    if len(history) != 1:
+        raise RuntimeError(f"expected one (noise, sample rate, steps) entry in Opacus's accountant, got {history}")
+    noise_multiplier, sample_rate, num_steps = history[0]
+    return DpEvent(
+        sample_rate=float(sample_rate),
+        noise_multiplier=float(noise_multiplier),
+        steps=int(num_steps),
+        clip_norm=float(max_grad_norm),
+    )
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+    """A fresh local optimizer per round (its state is local and never leaves the site)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=learning_rate)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate)
+    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
 def train_round(
@@ -50,6 +73,7 @@ def train_round(
     max_grad_norm: float,
     seed: int,
     device: str = "cpu",
+    optimizer_name: str = "adam",
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on ``data``; with ``dp`` they are DP-SGD steps under Opacus.
 
@@ -62,7 +86,7 @@ def train_round(
     model.to(device)
     model.train()  # HF models load in eval mode; Opacus must wrap a model in train mode
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.0)
+    optimizer = make_optimizer(optimizer_name, params, learning_rate)
     dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
@@ -90,22 +114,19 @@ def train_round(
                 poisson_sampling=True,
                 noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
             )
-        event = DpEvent(
-            sample_rate=float(loader.sample_rate),
-            noise_multiplier=float(noise_multiplier),
-            steps=steps,
-            clip_norm=float(max_grad_norm),
-        )
     loss_fn = nn.CrossEntropyLoss()
     losses: list[float] = []
+    empty = 0
     batches = _batches(loader)
     try:
         for _ in range(steps):
             input_ids, attention_mask, labels = (t.to(device) for t in next(batches))
             optimizer.zero_grad(set_to_none=True)
-            if labels.numel() == 0:  # an empty Poisson batch: still a (pure-noise) DP step
-                logits_loss = sum(p.sum() * 0.0 for p in params)
-                logits_loss.backward()
+            if labels.numel() == 0:
+                empty += 1
+                # An empty Poisson batch is still a DP step (noise only): zero per-sample gradients for it.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
                 out = engine_module(input_ids=input_ids, attention_mask=attention_mask)
                 loss = loss_fn(out.logits, labels)
@@ -115,4 +136,6 @@ def train_round(
     finally:
         if dp:
             engine_module._close()  # type: ignore[operator]  # remove Opacus hooks: the model is plain again
-    return TrainResult(mean_loss=float(np.mean(losses)) if losses else float("nan"), steps=steps, event=event)
+    if dp:
+        event = _event_from_opacus(engine.accountant.history, max_grad_norm=max_grad_norm)
+    return TrainResult(mean_loss=float(np.mean(losses)) if losses else float("nan"), steps=steps, empty_batches=empty, event=event)

@@ -105,7 +105,13 @@ def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
         lora_dropout=0.0,
         target_modules=cfg.target_modules,
     )
-    model = get_peft_model(base, lora)
+    try:
+        model = get_peft_model(base, lora)
+    except ValueError as e:
+        raise ModelError(
+            f"lora-target-modules {cfg.target_modules} matched no module of {path}; "
+            "name modules of this architecture (e.g. query,value for BERT; q_proj,v_proj for Llama)"
+        ) from e
     found = False
     for name, param in model.named_parameters():
         if ".lora_A." in name:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from typing import Any, Literal
 
 Accountant = Literal["prv", "rdp"]
@@ -84,11 +85,25 @@ def _opacus_accountant(accountant: str) -> Any:
     return PRVAccountant() if accountant == "prv" else RDPAccountant()
 
 
+def coalesce(events: Iterable[DpEvent]) -> list[DpEvent]:
+    """Events of the same mechanism (sample rate, noise multiplier) merged, their steps summed.
+
+    Composition is commutative, so epsilon is unchanged, and PRV is far faster with one entry per distinct
+    mechanism than with one per round.
+    """
+    merged: dict[tuple[float, float, str], DpEvent] = {}
+    for e in events:
+        key = (e.sample_rate, e.noise_multiplier, e.sampling)
+        prior = merged.get(key)
+        merged[key] = e if prior is None else replace(prior, steps=prior.steps + e.steps)
+    return list(merged.values())
+
+
 def compose_epsilon(events: Iterable[DpEvent], *, delta: float, accountant: str = "prv") -> float:
     """Epsilon at ``delta`` of the adaptive composition of ``events`` (0.0 for no steps, inf for no noise)."""
     check_delta(delta)
     check_accountant(accountant)
-    steps = [e for e in events if e.steps > 0]
+    steps = [e for e in coalesce(events) if e.steps > 0]
     if not steps:
         return 0.0
     if any(e.noise_multiplier == 0.0 for e in steps):
@@ -98,28 +113,45 @@ def compose_epsilon(events: Iterable[DpEvent], *, delta: float, accountant: str 
     return float(acc.get_epsilon(delta=delta))
 
 
+@lru_cache(maxsize=64)  # a pure function of public numbers, and slow (PRV): same inputs, same answer
 def calibrate_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv", tolerance: float = 0.005
 ) -> float:
-    """The smallest noise multiplier whose ``steps`` Poisson-sampled steps spend at most ``target_epsilon``."""
+    """The smallest noise multiplier (to within ``tolerance``, relative) whose ``steps`` Poisson-sampled steps
+    spend at most ``target_epsilon``: bisection on the accountant's epsilon, bracketed by the fast RDP answer
+    (PRV is tighter than RDP, so its answer is never above RDP's)."""
     check_delta(delta)
     check_accountant(accountant)
     if not target_epsilon > 0.0 or math.isinf(target_epsilon):
         raise PrivacyError(f"target epsilon must be finite and > 0, got {target_epsilon}")
     if steps <= 0:
         raise PrivacyError(f"steps must be > 0 to calibrate noise, got {steps}")
-    from opacus.accountants.utils import get_noise_multiplier
+    if not 0.0 < sample_rate <= 1.0:
+        raise PrivacyError(f"sample_rate must be in (0, 1], got {sample_rate}")
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
-        )
-    )
+    def eps(sigma: float, acc: str) -> float:
+        return compose_epsilon([DpEvent(sample_rate, sigma, steps, 1.0)], delta=delta, accountant=acc)
+
+    high = 1.0
+    while eps(high, "rdp") > target_epsilon:
+        high *= 2.0
+        if high > 1e4:
+            raise PrivacyError(f"no noise multiplier reaches epsilon {target_epsilon} in {steps} steps")
+    low = high / 2.0
+    while low > 1e-3 and eps(low, "rdp") <= target_epsilon:
+        low /= 2.0
+    # RDP bracket [low, high] with eps_rdp(low) > target >= eps_rdp(high); refine on the chosen accountant
+    if accountant == "prv":  # PRV's answer is at most RDP's, usually within 20%; PRV is slow at tiny sigma
+        low = 0.8 * high
+        while low > 1e-3 and eps(low, "prv") <= target_epsilon:
+            low *= 0.8
+    while (high - low) / high > tolerance:
+        mid = (low + high) / 2.0
+        if eps(mid, accountant) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+    return high
 
 
 def epsilon_after(

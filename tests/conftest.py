@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny BERT built from a config (no download), a tiny labelled CSV, offline settings."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["good", "great", "wonderful", "moving", "brilliant", "fun", "charming", "sharp"]
+NEGATIVE = ["bad", "dull", "awful", "boring", "clumsy", "tedious", "flat", "messy"]
+FILLER = ["the", "film", "plot", "actors", "story", "movie", "was", "really", "quite", "and", "its", "ending"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Short synthetic reviews whose label is carried by sentiment words: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "fresh" if i % 2 == 0 else "rotten"
+        words = POSITIVE if label == "fresh" else NEGATIVE
+        text = " ".join(rng.sample(FILLER, 4) + rng.sample(words, 2) + rng.sample(FILLER, 2))
+        rows.append((text, label))
+    rng.shuffle(rows)
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], *, header: str = "text,label") -> Path:
+    path.write_text(header + "\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT for sequence classification with the MiniLM tokenizer, saved locally."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from shared.model import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path("builtin:all-minilm-l6-v2")), local_files_only=True)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", make_rows(240))
+
+
+@pytest.fixture()
+def tiny_config(tiny_model_dir: Path, tiny_csv: Path, tmp_path: Path):
+    from shared.config import RunConfig
+
+    return RunConfig(
+        model_path=str(tiny_model_dir),
+        data_path=str(tiny_csv),
+        labels="rotten,fresh",
+        max_length=16,
+        batch_size=8,
+        local_steps=2,
+        num_server_rounds=2,
+        max_test_examples=40,
+        learning_rate=0.5,
+        target_epsilon=8.0,
+        secure_aggregation=False,
+        output_dir=str(tmp_path / "runs"),
+    )
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity():
+    """Flower 1.41 stamps every new Message with the process's task identity; tests play the SuperLink's part."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 4242
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    yield

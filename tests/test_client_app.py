@@ -1,0 +1,133 @@
+"""The ClientApp's train handler, called as Flower calls it: cumulative epsilon, budgets, replays."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+import client.app as client_app
+from shared import constants as C
+from shared.identity import provision_simulation
+from shared.ledger import SiteLedger
+from shared.model import build_model, get_trainable
+from shared.privacy import DpEvent, compose_epsilon
+from shared.records import MessageError, record_from_arrays
+from shared.site import site_from_node_config
+
+RUN_ID = 4242
+
+
+def _context(cfg, partition_id, num_partitions=3, **node_config):
+    return Context(
+        run_id=RUN_ID,
+        node_id=100 + partition_id,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions, **node_config},
+        state=RecordDict(),
+        run_config=cfg.to_flower(),
+    )
+
+
+def _train_message(cfg, server_round, arrays=None):
+    arrays = arrays if arrays is not None else get_trainable(build_model(cfg, 2))
+    content = RecordDict(
+        {
+            C.GLOBAL_RECORD: record_from_arrays(arrays),
+            C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: str(RUN_ID)}),
+        }
+    )
+    return Message(content, dst_node_id=100, message_type="train")
+
+
+@pytest.fixture()
+def cfg(tiny_config):
+    cfg = replace(tiny_config, num_server_rounds=3, local_steps=2)
+    provision_simulation(cfg.simulation_dir(RUN_ID), 3)
+    return cfg
+
+
+def test_reported_epsilon_after_r_rounds_is_the_composition_of_all_r_rounds(cfg):
+    context = _context(cfg, 0)
+    epsilons, events = [], []
+    for server_round in (1, 2, 3):
+        reply = client_app.app(_train_message(cfg, server_round), context)
+        assert not reply.has_error(), reply.error
+        epsilons.append(reply.content.metric_records[C.METRICS_RECORD][C.METRIC_EPSILON])
+        events.append(DpEvent.from_dict({k: v for k, v in reply.content[C.DP_EVENT_RECORD].items() if k != "site-id"}))
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    (event,) = set(events)
+    # one accountant that saw all 3 rounds' steps in a row (what one long-lived PrivacyEngine would say)
+    prv = PRVAccountant()
+    prv.history = [(event.noise_multiplier, event.sample_rate, 3 * event.steps)]
+    assert epsilons[2] == pytest.approx(prv.get_epsilon(delta=cfg.delta), rel=1e-3)
+    # the noise was calibrated so that num-server-rounds rounds reach target-epsilon
+    assert epsilons[2] == pytest.approx(cfg.target_epsilon, rel=0.02)
+    # and epsilon after round 1 is not the per-round value repeated (the Flower-example bug)
+    prv1 = PRVAccountant()
+    prv1.history = [(event.noise_multiplier, event.sample_rate, event.steps)]
+    assert epsilons[0] == pytest.approx(prv1.get_epsilon(delta=cfg.delta), rel=1e-3)
+    rdp = RDPAccountant()
+    rdp.history = [(event.noise_multiplier, event.sample_rate, 3 * event.steps)]
+    assert compose_epsilon(events, delta=cfg.delta, accountant="rdp") == pytest.approx(rdp.get_epsilon(cfg.delta))
+
+
+def test_the_site_ledger_holds_every_round_and_survives_a_restart(cfg):
+    for server_round in (1, 2):
+        client_app.app(_train_message(cfg, server_round), _context(cfg, 1))  # a fresh Context: a restarted client
+    site = site_from_node_config({"partition-id": 1, "num-partitions": 3}, sim_dir=cfg.simulation_dir(RUN_ID))
+    entries = SiteLedger(site.ledger_path, site_id=site.site_id).entries()
+    assert [e.round for e in entries] == [1, 2]
+    assert entries[1].epsilon == pytest.approx(compose_epsilon([entries[0].event, entries[1].event], delta=cfg.delta))
+
+
+def test_a_replayed_round_is_declined_and_not_counted_twice(cfg):
+    context = _context(cfg, 2)
+    client_app.app(_train_message(cfg, 1), context)
+    reply = client_app.app(_train_message(cfg, 1), context)
+    assert "already trained" in reply.content.config_records[C.DECLINE_RECORD]["reason"]
+    assert C.UPDATE_RECORD not in reply.content.array_records
+
+
+def test_a_site_declines_a_round_that_would_exceed_its_own_budget(cfg):
+    context = _context(cfg, 0, **{"max-epsilon": 0.5})
+    reply = client_app.app(_train_message(cfg, 1), context)
+    reason = reply.content.config_records[C.DECLINE_RECORD]["reason"]
+    assert "site-0" in reason and "max_epsilon=0.5" in reason
+    site = site_from_node_config(dict(context.node_config), sim_dir=cfg.simulation_dir(RUN_ID))
+    assert not site.ledger_path.exists() or SiteLedger(site.ledger_path, site_id=site.site_id).entries() == []
+
+
+def test_the_update_is_the_clipped_difference_of_trainable_tensors(cfg):
+    cfg = replace(cfg, update_clip_norm=1e-3)
+    provision_simulation(cfg.simulation_dir(RUN_ID), 3)
+    reply = client_app.app(_train_message(cfg, 1), _context(cfg, 0))
+    update = reply.content.array_records[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy()
+    assert update.dtype == np.float32
+    assert update.shape == (sum(a.size for a in get_trainable(build_model(cfg, 2)).values()),)
+    assert np.linalg.norm(update) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_a_non_private_round_is_recorded_as_infinite_epsilon(cfg):
+    cfg = replace(cfg, dp=False)
+    reply = client_app.app(_train_message(cfg, 1), _context(cfg, 0))
+    assert reply.content.metric_records[C.METRICS_RECORD][C.METRIC_EPSILON] == -1.0  # -1 encodes inf
+    event = reply.content.config_records[C.DP_EVENT_RECORD]
+    assert event["noise_multiplier"] == 0.0
+
+
+def test_a_train_message_without_the_round_number_is_a_clear_error(cfg):
+    msg = Message(RecordDict({C.GLOBAL_RECORD: record_from_arrays({})}), dst_node_id=100, message_type="train")
+    with pytest.raises(MessageError, match="message has no ConfigRecord 'train-config'"):
+        client_app.app(msg, _context(cfg, 0))
+
+
+def test_evaluate_reports_metrics_on_the_sites_rows(cfg):
+    msg = Message(
+        RecordDict({C.GLOBAL_RECORD: record_from_arrays(get_trainable(build_model(cfg, 2)))}),
+        dst_node_id=100,
+        message_type="evaluate",
+    )
+    reply = client_app.app(msg, _context(cfg, 0))
+    metrics = reply.content.metric_records[C.METRICS_RECORD]
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num-examples"] > 0

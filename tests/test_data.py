@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shared.data import DataError, load_labelled_text, load_rotten_tomatoes
+from tests.conftest import make_rows, write_csv
+
+
+def test_csv_jsonl_and_parquet_load_the_same_rows(tmp_path):
+    rows = make_rows(20)
+    csv = write_csv(tmp_path / "d.csv", rows)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    parquet = tmp_path / "d.parquet"
+    pd.DataFrame(rows, columns=["text", "label"]).to_parquet(parquet)
+    loaded = [load_labelled_text(p, labels=["rotten", "fresh"]) for p in (csv, jsonl, parquet)]
+    for data in loaded:
+        assert data.texts == loaded[0].texts
+        assert data.label_names == ("rotten", "fresh")
+        np.testing.assert_array_equal(data.labels, [1 if lab == "fresh" else 0 for _, lab in rows])
+
+
+def test_labels_are_inferred_sorted_when_not_given(tmp_path):
+    data = load_labelled_text(write_csv(tmp_path / "d.csv", [("a b", "2"), ("c d", "10"), ("e", "1")]))
+    assert data.label_names == ("1", "2", "10")
+    np.testing.assert_array_equal(data.labels, [1, 2, 0])
+
+
+def test_custom_column_names(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [("x y", "a"), ("z", "b")], header="review,stars")
+    data = load_labelled_text(path, text_column="review", label_column="stars")
+    assert data.texts == ("x y", "z")
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda p: p / "missing.csv", "data file not found"),
+        (lambda p: p, "data path is not a file"),
+        (lambda p: (p / "d.txt").write_text("x") and p / "d.txt", "must end in one of"),
+        (lambda p: (p / "e.csv").write_text("") or p / "e.csv", "is empty"),
+        (lambda p: (p / "h.csv").write_text("text,label\n") and p / "h.csv", "has no rows"),
+        (lambda p: write_csv(p / "c.csv", [("a", "fresh")], header="body,label"), "text-column 'text' not found"),
+        (lambda p: write_csv(p / "c.csv", [("a", "fresh")], header="text,y"), "label-column 'label' not found"),
+        (lambda p: write_csv(p / "u.csv", [("a", "fresh"), ("b", "meh")]), "unknown label(s) ['meh']"),
+        (lambda p: write_csv(p / "n.csv", [("a", "fresh"), ("b", "")]), "row 2 has no label"),
+        (lambda p: write_csv(p / "t.csv", [("a", "fresh"), (" ", "rotten")]), "row 2 has an empty"),
+    ],
+)
+def test_bad_data_file_is_a_clear_error(tmp_path, setup, message):
+    with pytest.raises(DataError) as err:
+        load_labelled_text(setup(tmp_path), labels=["rotten", "fresh"])
+    assert message in str(err.value)
+
+
+def test_a_single_label_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="needs at least 2 labels"):
+        load_labelled_text(write_csv(tmp_path / "d.csv", [("a", "x"), ("b", "x")]))
+
+
+def test_duplicate_declared_labels_are_an_error(tmp_path):
+    with pytest.raises(DataError, match="has duplicates"):
+        load_labelled_text(write_csv(tmp_path / "d.csv", [("a", "x")]), labels=["x", "x"])
+
+
+def test_bundled_rotten_tomatoes_is_binary_fresh_vs_rotten():
+    data = load_rotten_tomatoes()
+    assert data.label_names == ("rotten", "fresh")
+    assert len(data) == 7403 + 5405  # the 1,097 "plot" rows are not reviews
+    assert int(data.labels.sum()) == 7403
