@@ -25,6 +25,7 @@ from shared.audit.verify import (
     cross_check_attestations,
     unattested_rounds,
 )
+from shared.canary_data import CANARY_FILE
 from shared.identity import ROSTER_FILE, IdentityError, Roster
 from shared.ledger import RUN_LEDGER_FILE
 from shared.site import LEDGER_FILE
@@ -32,7 +33,6 @@ from shared.site import LEDGER_FILE
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"  # written by the ServerApp (server/outputs.py)
-CANARY_FILE = "canary_scores.json"
 
 
 class AuditInputError(ValueError):
