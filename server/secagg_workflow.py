@@ -130,9 +130,14 @@ def aggregate_secure(
     and learns each node's site id from it. An aborted round returns ``aborted=True`` and no total;
     ``settings.on_abort`` is for the caller to act on.
     """
+    result = RoundAggregate(total=None, total_weight=0.0)
+    if len(set(node_ids)) < 2:  # a "sum" of one update is that update
+        result.aborted = True
+        result.abort_reason = f"secure aggregation needs at least 2 sampled sites, got {len(set(node_ids))}"
+        logger.warning("secagg round %d ABORTED, nothing sent: %s", server_round, result.abort_reason)
+        return result
     params = RoundParams.for_round(settings, run_id=run_id, server_round=server_round, node_ids=node_ids)
     server = SecAggServer(params, roster=roster)
-    result = RoundAggregate(total=None, total_weight=0.0)
     quick = settings.stage_timeout_s
     try:
         # 1. advertise keys

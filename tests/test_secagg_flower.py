@@ -287,6 +287,15 @@ def test_a_key_swapped_by_the_server_is_detected_through_flower(tmp_path: Path) 
     assert np.max(np.abs(agg.total - plain(updates, agg.survivors))) <= 5 * 2.0**-27
 
 
+def test_a_single_sampled_site_is_never_aggregated_securely(tmp_path: Path) -> None:
+    contexts, updates = federation(tmp_path, 2)
+    only = sorted(updates)[0]
+    grid = InProcessGrid(make_app(tmp_path, updates), {only: contexts[only]})
+    agg = run(grid)
+    assert agg.aborted and agg.total is None and grid.timeouts == []
+    assert agg.abort_reason == "secure aggregation needs at least 2 sampled sites, got 1"
+
+
 def test_each_stage_has_its_timeout(tmp_path: Path) -> None:
     contexts, updates = federation(tmp_path, 3)
     grid = InProcessGrid(make_app(tmp_path, updates), contexts)

@@ -264,9 +264,8 @@ class SecAggClient:
                 verify(identity, a.signature, a.payload(p.digest))
             except CryptoError as e:
                 raise SecAggProtocolError(
-                    f"node {self.node_id}: the keys relayed for node {a.node_id} (site {a.site_id!r}) are "
-                    "not "
-                    f"signed by that site for run {p.run_id!r} round {p.server_round}: {e}"
+                    f"node {self.node_id}: the keys relayed for node {a.node_id} (site {a.site_id!r}) "
+                    f"are not signed by that site for run {p.run_id!r} round {p.server_round}: {e}"
                 ) from e
             if len(a.mask_public_key) != KEY_BYTES or len(a.enc_public_key) != KEY_BYTES:
                 raise SecAggProtocolError(
