@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared.audit.canary import Canary, make_canaries, site_canary_rows
+from shared.audit.canary import Canary, CanaryError, make_canaries, site_canary_rows
+from shared.identity import site_id_for_partition
+from shared.site import Site
 
 CANARY_FILE = "canary_scores.json"
 
@@ -38,12 +41,20 @@ def with_site_canaries(rows: Any, canaries: Sequence[Canary], *, partition_id: i
         return rows
     return type(rows)(
         texts=(*rows.texts, *(t for t, _ in extra)),
-        labels=np.concatenate(
-            [rows.labels, np.asarray([label for _, label in extra], dtype=rows.labels.dtype)]
-        ),
+        labels=np.concatenate([rows.labels, np.asarray([label for _, label in extra], dtype=rows.labels.dtype)]),
         label_names=rows.label_names,
         source=f"{rows.source} + {len(extra)} canaries",
     )
+
+
+def add_site_canaries(rows: Any, *, canaries: int, seed: int, site: Site) -> Any:
+    """The client's one call: ``rows`` plus the canaries of this simulated site (``rows`` when none)."""
+    if canaries == 0:
+        return rows
+    if not site.simulated or site.partition_id is None or not site.num_partitions:
+        raise CanaryError(f"canary mode is for simulations only; site {site.site_id!r} is a deployed site")
+    run = run_canaries(canaries=canaries, seed=seed, num_sites=site.num_partitions, num_labels=len(rows.label_names))
+    return with_site_canaries(rows, run, partition_id=site.partition_id)
 
 
 def per_example_losses(model: Any, data: Any, *, device: str = "cpu", batch_size: int = 128) -> np.ndarray:
@@ -84,8 +95,7 @@ def write_canary_scores(
     of its loss from the initial to the final global model: higher looks more like a training member)."""
     if not len(canaries) == len(losses_before) == len(losses_after):
         raise ValueError(
-            f"need one loss before and after per canary, got {len(canaries)}, {len(losses_before)}, "
-            f"{len(losses_after)}"
+            f"need one loss before and after per canary, got {len(canaries)}, {len(losses_before)}, {len(losses_after)}"
         )
     payload = {
         "run_id": run_id,
@@ -112,3 +122,45 @@ def write_canary_scores(
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+@dataclass
+class CanaryScorer:
+    """The server's side: losses of every canary under the initial model, then under the final one."""
+
+    canaries: list[Canary]
+    encoded: Any
+    losses_before: np.ndarray
+    num_sites: int
+
+    @classmethod
+    def start(
+        cls,
+        model: Any,
+        encode_rows: Callable[[list[str], np.ndarray], Any],
+        *,
+        canaries: int,
+        seed: int,
+        num_sites: int,
+        num_labels: int,
+        device: str = "cpu",
+    ) -> CanaryScorer | None:
+        """Draw the run's canaries and score them with the initial model; None when canaries is 0."""
+        run = run_canaries(canaries=canaries, seed=seed, num_sites=num_sites, num_labels=num_labels)
+        if not run:
+            return None
+        encoded = encode_rows([c.text for c in run], np.asarray([c.label for c in run], dtype=np.int64))
+        return cls(run, encoded, per_example_losses(model, encoded, device=device), num_sites)
+
+    def finish(self, model: Any, run_dir: Path, *, run_id: str, seed: int, delta: float, device: str = "cpu") -> Path:
+        """Score the canaries with the final model and write ``canary_scores.json`` into ``run_dir``."""
+        return write_canary_scores(
+            run_dir,
+            run_id=run_id,
+            seed=seed,
+            canaries=self.canaries,
+            losses_before=self.losses_before,
+            losses_after=per_example_losses(model, self.encoded, device=device),
+            site_ids=[site_id_for_partition(i) for i in range(self.num_sites)],
+            delta=delta,
+        )

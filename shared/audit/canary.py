@@ -5,7 +5,7 @@ site and inserted into that site's training data independently with probability 
 canary gets a score from the final model (higher: looks more like a training member, e.g. the drop in its
 loss). The auditor guesses "in" for the ``k+`` highest scores, "out" for the ``k-`` lowest, and abstains on
 the rest. If training is (epsilon, delta)-DP with respect to each canary, the number of correct guesses
-``W`` out of ``r = k+ + k-`` satisfies (the paper's Theorem 3 / Proposition 5):
+``W`` out of ``r = k+ + k-`` satisfies (the paper's main theorem, as in its reference code):
 
     P[W >= v] <= P[Binomial(r, q) >= v] + 2 m delta * max_{i=1..v} P[v > Binomial(r, q) >= v - i] / i,
     q = e^epsilon / (1 + e^epsilon).
@@ -162,9 +162,7 @@ def one_run_audit(
     s = np.asarray(scores, dtype=np.float64)
     truth = np.asarray(included, dtype=bool)
     if s.ndim != 1 or s.shape != truth.shape:
-        raise CanaryError(
-            f"scores and included must be 1-D and equal in length, got {s.shape} and {truth.shape}"
-        )
+        raise CanaryError(f"scores and included must be 1-D and equal in length, got {s.shape} and {truth.shape}")
     if not np.all(np.isfinite(s)):
         raise CanaryError("canary scores must be finite")
     if not 0.0 < confidence < 1.0:
