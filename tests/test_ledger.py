@@ -232,6 +232,27 @@ def test_truncated_last_line_is_reported_and_not_repaired(tmp_path, key):
     assert path.read_bytes() == before
 
 
+def test_a_crash_in_the_middle_of_a_write_leaves_a_detectably_truncated_line(tmp_path, key, monkeypatch):
+    import shared.hashchain
+
+    path = _ledger_with(tmp_path, key, 1)
+    ledger = SiteLedger(path, site_id="site-0", signing_key=key)
+    real_write = shared.hashchain.os.write
+
+    def dying_write(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError("power lost")  # the process dies after half of the line reached the disk
+
+    monkeypatch.setattr(shared.hashchain.os, "write", dying_write)
+    with pytest.raises(OSError, match="power lost"):
+        _append(ledger, server_round=2)
+    monkeypatch.undo()
+
+    with pytest.raises(LedgerError, match=r"line 2 is truncated"):
+        SiteLedger(path, site_id="site-0", signing_key=key)
+    assert len(path.read_bytes().splitlines()) == 2  # the half line is still there: never repaired
+
+
 def test_complete_last_line_that_is_not_json_is_reported(tmp_path, key):
     path = _ledger_with(tmp_path, key, 1)
     with open(path, "ab") as f:
