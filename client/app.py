@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.budget import decide
+from client.secagg_mod import secagg_mod
 from client.train import train_round
 from shared import constants as C
 from shared.config import RunConfig
@@ -31,7 +32,9 @@ from shared.updates import clip_to_norm
 
 logger = logging.getLogger("privatune.client")
 
-app = ClientApp()
+# Secure aggregation is a mod around the plain train handler (as Flower's own secaggplus_mod is): it runs the
+# key-agreement stages itself and masks the update that ``train`` returns.
+app = ClientApp(mods=[secagg_mod])
 
 STATE_RECORD = "privatune-client"
 
@@ -94,7 +97,11 @@ def train(msg: Message, context: Context) -> Message:
     else:  # a non-private round: recorded as noise 0, i.e. epsilon = inf for this data from now on
         planned = DpEvent(sample_rate=sample_rate, noise_multiplier=0.0, steps=cfg.local_steps, clip_norm=1.0)
     decision = decide(
-        ledger.history(fingerprint), planned, max_epsilon=site.max_epsilon, delta=delta, accountant=cfg.accountant
+        ledger.history(fingerprint),
+        planned,
+        max_epsilon=site.max_epsilon,
+        delta=delta,
+        accountant=cfg.accountant,
     )
     if not decision.accept:
         return _decline(msg, f"site {site.site_id}: {decision.reason}")
@@ -111,10 +118,11 @@ def train(msg: Message, context: Context) -> Message:
         steps=cfg.local_steps,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
+        optimizer_name=cfg.optimizer,
         dp=cfg.dp,
         noise_multiplier=planned.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
-        seed=_round_seed(cfg.seed, site.site_id, run_id, server_round),
+        seed=_round_seed(cfg.seed, site.site_id, run_id, server_round) if cfg.reproducible_noise else None,
         device=site.device,
     )
     if result.event is not None and result.event != planned:

@@ -87,9 +87,7 @@ def _reply(msg: Message, cfg: dict[str, Any]) -> Message:
     return Message(RecordDict({K.SECAGG_RECORD: ConfigRecord(cfg)}), reply_to=msg)
 
 
-def _masked_input(
-    msg: Message, context: Context, call_next: ClientAppCallable, client: SecAggClient
-) -> Message:
+def _masked_input(msg: Message, context: Context, call_next: ClientAppCallable, client: SecAggClient) -> Message:
     client.receive_shares(MaskedInputRequest.from_config(dict(msg.content.config_records[K.SECAGG_RECORD])))
     _save(context, client)  # the shares are kept even if training fails: the server may still ask for them
     del msg.content[K.SECAGG_RECORD]

@@ -7,6 +7,8 @@ fresh PrivacyEngine per round never resets it.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +54,38 @@ def _event_from_opacus(history: list[tuple[float, float, int]], *, max_grad_norm
     )
 
 
+def _run_steps(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, ...]],
+    params: list[nn.Parameter],
+    *,
+    steps: int,
+    device: str,
+) -> tuple[list[float], int]:
+    """Take ``steps`` optimizer steps; returns the batch losses and the number of empty (Poisson) batches."""
+    loss_fn = nn.CrossEntropyLoss()
+    losses: list[float] = []
+    empty = 0
+    for _ in range(steps):
+        input_ids, attention_mask, labels = (t.to(device) for t in next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        if labels.numel() == 0:
+            empty += 1
+            # An empty Poisson batch is still a DP step (noise only): zero per-sample gradients for it.
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        else:
+            out = module(input_ids=input_ids, attention_mask=attention_mask)
+            loss = loss_fn(out.logits, labels)
+            with warnings.catch_warnings():  # Opacus's hooks on a module whose inputs need no grad: expected
+                warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+                loss.backward()
+            losses.append(float(loss.detach()))
+        optimizer.step()
+    return losses, empty
+
+
 def make_optimizer(name: str, params: list[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
     """A fresh local optimizer per round (its state is local and never leaves the site)."""
     if name == "adam":
@@ -71,7 +105,7 @@ def train_round(
     dp: bool,
     noise_multiplier: float,
     max_grad_norm: float,
-    seed: int,
+    seed: int | None,
     device: str = "cpu",
     optimizer_name: str = "adam",
 ) -> TrainResult:
@@ -88,6 +122,9 @@ def train_round(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer_name, params, learning_rate)
     dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
+    reproducible = seed is not None
+    if seed is None:
+        seed = secrets.randbits(62)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset,
@@ -104,7 +141,7 @@ def train_round(
         engine = PrivacyEngine(accountant="prv")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-            warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+            warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
             engine_module, optimizer, loader = engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -114,28 +151,17 @@ def train_round(
                 poisson_sampling=True,
                 noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
             )
-    loss_fn = nn.CrossEntropyLoss()
-    losses: list[float] = []
-    empty = 0
     batches = _batches(loader)
     try:
-        for _ in range(steps):
-            input_ids, attention_mask, labels = (t.to(device) for t in next(batches))
-            optimizer.zero_grad(set_to_none=True)
-            if labels.numel() == 0:
-                empty += 1
-                # An empty Poisson batch is still a DP step (noise only): zero per-sample gradients for it.
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
-                out = engine_module(input_ids=input_ids, attention_mask=attention_mask)
-                loss = loss_fn(out.logits, labels)
-                loss.backward()
-                losses.append(float(loss.detach()))
-            optimizer.step()
+        # dropout draws from torch's global generator: pin it for a reproducible round, then restore it
+        with torch.random.fork_rng(devices=[]) if reproducible else contextlib.nullcontext():
+            if reproducible:
+                torch.manual_seed(seed)
+            losses, empty = _run_steps(engine_module, optimizer, batches, params, steps=steps, device=device)
     finally:
         if dp:
             engine_module._close()  # type: ignore[operator]  # remove Opacus hooks: the model is plain again
     if dp:
         event = _event_from_opacus(engine.accountant.history, max_grad_norm=max_grad_norm)
-    return TrainResult(mean_loss=float(np.mean(losses)) if losses else float("nan"), steps=steps, empty_batches=empty, event=event)
+    mean_loss = float(np.mean(losses)) if losses else float("nan")
+    return TrainResult(mean_loss=mean_loss, steps=steps, empty_batches=empty, event=event)

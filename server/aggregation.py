@@ -56,7 +56,13 @@ def read_reply_records(reply: Message, result: RoundAggregate) -> bool:
 
 
 def aggregate_plain(
-    grid: Grid, *, node_ids: list[int], content: RecordDict, update_clip_norm: float, dim: int, timeout_s: float
+    grid: Grid,
+    *,
+    node_ids: list[int],
+    content: RecordDict,
+    update_clip_norm: float,
+    dim: int,
+    timeout_s: float,
 ) -> RoundAggregate:
     """Send the train request to ``node_ids`` and sum the (clipped, weight-1) updates that come back."""
     messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in node_ids]

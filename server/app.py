@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from shared.config import RunConfig
 from shared.federation import load_run_dataset, server_test_set
 from shared.identity import Roster, provision_simulation
 from shared.ledger import digest_array
+from shared.log import configure_logging
 from shared.metrics import evaluate_model
 from shared.model import build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable, unflatten
 from shared.records import record_from_arrays
@@ -44,7 +46,9 @@ def wait_for_nodes(grid: Grid, minimum: int, *, timeout_s: float = NODE_WAIT_S) 
         if len(nodes) >= minimum:
             return nodes
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} node(s) connected after {timeout_s:.0f}s; need min-train-nodes={minimum}")
+            raise RuntimeError(
+                f"only {len(nodes)} node(s) connected after {timeout_s:.0f}s; need min-train-nodes={minimum}"
+            )
         time.sleep(1.0)
 
 
@@ -54,8 +58,17 @@ def sample_nodes(nodes: list[int], cfg: RunConfig, rng: np.random.Generator) -> 
     return sorted(nodes[i] for i in picks)
 
 
-def _aggregate(grid: Grid, cfg: RunConfig, *, node_ids: list[int], content: RecordDict, server_round: int,
-               run_id: str, dim: int) -> RoundAggregate:
+def _aggregate(
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    node_ids: list[int],
+    content: RecordDict,
+    server_round: int,
+    run_id: str,
+    dim: int,
+    roster: Roster | None,
+) -> RoundAggregate:
     if cfg.secure_aggregation:
         from server.secagg_workflow import aggregate_secure, settings_from_config
 
@@ -66,12 +79,21 @@ def _aggregate(grid: Grid, cfg: RunConfig, *, node_ids: list[int], content: Reco
             server_round=server_round,
             run_id=run_id,
             settings=settings_from_config(cfg, num_clients=len(node_ids), dim=dim),
-            timeout_s=cfg.secagg_timeout,
+            timeout_s=cfg.secagg_timeout * 4,  # the stage that includes local training
+            roster=roster,
         )
     return aggregate_plain(
-        grid, node_ids=node_ids, content=content, update_clip_norm=cfg.update_clip_norm, dim=dim,
+        grid,
+        node_ids=node_ids,
+        content=content,
+        update_clip_norm=cfg.update_clip_norm,
+        dim=dim,
         timeout_s=cfg.secagg_timeout * 4,
     )
+
+
+def _site_name(agg: RoundAggregate, node: int) -> str:
+    return agg.site_ids.get(node, f"node-{node}")
 
 
 def _fmt_eps(values: list[float]) -> str:
@@ -83,15 +105,23 @@ def _fmt_eps(values: list[float]) -> str:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    configure_logging()
     cfg = RunConfig.from_flower(context.run_config)
     run_id = str(context.run_id)
     run_dir = cfg.run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.dp:
-        logger.warning("DIFFERENTIAL PRIVACY IS OFF: this is a non-private baseline; no epsilon holds, and every "
-                       "site's ledger records epsilon = inf for its data.")
+        logger.warning(
+            "DIFFERENTIAL PRIVACY IS OFF: this is a non-private baseline; no epsilon holds, and every "
+            "site's ledger records epsilon = inf for its data."
+        )
     if not cfg.secure_aggregation:
         logger.warning(INSECURE_WARNING)
+    if cfg.dp and cfg.reproducible_noise:
+        logger.warning(
+            "REPRODUCIBLE NOISE: DP noise and sampling are seeded from the run seed, which the server "
+            "knows; the epsilon printed does NOT hold against the server. For experiments only."
+        )
 
     nodes = wait_for_nodes(grid, cfg.min_train_nodes)
     sim_dir: Path | None = None
@@ -112,7 +142,12 @@ def main(grid: Grid, context: Context) -> None:
     dim = int(flatten(global_arrays).shape[0])
     logger.info(
         "run %s: %d sites, %d rounds, %s, %d trainable parameters, test set %d rows, DP %s, secure aggregation %s",
-        run_id, len(nodes), cfg.num_server_rounds, cfg.lora_mode.upper() + "-LoRA", dim, len(test),
+        run_id,
+        len(nodes),
+        cfg.num_server_rounds,
+        cfg.lora_mode.upper() + "-LoRA",
+        dim,
+        len(test),
         f"on (target epsilon {cfg.target_epsilon:g}, delta {cfg.delta:g})" if cfg.dp else "OFF",
         "on" if cfg.secure_aggregation else "OFF",
     )
@@ -136,8 +171,16 @@ def main(grid: Grid, context: Context) -> None:
                 C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: run_id}),
             }
         )
-        agg = _aggregate(grid, cfg, node_ids=sampled, content=content, server_round=server_round, run_id=run_id,
-                         dim=dim)
+        agg = _aggregate(
+            grid,
+            cfg,
+            node_ids=sampled,
+            content=content,
+            server_round=server_round,
+            run_id=run_id,
+            dim=dim,
+            roster=roster,
+        )
         if agg.total is None and not agg.aborted:
             agg.aborted, agg.abort_reason = True, "no site contributed an update"
         if agg.total is not None and agg.total_weight > 0:
@@ -147,11 +190,13 @@ def main(grid: Grid, context: Context) -> None:
         test_metrics = evaluate_model(model, test_enc, num_classes=len(data.label_names))
         seconds = time.monotonic() - started
 
-        def site(node: int) -> str:
-            return agg.site_ids.get(node, f"node-{node}")
+        site = partial(_site_name, agg)
 
         clients = {
-            site(n): {"epsilon": m.get(C.METRIC_EPSILON, float("nan")), "train_loss": m.get(C.METRIC_TRAIN_LOSS)}
+            site(n): {
+                "epsilon": m.get(C.METRIC_EPSILON, float("nan")),
+                "train_loss": m.get(C.METRIC_TRAIN_LOSS),
+            }
             for n, m in agg.client_metrics.items()
         }
         for entry in clients.values():
@@ -191,12 +236,18 @@ def main(grid: Grid, context: Context) -> None:
         if agg.aborted:
             note = f" | ABORTED: {agg.abort_reason}"
         elif agg.dropped or agg.declined:
-            note = f" | {len(agg.survivors)}/{len(sampled)} sites ({len(agg.dropped)} dropped, {len(agg.declined)} declined)"
+            dropped, declined = len(agg.dropped), len(agg.declined)
+            note = f" | {len(agg.survivors)}/{len(sampled)} sites ({dropped} dropped, {declined} declined)"
         logger.info(
             "round %d/%d | train loss %s | test acc %.4f f1 %.4f | max eps %s | %.1fs%s",
-            server_round, cfg.num_server_rounds,
+            server_round,
+            cfg.num_server_rounds,
             f"{round_record['train_loss']:.4f}" if round_record["train_loss"] is not None else "-",
-            test_metrics["accuracy"], test_metrics["macro_f1"], _fmt_eps(epsilons), seconds, note,
+            test_metrics["accuracy"],
+            test_metrics["macro_f1"],
+            _fmt_eps(epsilons),
+            seconds,
+            note,
         )
         if agg.aborted and cfg.secure_aggregation and cfg.secagg_on_abort == "stop":
             raise RuntimeError(f"round {server_round} aborted ({agg.abort_reason}) and secagg-on-abort = 'stop'")

@@ -94,9 +94,7 @@ class RunLedger:
             raise LedgerError(f"attestation from {site_id!r}: {e}") from e
         entry = verify_site_attestation(attestation, key)
         if entry.run_id != self.run_id:
-            raise LedgerError(
-                f"attestation from {site_id!r} is for run {entry.run_id!r}, not {self.run_id!r}"
-            )
+            raise LedgerError(f"attestation from {site_id!r} is for run {entry.run_id!r}, not {self.run_id!r}")
         return entry
 
     def record_round(
@@ -136,33 +134,24 @@ class RunLedger:
             if stray:
                 raise LedgerError(f"round {server_round}: {name} {sorted(stray)} are not participants")
         if not aborted and aggregate_hash is None:
-            raise LedgerError(
-                f"round {server_round}: aggregate_hash is required unless the round was aborted"
-            )
+            raise LedgerError(f"round {server_round}: aggregate_hash is required unless the round was aborted")
         checked: dict[str, dict[str, Any]] = {}
         for site_id, att in attestations.items():
             if str(att.get("site_id")) != str(site_id):
                 raise LedgerError(
-                    f"round {server_round}: attestation filed under {site_id!r} "
-                    f"is from {att.get('site_id')!r}"
+                    f"round {server_round}: attestation filed under {site_id!r} is from {att.get('site_id')!r}"
                 )
             if site_id not in body_ids["participants"]:
-                raise LedgerError(
-                    f"round {server_round}: attestation from {site_id!r}, which did not participate"
-                )
+                raise LedgerError(f"round {server_round}: attestation from {site_id!r}, which did not participate")
             if self.roster is not None:
                 entry = self.verify_attestation(att)
                 if entry.round != server_round:
-                    raise LedgerError(
-                        f"round {server_round}: attestation from {site_id!r} is for round {entry.round}"
-                    )
+                    raise LedgerError(f"round {server_round}: attestation from {site_id!r} is for round {entry.round}")
             checked[str(site_id)] = dict(att)
 
         def make_body(records: list[dict[str, Any]]) -> dict[str, Any]:
             if any(r["round"] == server_round for r in records):
-                raise LedgerError(
-                    f"round {server_round} of run {self.run_id!r} is already recorded in {self.path}"
-                )
+                raise LedgerError(f"round {server_round} of run {self.run_id!r} is already recorded in {self.path}")
             return {
                 "run_id": self.run_id,
                 "round": server_round,

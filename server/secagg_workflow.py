@@ -88,9 +88,7 @@ def _stage_records(replies: Mapping[int, Message], stage: str) -> dict[int, dict
     for nid, reply in replies.items():
         record = reply.content.config_records.get(K.SECAGG_RECORD)
         if record is None:
-            logger.warning(
-                "secagg %s: node %s replied without a %r record; dropped", stage, nid, K.SECAGG_RECORD
-            )
+            logger.warning("secagg %s: node %s replied without a %r record; dropped", stage, nid, K.SECAGG_RECORD)
             continue
         out[nid] = dict(record)
     return out
@@ -150,13 +148,9 @@ def aggregate_secure(
 
         # 2. share keys
         requests = {n: _config_content(r.to_config()) for n, r in server.share_keys_requests().items()}
-        replies = _exchange(
-            grid, requests, server_round=server_round, timeout=quick, stage=K.STAGE_SHARE_KEYS
-        )
+        replies = _exchange(grid, requests, server_round=server_round, timeout=quick, stage=K.STAGE_SHARE_KEYS)
         server.receive_encrypted_shares(
-            _parse(
-                _stage_records(replies, K.STAGE_SHARE_KEYS), EncryptedShares.from_config, K.STAGE_SHARE_KEYS
-            )
+            _parse(_stage_records(replies, K.STAGE_SHARE_KEYS), EncryptedShares.from_config, K.STAGE_SHARE_KEYS)
         )
 
         # 3. masked input: the train content plus this node's relayed shares; local training runs inside
@@ -164,9 +158,7 @@ def aggregate_secure(
             n: RecordDict({**dict(content.items()), K.SECAGG_RECORD: ConfigRecord(r.to_config())})
             for n, r in server.masked_input_requests(weights).items()
         }
-        replies = _exchange(
-            grid, requests, server_round=server_round, timeout=timeout_s, stage=K.STAGE_MASKED_INPUT
-        )
+        replies = _exchange(grid, requests, server_round=server_round, timeout=timeout_s, stage=K.STAGE_MASKED_INPUT)
         for nid, reply in sorted(replies.items()):
             _collect_masked_input(server, result, nid, reply, dim=settings.dim)
 
@@ -217,9 +209,7 @@ def _collect_masked_input(
             raise SecAggError(f"masked vector of shape {record[K.MASKED_ARRAY].shape}, expected ({dim},)")
         server.add_masked_input(nid, np.asarray(record[K.MASKED_ARRAY].numpy()))
     except (SecAggError, KeyError) as e:
-        logger.warning(
-            "secagg %s: node %s sent no valid masked input (%s); dropped", K.STAGE_MASKED_INPUT, nid, e
-        )
+        logger.warning("secagg %s: node %s sent no valid masked input (%s); dropped", K.STAGE_MASKED_INPUT, nid, e)
         return
     result.client_metrics.update(scratch.client_metrics)
     result.dp_events.update(scratch.dp_events)

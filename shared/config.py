@@ -50,7 +50,8 @@ class RunConfig:
     lora_r: int = field(default=8, metadata=_help("LoRA rank."))
     lora_alpha: int = field(default=16, metadata=_help("LoRA scaling numerator."))
     lora_target_modules: str = field(default="query,value", metadata=_help("Comma-separated module names."))
-    learning_rate: float = field(default=0.02, metadata=_help("Client SGD learning rate."))
+    optimizer: Literal["adam", "sgd"] = field(default="adam", metadata=_help("Client optimizer (fresh each round)."))
+    learning_rate: float = field(default=0.02, metadata=_help("Client learning rate."))
     local_steps: int = field(default=4, metadata=_help("DP-SGD steps per client per round."))
     batch_size: int = field(default=32, metadata=_help("Expected (Poisson) batch size."))
     # differential privacy
@@ -60,6 +61,10 @@ class RunConfig:
     max_grad_norm: float = field(default=1.0, metadata=_help("Per-sample gradient clip norm."))
     delta: float = field(default=1e-5, metadata=_help("DP delta per site."))
     accountant: Literal["prv", "rdp"] = field(default="prv", metadata=_help("Privacy accountant."))
+    reproducible_noise: bool = field(
+        default=False,
+        metadata=_help("Seed DP noise and sampling from the run seed: experiments only, NOT private."),
+    )
     # aggregation
     update_clip_norm: float = field(default=5.0, metadata=_help("L2 bound of a client's update (encoding range)."))
     secure_aggregation: bool = field(default=True, metadata=_help("Server learns only the sum of updates."))
@@ -69,12 +74,14 @@ class RunConfig:
     secagg_on_abort: Literal["skip", "stop"] = field(default="skip", metadata=_help("After an aborted round."))
     # deployment
     roster_path: str = field(
-        default="", metadata=_help("Coordinator's roster of site identity keys; '' = simulation (made at start).")
+        default="",
+        metadata=_help("Coordinator's roster of site identity keys; '' = simulation (made at start)."),
     )
     # output
     output_dir: str = field(default="runs", metadata=_help("Where run outputs go (run-<id>/ below it)."))
     sim_dir: str = field(
-        default="", metadata=_help("Simulated sites' keys and ledgers; '' = a fresh one inside the run's output dir.")
+        default="",
+        metadata=_help("Simulated sites' keys and ledgers; '' = a fresh one inside the run's output dir."),
     )
 
     def __post_init__(self) -> None:
@@ -85,7 +92,12 @@ class RunConfig:
         need(self.num_server_rounds >= 1, "num_server_rounds", self.num_server_rounds, ">= 1")
         need(0.0 < self.fraction_train <= 1.0, "fraction_train", self.fraction_train, "in (0, 1]")
         need(self.min_train_nodes >= 1, "min_train_nodes", self.min_train_nodes, ">= 1")
-        need(self.partitioning in ("iid", "dirichlet"), "partitioning", self.partitioning, "'iid' or 'dirichlet'")
+        need(
+            self.partitioning in ("iid", "dirichlet"),
+            "partitioning",
+            self.partitioning,
+            "'iid' or 'dirichlet'",
+        )
         need(self.dirichlet_alpha > 0.0, "dirichlet_alpha", self.dirichlet_alpha, "> 0")
         need(0.0 < self.test_fraction < 1.0, "test_fraction", self.test_fraction, "in (0, 1)")
         need(self.max_test_examples >= 0, "max_test_examples", self.max_test_examples, ">= 0")
@@ -94,6 +106,7 @@ class RunConfig:
         need(self.lora_r >= 1, "lora_r", self.lora_r, ">= 1")
         need(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, ">= 1")
         need(bool(self.target_modules), "lora_target_modules", self.lora_target_modules, "a non-empty list")
+        need(self.optimizer in ("adam", "sgd"), "optimizer", self.optimizer, "'adam' or 'sgd'")
         need(self.learning_rate > 0.0, "learning_rate", self.learning_rate, "> 0")
         need(self.local_steps >= 1, "local_steps", self.local_steps, ">= 1")
         need(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -104,7 +117,12 @@ class RunConfig:
         need(self.secagg_degree >= 0, "secagg_degree", self.secagg_degree, ">= 0")
         need(self.secagg_threshold >= 0, "secagg_threshold", self.secagg_threshold, ">= 0")
         need(self.secagg_timeout > 0.0, "secagg_timeout", self.secagg_timeout, "> 0")
-        need(self.secagg_on_abort in ("skip", "stop"), "secagg_on_abort", self.secagg_on_abort, "'skip' or 'stop'")
+        need(
+            self.secagg_on_abort in ("skip", "stop"),
+            "secagg_on_abort",
+            self.secagg_on_abort,
+            "'skip' or 'stop'",
+        )
         need(self.noise_multiplier >= 0.0, "noise_multiplier", self.noise_multiplier, ">= 0")
         need(self.target_epsilon >= 0.0, "target_epsilon", self.target_epsilon, ">= 0")
         if self.dp:

@@ -91,9 +91,7 @@ def load_labelled_text(
     if str(path) == BUILTIN_DATA:
         data = load_rotten_tomatoes()
         if labels is not None and tuple(labels) != data.label_names:
-            raise DataError(
-                f"{BUILTIN_DATA} has labels {list(data.label_names)}, but labels = {list(labels)}"
-            )
+            raise DataError(f"{BUILTIN_DATA} has labels {list(data.label_names)}, but labels = {list(labels)}")
         return data
     file = Path(path).expanduser()
     if not file.exists():
@@ -118,9 +116,7 @@ def load_labelled_text(
             frame = pd.read_csv(file, dtype=str, keep_default_na=False)
     except (ValueError, OSError, pd.errors.ParserError) as e:
         raise DataError(f"cannot read data file {file}: {e}") from e
-    return _to_labelled(
-        frame, text_column=text_column, label_column=label_column, labels=labels, source=str(file)
-    )
+    return _to_labelled(frame, text_column=text_column, label_column=label_column, labels=labels, source=str(file))
 
 
 def _label_key(value: object) -> str | None:
@@ -140,9 +136,7 @@ def _to_labelled(
     assert isinstance(frame, pd.DataFrame)
     for column, what in ((text_column, "text-column"), (label_column, "label-column")):
         if column not in frame.columns:
-            raise DataError(
-                f"{source}: {what} {column!r} not found; columns are {list(map(str, frame.columns))}"
-            )
+            raise DataError(f"{source}: {what} {column!r} not found; columns are {list(map(str, frame.columns))}")
     if len(frame) == 0:
         raise DataError(f"{source} has no rows")
 
@@ -169,9 +163,7 @@ def _to_labelled(
             raise DataError(f"labels {names} has duplicates")
         unknown = sorted(set(keys) - set(names))
         if unknown:
-            raise DataError(
-                f"{source}: unknown label(s) {unknown[:10]} in {label_column!r}; labels are {names}"
-            )
+            raise DataError(f"{source}: unknown label(s) {unknown[:10]} in {label_column!r}; labels are {names}")
     if len(names) < 2:
         raise DataError(f"{source}: needs at least 2 labels, found {names}")
     index = {n: i for i, n in enumerate(names)}

@@ -21,9 +21,7 @@ def load_run_dataset(cfg: RunConfig) -> LabelledText:
     )
 
 
-def simulated_split(
-    cfg: RunConfig, data: LabelledText, num_partitions: int
-) -> tuple[list[np.ndarray], np.ndarray]:
+def simulated_split(cfg: RunConfig, data: LabelledText, num_partitions: int) -> tuple[list[np.ndarray], np.ndarray]:
     return federated_split(
         data.labels,
         num_partitions=num_partitions,
@@ -54,9 +52,7 @@ def site_training_rows(cfg: RunConfig, site: Site) -> LabelledText:
         rows = data.subset(parts[site.partition_id])
     else:
         if cfg.label_names is None:
-            raise DataError(
-                "a deployed run must declare its label set in the run config (labels = 'a,b,...')"
-            )
+            raise DataError("a deployed run must declare its label set in the run config (labels = 'a,b,...')")
         assert site.data_path is not None
         rows = load_labelled_text(
             site.data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names

@@ -64,9 +64,7 @@ def json_safe(value: Any) -> Any:
 
 def canonical_json(value: Any) -> str:
     """Sorted keys, no spaces, ASCII, strict JSON: the form that is hashed."""
-    return json.dumps(
-        json_safe(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    return json.dumps(json_safe(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -80,9 +78,7 @@ def genesis_hash(kind: str, owner: str) -> str:
 
 def record_hash(body: Mapping[str, Any]) -> str:
     """The ``entry_hash`` of a record: SHA-256 of the canonical JSON of all but the hash and signature."""
-    return sha256_hex(
-        canonical_json({k: v for k, v in body.items() if k not in ("entry_hash", "signature")}).encode()
-    )
+    return sha256_hex(canonical_json({k: v for k, v in body.items() if k not in ("entry_hash", "signature")}).encode())
 
 
 def _signed_message(kind: str, entry_hash: str) -> bytes:
@@ -183,9 +179,7 @@ def read_chain(
             problem(line, "corrupt", f"seq is {seq!r}, expected an integer")
         elif seq > expected_seq:
             missing = (
-                f"entry {expected_seq} is"
-                if seq == expected_seq + 1
-                else f"entries {expected_seq}..{seq - 1} are"
+                f"entry {expected_seq} is" if seq == expected_seq + 1 else f"entries {expected_seq}..{seq - 1} are"
             )
             problem(line, "gap", f"seq {seq} where seq {expected_seq} was expected: {missing} missing")
         elif seq < expected_seq:
@@ -196,15 +190,11 @@ def read_chain(
             )
         actual_hash = record_hash(record)
         if record.get("entry_hash") != actual_hash:
-            problem(
-                line, "tampered", f"entry_hash does not match the entry's content (entry {seq} was modified)"
-            )
+            problem(line, "tampered", f"entry_hash does not match the entry's content (entry {seq} was modified)")
         prev = record.get("prev_hash")
         if prev != expected_prev:
             if line == 1 and prev != genesis_hash(kind, owner):
-                problem(
-                    line, "foreign", f"first entry does not start a {kind} chain of {owner!r} (wrong genesis)"
-                )
+                problem(line, "foreign", f"first entry does not start a {kind} chain of {owner!r} (wrong genesis)")
             elif prev in seen_hashes and seen_hashes[prev] != line - 1:
                 problem(
                     line,
@@ -215,8 +205,7 @@ def read_chain(
                 problem(
                     line,
                     "reordered",
-                    f"prev_hash is not the hash of line {line - 1}: "
-                    "entries were removed, inserted or reordered",
+                    f"prev_hash is not the hash of line {line - 1}: entries were removed, inserted or reordered",
                 )
         if public_key is not None:
             sig = record.get("signature")

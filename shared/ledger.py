@@ -42,8 +42,9 @@ ENTRY_FIELDS = (
     "entry_hash",
     "signature",
     "max_epsilon",
+    "seeded_noise",
 )
-OPTIONAL_FIELDS = ("max_epsilon",)  # absent in older entries
+OPTIONAL_FIELDS = ("max_epsilon", "seeded_noise")  # absent in older entries
 ATTESTATION_FIELDS = (
     "site_id",
     "run_id",
@@ -185,6 +186,7 @@ class LedgerEntry:
     entry_hash: str
     signature: str
     max_epsilon: float | None = None  # the site's budget when it trained this round (None: not recorded)
+    seeded_noise: bool = False  # noise and sampling seeded from the run seed: epsilon not valid against the server
 
     def to_record(self) -> dict[str, Any]:
         """The entry as the JSON object stored on its line (``inf`` spelled ``"inf"``)."""
@@ -219,6 +221,7 @@ class LedgerEntry:
                 entry_hash=_typed(record, "entry_hash", str),
                 signature=_typed(record, "signature", str),
                 max_epsilon=None if record.get("max_epsilon") is None else float(record["max_epsilon"]),
+                seeded_noise=bool(record.get("seeded_noise", False)),
             )
         except (PrivacyError, TypeError, ValueError) as e:
             raise LedgerError(f"ledger entry {record.get('seq', '?')} is malformed: {e}") from e
@@ -286,11 +289,7 @@ class SiteLedger:
     def find(self, *, run_id: str, server_round: int, dataset_fingerprint: str) -> LedgerEntry | None:
         """The entry already recorded for this round of this run on this data set, if any (retry / resume)."""
         for e in self._entries:
-            if (
-                e.run_id == run_id
-                and e.round == server_round
-                and e.dataset_fingerprint == dataset_fingerprint
-            ):
+            if e.run_id == run_id and e.round == server_round and e.dataset_fingerprint == dataset_fingerprint:
                 return e
         return None
 
@@ -305,13 +304,16 @@ class SiteLedger:
         delta: float,
         accountant: str,
         max_epsilon: float | None = None,
+        seeded_noise: bool = False,
     ) -> LedgerEntry:
         """Record one trained round, with the cumulative epsilon over this data set's history and ``event``.
 
         Refuses a round already recorded for the same run and data set, so a retried or resumed round is never
         counted twice (use :meth:`find` to get the existing entry back). ``max_epsilon``, the site's budget
         when it decided to train, is recorded so that an audit can show the budget held; a round is recorded
-        even over budget (it was trained: hiding it would be worse).
+        even over budget (it was trained: hiding it would be worse). ``seeded_noise`` marks a round whose DP
+        noise and sampling were seeded from the run's seed (reproducible experiments): its epsilon does not
+        hold against whoever knows that seed, and the audit says so.
         """
         check_delta(delta)
         check_accountant(accountant)
@@ -345,6 +347,7 @@ class SiteLedger:
                 "accountant": accountant,
                 "epsilon": cumulative_epsilon([*history, event], delta=delta, accountant=accountant),
                 "max_epsilon": None if max_epsilon is None else float(max_epsilon),
+                "seeded_noise": bool(seeded_noise),
             }
 
         try:
@@ -403,7 +406,5 @@ def verify_attestation(attestation: Mapping[str, Any], public_key: Ed25519Public
         raise LedgerError(f"{where}: signature does not verify under the site's roster key")
     for f in ATTESTATION_FIELDS:
         if json.loads(canonical_json(attestation[f])) != record.get(f):
-            raise LedgerError(
-                f"{where}: field {f!r} is {attestation[f]!r} but the signed entry says {record.get(f)!r}"
-            )
+            raise LedgerError(f"{where}: field {f!r} is {attestation[f]!r} but the signed entry says {record.get(f)!r}")
     return LedgerEntry.from_record(record)

@@ -34,9 +34,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, *, num_classe
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module, data: Any, *, device: str = "cpu", batch_size: int = 128
-) -> tuple[np.ndarray, float]:
+def predict(model: nn.Module, data: Any, *, device: str = "cpu", batch_size: int = 128) -> tuple[np.ndarray, float]:
     """Logits-argmax predictions and mean cross-entropy of ``model`` on encoded rows."""
     model.to(device)
     was_training = model.training

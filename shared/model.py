@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +66,7 @@ class Encoded:
         return int(self.labels.shape[0])
 
 
-def encode(
-    tokenizer: object, texts: tuple[str, ...] | list[str], labels: np.ndarray, *, max_length: int
-) -> Encoded:
+def encode(tokenizer: object, texts: tuple[str, ...] | list[str], labels: np.ndarray, *, max_length: int) -> Encoded:
     batch = tokenizer(  # type: ignore[operator]
         list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
@@ -92,10 +91,13 @@ def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
     path = resolve_model_path(cfg.model_path)
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we initialise it below
+    hf_logging.disable_progress_bar()
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_labels, local_files_only=True
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 deprecations in peft
+            base = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_labels, local_files_only=True
+            )
     finally:
         hf_logging.set_verbosity(previous)
     lora = LoraConfig(
@@ -106,7 +108,9 @@ def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
         target_modules=cfg.target_modules,
     )
     try:
-        model = get_peft_model(base, lora)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            model = get_peft_model(base, lora)
     except ValueError as e:
         raise ModelError(
             f"lora-target-modules {cfg.target_modules} matched no module of {path}; "
@@ -147,9 +151,7 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 def get_trainable(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     params = dict(model.named_parameters())
-    return OrderedDict(
-        (n, params[n].detach().cpu().numpy().astype(np.float32)) for n in trainable_names(model)
-    )
+    return OrderedDict((n, params[n].detach().cpu().numpy().astype(np.float32)) for n in trainable_names(model))
 
 
 def set_trainable(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -157,16 +159,12 @@ def set_trainable(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     names = trainable_names(model)
     if sorted(arrays) != names:
         missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
-        raise ModelError(
-            f"trainable tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
-        )
+        raise ModelError(f"trainable tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     with torch.no_grad():
         for name in names:
             value = torch.as_tensor(np.asarray(arrays[name]), dtype=params[name].dtype)
             if value.shape != params[name].shape:
-                raise ModelError(
-                    f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}"
-                )
+                raise ModelError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
             params[name].copy_(value)
 
 

@@ -31,7 +31,13 @@ def iid_partitions(num_rows: int, num_partitions: int, *, seed: int) -> list[np.
 
 
 def dirichlet_partitions(
-    labels: np.ndarray, num_partitions: int, *, alpha: float, seed: int, min_rows: int = 8, max_tries: int = 100
+    labels: np.ndarray,
+    num_partitions: int,
+    *,
+    alpha: float,
+    seed: int,
+    min_rows: int = 8,
+    max_tries: int = 100,
 ) -> list[np.ndarray]:
     """Label-skewed parts: each class's rows are split among clients by proportions ~ Dirichlet(alpha).
 

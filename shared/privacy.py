@@ -115,7 +115,13 @@ def compose_epsilon(events: Iterable[DpEvent], *, delta: float, accountant: str 
 
 @lru_cache(maxsize=64)  # a pure function of public numbers, and slow (PRV): same inputs, same answer
 def calibrate_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv", tolerance: float = 0.005
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    tolerance: float = 0.005,
 ) -> float:
     """The smallest noise multiplier (to within ``tolerance``, relative) whose ``steps`` Poisson-sampled steps
     spend at most ``target_epsilon``: bisection on the accountant's epsilon, bracketed by the fast RDP answer
@@ -154,8 +160,6 @@ def calibrate_noise_multiplier(
     return high
 
 
-def epsilon_after(
-    history: Sequence[DpEvent], planned: DpEvent, *, delta: float, accountant: str = "prv"
-) -> float:
+def epsilon_after(history: Sequence[DpEvent], planned: DpEvent, *, delta: float, accountant: str = "prv") -> float:
     """Epsilon the site would have spent after ``planned`` on top of ``history``: the budget check's number."""
     return compose_epsilon([*history, planned], delta=delta, accountant=accountant)

@@ -8,16 +8,15 @@ temp dir that is removed afterwards, one progress line per round, and no process
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
+from shared.log import configure_logging
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,19 +40,6 @@ def offline_environment() -> None:
     os.environ.update(FLOWER_ENV)
 
 
-def configure_logging(verbose: bool) -> None:
-    """Our one line per round on stdout; Flower's and Ray's own logs only when they warn."""
-    ours = logging.getLogger("privatune")
-    if not ours.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-
-
 def run_simulation(
     overrides: Mapping[str, Any], *, num_clients: int, cpus_per_client: float = 1.0, verbose: bool = False
 ) -> Path:
@@ -64,7 +50,7 @@ def run_simulation(
         raise ValueError(f"num_clients={num_clients} is below min-train-nodes={cfg.min_train_nodes}")
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise RuntimeError(f"{PROJECT_ROOT} has no pyproject.toml: install PrivaTune editable (pip install -e .)")
-    configure_logging(verbose)
+    configure_logging(verbose=verbose)
 
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -96,7 +82,7 @@ def run_simulation(
         "init_args": {
             "num_cpus": cpus,
             "logging_level": "WARNING" if verbose else "ERROR",
-            "log_to_driver": True,
+            "log_to_driver": verbose,
             "_temp_dir": str(scratch / "ray"),
         },
     }

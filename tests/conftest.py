@@ -60,7 +60,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(str(out))
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path("builtin:all-minilm-l6-v2")), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(resolve_model_path("builtin:all-minilm-l6-v2")), local_files_only=True
+    )
     tokenizer.save_pretrained(str(out))
     return out
 

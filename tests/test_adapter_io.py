@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -25,7 +26,12 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_the_same_predictions(tiny
     loaded = PeftModel.from_pretrained(base, str(out)).eval()
     model.eval()
     rows = make_rows(16, seed=9)
-    data = encode(AutoTokenizer.from_pretrained(tiny_config.model_path), [t for t, _ in rows], np.zeros(16), max_length=16)
+    data = encode(
+        AutoTokenizer.from_pretrained(tiny_config.model_path),
+        [t for t, _ in rows],
+        np.zeros(16),
+        max_length=16,
+    )
     with torch.no_grad():
         ours = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
         theirs = loaded(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
@@ -36,8 +42,6 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_the_same_predictions(tiny
 def test_json_is_written_atomically_and_rejects_nan(tmp_path):
     path = tmp_path / "m.json"
     write_json_atomic(path, {"a": 1})
-    try:
+    with pytest.raises(ValueError):
         write_json_atomic(path, {"a": float("nan")})
-    except ValueError:
-        pass
     assert json.loads(path.read_text()) == {"a": 1}  # the old file survives a failed write

@@ -245,9 +245,8 @@ def test_a_signed_entry_with_a_wrong_epsilon_fails_the_recomputation(tmp_path, c
     )
 
     assert status == 1
-    assert (
-        "site-a ledger line 1 [epsilon]: entry 0 (run r, round 1): recorded epsilon 0.1000 but its 1 events"
-        in (capsys.readouterr().err)
+    assert "site-a ledger line 1 [epsilon]: entry 0 (run r, round 1): recorded epsilon 0.1000 but its 1 events" in (
+        capsys.readouterr().err
     )
 
 
@@ -333,9 +332,7 @@ def test_the_report_is_written_even_when_the_audit_fails(fed, tmp_path):
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["verdict"] == "FAILED"
-    assert {"subject": "site-0 ledger", "kind": "tampered", "line": 2}.items() <= report["findings"][
-        0
-    ].items()
+    assert {"subject": "site-0 ledger", "kind": "tampered", "line": 2}.items() <= report["findings"][0].items()
     assert "FAILED" in (tmp_path / "out" / "report.html").read_text()
 
 
@@ -353,9 +350,7 @@ def test_the_ledgers_are_never_rewritten_by_the_audit(fed, tmp_path):
 
 
 def test_missing_roster_is_a_usage_error(tmp_path, capsys):
-    status = audit_main(
-        ["--ledger", "x.jsonl", "--site-id", "a", "--roster", str(tmp_path / "no.json"), "--out", "o"]
-    )
+    status = audit_main(["--ledger", "x.jsonl", "--site-id", "a", "--roster", str(tmp_path / "no.json"), "--out", "o"])
 
     assert status == 2
     assert "privatune audit: error: roster not found" in capsys.readouterr().err
@@ -404,7 +399,36 @@ def test_a_budget_given_on_the_command_line_is_checked(tmp_path, capsys):
     ]
 
     assert audit_main([*args, "--out", str(tmp_path / "a"), "--no-cross-check", "--budget", "100"]) == 0
-    assert (
-        audit_main([*args, "--out", str(tmp_path / "b"), "--no-cross-check", "--budget", "site-a=0.1"]) == 1
-    )
+    assert audit_main([*args, "--out", str(tmp_path / "b"), "--no-cross-check", "--budget", "site-a=0.1"]) == 1
     assert "over the site's budget max_epsilon=0.1" in capsys.readouterr().err
+
+
+def test_rounds_with_seeded_noise_are_flagged_in_the_guarantee(tmp_path, capsys):
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "roster.json").write_text(Roster({"site-a": key.public_key()}).to_json())
+    ledger = SiteLedger(tmp_path / "ledger.jsonl", site_id="site-a", signing_key=key)
+    ledger.append(
+        run_id="r",
+        server_round=1,
+        adapter_hash="sha256:00",
+        dataset_fingerprint="sha256:ab:rows=1",
+        event=EVENT,
+        delta=1e-5,
+        accountant="rdp",
+        seeded_noise=True,
+    )
+    args = [
+        "--ledger",
+        str(tmp_path / "ledger.jsonl"),
+        "--site-id",
+        "site-a",
+        "--roster",
+        str(tmp_path / "roster.json"),
+    ]
+
+    status = audit_main([*args, "--out", str(tmp_path / "out"), "--no-cross-check"])
+
+    guarantee = json.loads((tmp_path / "out" / "report.json").read_text())["guarantee"]
+    assert status == 0  # a warning: the run was honest about it
+    assert "WARNING site-a ledger line 1 [seeded-noise]" in capsys.readouterr().err
+    assert any("1 of its rounds drew their DP noise and sampling from the run's seed" in s for s in guarantee)

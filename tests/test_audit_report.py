@@ -47,9 +47,7 @@ def test_integer_axes_get_integer_ticks():
 
 def test_html_escapes_values_from_the_files(tmp_path):
     evil = "<img src=x onerror=alert(1)>"
-    run = run_section(
-        None, {"run_id": evil, "rounds": [{"round": 1, "test": {"accuracy": 0.7}}]}, tmp_path, None
-    )
+    run = run_section(None, {"run_id": evil, "rounds": [{"round": 1, "test": {"accuracy": 0.7}}]}, tmp_path, None)
 
     page = render_html(build_report(sites=[], runs=[run], findings=[]))
 

@@ -88,9 +88,7 @@ def test_delta_outside_0_1_is_an_error(delta):
 
 @pytest.mark.parametrize("max_epsilon", [0.0, -1.0])
 def test_non_positive_budget_is_an_error(max_epsilon):
-    with pytest.raises(
-        PrivacyError, match=rf"max_epsilon must be > 0 \(inf for no budget\), got {max_epsilon}"
-    ):
+    with pytest.raises(PrivacyError, match=rf"max_epsilon must be > 0 \(inf for no budget\), got {max_epsilon}"):
         decide([], ROUND, max_epsilon=max_epsilon, delta=DELTA, accountant="rdp")
 
 

@@ -36,15 +36,11 @@ def _randomized_response_scores(included: np.ndarray, epsilon: float, seed: int)
 
 
 def test_canaries_are_reproducible_from_the_seed():
-    assert make_canaries(20, num_sites=3, num_labels=2, seed=7) == make_canaries(
-        20, num_sites=3, num_labels=2, seed=7
-    )
+    assert make_canaries(20, num_sites=3, num_labels=2, seed=7) == make_canaries(20, num_sites=3, num_labels=2, seed=7)
 
 
 def test_canaries_differ_with_the_seed():
-    assert make_canaries(20, num_sites=3, num_labels=2, seed=7) != make_canaries(
-        20, num_sites=3, num_labels=2, seed=8
-    )
+    assert make_canaries(20, num_sites=3, num_labels=2, seed=7) != make_canaries(20, num_sites=3, num_labels=2, seed=8)
 
 
 def test_each_canary_is_included_with_probability_one_half_at_a_random_site():
@@ -134,8 +130,7 @@ def test_bound_stays_below_the_epsilon_of_an_epsilon_dp_mechanism(epsilon):
 def test_bound_from_many_dp_runs_exceeds_the_claim_at_most_at_the_confidence_level():
     included = _membership(3, m=200)
     over = sum(
-        one_run_audit(_randomized_response_scores(included, 1.0, seed=s), included, delta=DELTA).epsilon_lower
-        > 1.0
+        one_run_audit(_randomized_response_scores(included, 1.0, seed=s), included, delta=DELTA).epsilon_lower > 1.0
         for s in range(100)
     )
 

@@ -79,9 +79,7 @@ def _local_round(global_model: nn.Linear, rows, *, noise_multiplier: float) -> t
                     break
     new = model._module.state_dict()
     update = {k: new[k] - v for k, v in global_model.state_dict().items()}
-    event = DpEvent(
-        sample_rate=BATCH / len(rows), noise_multiplier=noise_multiplier, steps=STEPS, clip_norm=CLIP
-    )
+    event = DpEvent(sample_rate=BATCH / len(rows), noise_multiplier=noise_multiplier, steps=STEPS, clip_norm=CLIP)
     return update, event
 
 

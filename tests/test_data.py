@@ -42,8 +42,14 @@ def test_custom_column_names(tmp_path):
         (lambda p: (p / "d.txt").write_text("x") and p / "d.txt", "must end in one of"),
         (lambda p: (p / "e.csv").write_text("") or p / "e.csv", "is empty"),
         (lambda p: (p / "h.csv").write_text("text,label\n") and p / "h.csv", "has no rows"),
-        (lambda p: write_csv(p / "c.csv", [("a", "fresh")], header="body,label"), "text-column 'text' not found"),
-        (lambda p: write_csv(p / "c.csv", [("a", "fresh")], header="text,y"), "label-column 'label' not found"),
+        (
+            lambda p: write_csv(p / "c.csv", [("a", "fresh")], header="body,label"),
+            "text-column 'text' not found",
+        ),
+        (
+            lambda p: write_csv(p / "c.csv", [("a", "fresh")], header="text,y"),
+            "label-column 'label' not found",
+        ),
         (lambda p: write_csv(p / "u.csv", [("a", "fresh"), ("b", "meh")]), "unknown label(s) ['meh']"),
         (lambda p: write_csv(p / "n.csv", [("a", "fresh"), ("b", "")]), "row 2 has no label"),
         (lambda p: write_csv(p / "t.csv", [("a", "fresh"), (" ", "rotten")]), "row 2 has an empty"),

@@ -164,6 +164,16 @@ def test_the_budget_in_force_is_recorded_with_the_entry(tmp_path, key):
     assert [e.max_epsilon for e in entries] == [3.0, float("inf")]
 
 
+def test_seeded_noise_is_recorded_with_the_entry(tmp_path, key):
+    ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=key)
+    _append(ledger)
+    _append(ledger, server_round=2, seeded_noise=True)
+
+    entries = SiteLedger(tmp_path / "l.jsonl", site_id="site-0").entries()
+
+    assert [e.seeded_noise for e in entries] == [False, True]
+
+
 def test_a_non_positive_budget_is_not_recorded(tmp_path, key):
     ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=key)
 

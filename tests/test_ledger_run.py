@@ -105,9 +105,7 @@ def test_attestation_for_another_round_is_rejected(tmp_path, keys, roster):
 
 
 def test_attestation_from_a_site_not_in_the_roster_is_rejected(tmp_path, keys):
-    run = RunLedger(
-        tmp_path / "run_ledger.jsonl", "run-a", roster=Roster({"site-1": keys["site-1"].public_key()})
-    )
+    run = RunLedger(tmp_path / "run_ledger.jsonl", "run-a", roster=Roster({"site-1": keys["site-1"].public_key()}))
 
     with pytest.raises(LedgerError, match="site 'site-0' is not in the roster"):
         _record(run, 1, {"site-0": _attestation(tmp_path, keys)})

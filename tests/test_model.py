@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from shared.model import ModelError, build_model, flatten, get_trainable, set_trainable, trainable_names, unflatten
+from shared.model import (
+    ModelError,
+    build_model,
+    flatten,
+    get_trainable,
+    set_trainable,
+    trainable_names,
+    unflatten,
+)
 
 
 def _lora_weights(model) -> dict[str, torch.Tensor]:

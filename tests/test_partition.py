@@ -53,7 +53,9 @@ def test_train_test_split_holds_out_rows_no_client_sees():
         (lambda: dirichlet_partitions(np.zeros(100), 5, alpha=0.0, seed=0), "alpha must be > 0"),
         (lambda: train_test_split(10, test_fraction=1.0, seed=0), "test_fraction must be in (0, 1)"),
         (
-            lambda: federated_split(np.zeros(50), num_partitions=2, partitioning="x", alpha=1, test_fraction=0.2, seed=0),
+            lambda: federated_split(
+                np.zeros(50), num_partitions=2, partitioning="x", alpha=1, test_fraction=0.2, seed=0
+            ),
             "partitioning must be 'iid' or 'dirichlet'",
         ),
     ],

@@ -12,9 +12,7 @@ from shared.secagg import crypto
 
 def test_hkdf_matches_rfc5869_test_case_3() -> None:
     okm = crypto.hkdf(b"\x0b" * 22, info=b"", length=42)  # no salt = zero-length salt in RFC 5869
-    assert okm.hex() == (
-        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
-    )
+    assert okm.hex() == ("8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8")
 
 
 def test_keystream_equals_aes_of_the_counter_blocks() -> None:

@@ -75,9 +75,7 @@ class InProcessGrid(Grid):
         return self._run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:  # type: ignore[no-untyped-def]
-        return Message(
-            content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl
-        )
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
@@ -108,12 +106,8 @@ class InProcessGrid(Grid):
         return replies
 
 
-def make_app(
-    sim_dir: Path, updates: dict[int, np.ndarray], *, decline: frozenset[int] = frozenset()
-) -> ClientApp:
-    app = ClientApp(
-        mods=[make_secagg_mod(lambda ctx: site_from_node_config(ctx.node_config, sim_dir=sim_dir))]
-    )
+def make_app(sim_dir: Path, updates: dict[int, np.ndarray], *, decline: frozenset[int] = frozenset()) -> ClientApp:
+    app = ClientApp(mods=[make_secagg_mod(lambda ctx: site_from_node_config(ctx.node_config, sim_dir=sim_dir))])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -121,17 +115,13 @@ def make_app(
         assert C.GLOBAL_RECORD in msg.content.array_records
         nid = context.node_id
         if nid in decline:
-            return Message(
-                RecordDict({C.DECLINE_RECORD: ConfigRecord({"reason": "budget spent"})}), reply_to=msg
-            )
+            return Message(RecordDict({C.DECLINE_RECORD: ConfigRecord({"reason": "budget spent"})}), reply_to=msg)
         return Message(
             RecordDict(
                 {
                     C.UPDATE_RECORD: ArrayRecord({C.UPDATE_ARRAY: Array(updates[nid])}),
                     C.METRICS_RECORD: MetricRecord({C.METRIC_TRAIN_LOSS: 0.5, C.METRIC_EPSILON: 1.25}),
-                    C.DP_EVENT_RECORD: ConfigRecord(
-                        {"steps": 4, "site-id": f"site-{sorted(updates).index(nid)}"}
-                    ),
+                    C.DP_EVENT_RECORD: ConfigRecord({"steps": 4, "site-id": f"site-{sorted(updates).index(nid)}"}),
                 }
             ),
             reply_to=msg,
@@ -271,11 +261,7 @@ def test_a_key_swapped_by_the_server_is_detected_through_flower(tmp_path: Path) 
 
     def swap(msg: Message) -> None:
         record = msg.content.config_records.get(K.SECAGG_RECORD)
-        if (
-            msg.metadata.dst_node_id == victim
-            and record is not None
-            and record[K.KEY_STAGE] == K.STAGE_SHARE_KEYS
-        ):
+        if msg.metadata.dst_node_id == victim and record is not None and record[K.KEY_STAGE] == K.STAGE_SHARE_KEYS:
             keys = list(record[K.KEY_ADVERT_MASK_KEYS])  # type: ignore[arg-type]
             keys[0] = bytes(32 * [9])
             record[K.KEY_ADVERT_MASK_KEYS] = keys
@@ -322,9 +308,7 @@ def test_a_site_requiring_secagg_refuses_a_plain_train_message(tmp_path: Path) -
 
 
 def test_require_secagg_must_be_a_boolean() -> None:
-    with pytest.raises(
-        SiteConfigError, match="node config 'require-secagg' must be true or false, got 'maybe'"
-    ):
+    with pytest.raises(SiteConfigError, match="node config 'require-secagg' must be true or false, got 'maybe'"):
         requires_secagg({K.NODE_REQUIRE_SECAGG: "maybe"})
     assert requires_secagg({K.NODE_REQUIRE_SECAGG: "true"}) and not requires_secagg({})
 
@@ -357,18 +341,14 @@ def test_settings_come_from_the_run_config() -> None:
 def test_the_workflow_hands_every_received_vector_straight_to_the_sum() -> None:
     tree = ast.parse(inspect.getsource(workflow))
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    numpy_calls = [
-        n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith(".numpy")
-    ]
+    numpy_calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith(".numpy")]
     assert numpy_calls, "the workflow must read the masked vector somewhere"
     for call in numpy_calls:
         node: ast.AST = call
         while not (isinstance(node, ast.Call) and ast.unparse(node.func) == "server.add_masked_input"):
             assert node in parents, f"{ast.unparse(call)} is used outside server.add_masked_input"
             node = parents[node]
-            assert not isinstance(node, (ast.Assign, ast.stmt)), (
-                f"{ast.unparse(call)} is stored: {ast.unparse(node)}"
-            )
+            assert not isinstance(node, (ast.Assign, ast.stmt)), f"{ast.unparse(call)} is stored: {ast.unparse(node)}"
     decodes = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and "decode" in ast.unparse(n.func)]
     assert decodes == [], "only SecAggServer decodes, and only the total"
 
@@ -379,9 +359,7 @@ def test_an_error_reply_is_a_dropout_not_a_crash(tmp_path: Path) -> None:
     app = make_app(tmp_path, updates)
 
     class Flaky(InProcessGrid):
-        def send_and_receive(
-            self, messages: Iterable[Message], *, timeout: float | None = None
-        ) -> list[Message]:
+        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
             out = super().send_and_receive(messages, timeout=timeout)
             return [
                 Message(Error(code=2, reason="boom"), reply_to=r) if r.metadata.src_node_id == broken else r
@@ -423,17 +401,13 @@ def _simulate(cfg, num_sites: int) -> dict:  # type: ignore[no-untyped-def]
         )
         for i in range(num_sites)
     }
-    server_context = Context(
-        run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower()
-    )
+    server_context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
     server_app.app(InProcessGrid(app, contexts), server_context)
     return json.loads((cfg.run_dir(str(run_id)) / "metrics.json").read_text())
 
 
 @pytest.mark.slow
-def test_the_simulation_learns_the_same_with_secure_and_plain_aggregation(
-    tiny_config, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+def test_the_simulation_learns_the_same_with_secure_and_plain_aggregation(tiny_config, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
     runs = {}

@@ -86,12 +86,8 @@ def test_weights_are_summed_into_total_weight(tmp_path: Path) -> None:
 def test_an_update_over_the_clip_bound_is_refused(tmp_path: Path) -> None:
     server, clients, updates = setup_round(tmp_path, 4)
     victim = min(updates)
-    with pytest.raises(
-        ValueError, match="update L2 norm 5 exceeds clip_norm \\* weight = 1; clip before masking"
-    ):
-        run_round(
-            server, clients, lambda n: updates[n] if n != victim else np.full(DIM, 5 / DIM**0.5, np.float32)
-        )
+    with pytest.raises(ValueError, match="update L2 norm 5 exceeds clip_norm \\* weight = 1; clip before masking"):
+        run_round(server, clients, lambda n: updates[n] if n != victim else np.full(DIM, 5 / DIM**0.5, np.float32))
 
 
 # --- masked vectors look uniform -----------------------------------------------------------------------
@@ -180,12 +176,8 @@ def test_too_few_unmask_replies_abort_without_a_result(tmp_path: Path) -> None:
 
 def test_too_few_keys_advertised_abort_the_round(tmp_path: Path) -> None:
     server, clients, updates = setup_round(tmp_path, 6)
-    with pytest.raises(
-        SecAggAbort, match="after advertise-keys, node .* has 3 members left, below threshold 4"
-    ):
-        run_round(
-            server, clients, updates.__getitem__, drop={K.STAGE_ADVERTISE_KEYS: set(sorted(updates)[:3])}
-        )
+    with pytest.raises(SecAggAbort, match="after advertise-keys, node .* has 3 members left, below threshold 4"):
+        run_round(server, clients, updates.__getitem__, drop={K.STAGE_ADVERTISE_KEYS: set(sorted(updates)[:3])})
 
 
 def test_one_thin_neighbourhood_aborts_the_round_even_if_most_survive(tmp_path: Path) -> None:
@@ -223,9 +215,7 @@ def test_a_site_id_swapped_by_the_server_is_detected(tmp_path: Path) -> None:
     _, clients, requests = _advance_to_share_keys(tmp_path)
     victim, req = next(iter(requests.items()))
     a, b = req.adverts[0], req.adverts[1]
-    swapped = replace(
-        req, adverts=(replace(a, site_id=b.site_id), replace(b, site_id=a.site_id), *req.adverts[2:])
-    )
+    swapped = replace(req, adverts=(replace(a, site_id=b.site_id), replace(b, site_id=a.site_id), *req.adverts[2:]))
     with pytest.raises(SecAggProtocolError, match="are not signed by that site"):
         clients[victim].share_keys(swapped)
 
@@ -257,18 +247,14 @@ def test_a_repeated_round_is_refused(tmp_path: Path) -> None:
     server, clients, _ = setup_round(tmp_path, 4)
     client = next(iter(clients.values()))
     client.advertise_keys(server.params)
-    with pytest.raises(
-        SecAggProtocolError, match="round 1 of run 'run-a' is not after the last round it set up"
-    ):
+    with pytest.raises(SecAggProtocolError, match="round 1 of run 'run-a' is not after the last round it set up"):
         client.advertise_keys(server.params)
 
 
 def test_a_stage_message_from_another_round_is_rejected(tmp_path: Path) -> None:
     _, clients, requests = _advance_to_share_keys(tmp_path)
     victim, req = next(iter(requests.items()))
-    with pytest.raises(
-        SecAggProtocolError, match="message for run 'run-a' round 7 replayed into run 'run-a' round 1"
-    ):
+    with pytest.raises(SecAggProtocolError, match="message for run 'run-a' round 7 replayed into run 'run-a' round 1"):
         clients[victim].share_keys(replace(req, server_round=7))
 
 
@@ -279,15 +265,11 @@ def test_a_share_ciphertext_replayed_from_another_round_fails_to_decrypt(tmp_pat
     server2, _, _ = setup_round(tmp_path, 4, server_round=2)
     p = server2.advertise_request()
     server2.receive_adverts({n: c.advertise_keys(p) for n, c in clients1.items()})
-    server2.receive_encrypted_shares(
-        {n: clients1[n].share_keys(r) for n, r in server2.share_keys_requests().items()}
-    )
+    server2.receive_encrypted_shares({n: clients1[n].share_keys(r) for n, r in server2.share_keys_requests().items()})
     victim, req = next(iter(server2.masked_input_requests().items()))
     src = req.src_node_ids[0]
     replayed = replace(req, ciphertexts=(old_ct[victim][src], *req.ciphertexts[1:]))
-    with pytest.raises(
-        SecAggProtocolError, match=f"shares from node {src} rejected: ciphertext does not decrypt"
-    ):
+    with pytest.raises(SecAggProtocolError, match=f"shares from node {src} rejected: ciphertext does not decrypt"):
         clients1[victim].receive_shares(replayed)
 
 
@@ -295,25 +277,19 @@ def test_a_client_never_gives_both_share_kinds_for_one_peer(tmp_path: Path) -> N
     server, clients, updates = setup_round(tmp_path, 4)
     p = server.advertise_request()
     server.receive_adverts({n: c.advertise_keys(p) for n, c in clients.items()})
-    server.receive_encrypted_shares(
-        {n: clients[n].share_keys(r) for n, r in server.share_keys_requests().items()}
-    )
+    server.receive_encrypted_shares({n: clients[n].share_keys(r) for n, r in server.share_keys_requests().items()})
     for n, r in server.masked_input_requests().items():
         clients[n].receive_shares(r)
         clients[n].mask_input(updates[n])
     ids = sorted(clients)
     me, peer = ids[0], ids[1]
     both = UnmaskRequest(run_id="run-a", server_round=1, survivors=(me, peer), dropped=(peer,))
-    with pytest.raises(
-        SecAggProtocolError, match=f"nodes \\[{peer}\\] are listed as both survivor and dropped"
-    ):
+    with pytest.raises(SecAggProtocolError, match=f"nodes \\[{peer}\\] are listed as both survivor and dropped"):
         clients[me].unmask(both)
     first = UnmaskRequest(run_id="run-a", server_round=1, survivors=tuple(ids), dropped=())
     assert peer in clients[me].unmask(first).seed_owner_ids
     second = UnmaskRequest(run_id="run-a", server_round=1, survivors=tuple(ids[:3]), dropped=(ids[3],))
-    with pytest.raises(
-        SecAggProtocolError, match="stage out of order: in phase 'unmasked', expected 'masked'"
-    ):
+    with pytest.raises(SecAggProtocolError, match="stage out of order: in phase 'unmasked', expected 'masked'"):
         clients[me].unmask(second)
 
 
@@ -321,19 +297,13 @@ def test_a_client_refuses_to_unmask_a_neighbourhood_below_threshold(tmp_path: Pa
     server, clients, updates = setup_round(tmp_path, 4)  # m = 4, t = 3
     p = server.advertise_request()
     server.receive_adverts({n: c.advertise_keys(p) for n, c in clients.items()})
-    server.receive_encrypted_shares(
-        {n: clients[n].share_keys(r) for n, r in server.share_keys_requests().items()}
-    )
+    server.receive_encrypted_shares({n: clients[n].share_keys(r) for n, r in server.share_keys_requests().items()})
     for n, r in server.masked_input_requests().items():
         clients[n].receive_shares(r)
         clients[n].mask_input(updates[n])
     ids = sorted(clients)
-    lying = UnmaskRequest(
-        run_id="run-a", server_round=1, survivors=(ids[0], ids[1]), dropped=(ids[2], ids[3])
-    )
-    with pytest.raises(
-        SecAggProtocolError, match="only 2 of its neighbourhood survived, below the threshold 3"
-    ):
+    lying = UnmaskRequest(run_id="run-a", server_round=1, survivors=(ids[0], ids[1]), dropped=(ids[2], ids[3]))
+    with pytest.raises(SecAggProtocolError, match="only 2 of its neighbourhood survived, below the threshold 3"):
         clients[ids[0]].unmask(lying)
 
 
@@ -341,9 +311,7 @@ def test_shares_relayed_from_a_non_neighbour_are_refused(tmp_path: Path) -> None
     server, clients, _ = setup_round(tmp_path, 4)
     p = server.advertise_request()
     server.receive_adverts({n: c.advertise_keys(p) for n, c in clients.items()})
-    server.receive_encrypted_shares(
-        {n: clients[n].share_keys(r) for n, r in server.share_keys_requests().items()}
-    )
+    server.receive_encrypted_shares({n: clients[n].share_keys(r) for n, r in server.share_keys_requests().items()})
     victim, req = next(iter(server.masked_input_requests().items()))
     forged = MaskedInputRequest(
         run_id="run-a",
@@ -370,9 +338,7 @@ def test_default_degree_and_threshold() -> None:
 
 
 def test_round_params_reject_a_threshold_that_lets_the_server_unmask_someone() -> None:
-    with pytest.raises(
-        SecAggMessageError, match="must satisfy 2 <= t <= m and 2t > m .* m = 6 holders, got t = 3"
-    ):
+    with pytest.raises(SecAggMessageError, match="must satisfy 2 <= t <= m and 2t > m .* m = 6 holders, got t = 3"):
         RoundParams(
             run_id="r", server_round=1, node_ids=(1, 2, 3, 4, 5, 6), degree=5, threshold=3,
             clip_norm=1.0, max_weight=1.0, max_clients=10,
@@ -380,9 +346,7 @@ def test_round_params_reject_a_threshold_that_lets_the_server_unmask_someone() -
 
 
 def test_round_params_reject_a_degree_the_graph_cannot_have() -> None:
-    with pytest.raises(
-        SecAggMessageError, match="degree 3 is not a valid degree for 10 nodes \\(it would be 4\\)"
-    ):
+    with pytest.raises(SecAggMessageError, match="degree 3 is not a valid degree for 10 nodes \\(it would be 4\\)"):
         RoundParams(
             run_id="r", server_round=1, node_ids=tuple(range(1, 11)), degree=3, threshold=3,
             clip_norm=1.0, max_weight=1.0, max_clients=10,
@@ -396,22 +360,16 @@ def test_round_params_roundtrip_through_a_config() -> None:
 
 
 def test_a_message_with_a_missing_key_is_rejected() -> None:
-    cfg = RoundParams.for_round(
-        SecAggSettings(clip_norm=1.0), run_id="r", server_round=1, node_ids=[1, 2]
-    ).to_config()
+    cfg = RoundParams.for_round(SecAggSettings(clip_norm=1.0), run_id="r", server_round=1, node_ids=[1, 2]).to_config()
     del cfg[K.KEY_THRESHOLD]
     with pytest.raises(SecAggMessageError, match="secagg message has no 'threshold'"):
         RoundParams.from_config(cfg)
 
 
 def test_a_message_with_a_wrong_type_is_rejected() -> None:
-    cfg = RoundParams.for_round(
-        SecAggSettings(clip_norm=1.0), run_id="r", server_round=1, node_ids=[1, 2]
-    ).to_config()
+    cfg = RoundParams.for_round(SecAggSettings(clip_norm=1.0), run_id="r", server_round=1, node_ids=[1, 2]).to_config()
     cfg[K.KEY_SERVER_ROUND] = "1"
-    with pytest.raises(
-        SecAggMessageError, match="secagg message field 'server-round' must be an int, got '1'"
-    ):
+    with pytest.raises(SecAggMessageError, match="secagg message field 'server-round' must be an int, got '1'"):
         RoundParams.from_config(cfg)
 
 
@@ -422,9 +380,7 @@ def test_a_message_of_another_stage_is_rejected() -> None:
 
 
 def test_lists_of_unequal_length_are_rejected() -> None:
-    cfg = MaskedInputRequest(
-        run_id="r", server_round=1, src_node_ids=(1, 2), ciphertexts=(b"a", b"b")
-    ).to_config()
+    cfg = MaskedInputRequest(run_id="r", server_round=1, src_node_ids=(1, 2), ciphertexts=(b"a", b"b")).to_config()
     cfg[K.KEY_CIPHERTEXTS] = [b"a"]
     with pytest.raises(SecAggMessageError, match="secagg message lists must have equal lengths"):
         MaskedInputRequest.from_config(cfg)

@@ -88,18 +88,12 @@ def test_the_running_sum_is_the_only_vector_attribute() -> None:
 
 def test_unmasking_only_subtracts_mask_streams_and_decodes_once() -> None:
     fn = METHODS["receive_unmask_shares"]
-    applies = [
-        ast.unparse(n)
-        for n in ast.walk(fn)
-        if isinstance(n, ast.Call) and ast.unparse(n.func) == "masks.apply"
-    ]
+    applies = [ast.unparse(n) for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "masks.apply"]
     assert len(applies) == 2
     assert all(a.startswith("masks.apply(total, ") for a in applies)
     assert "masks.self_mask(" in applies[0] or "masks.self_mask(" in applies[1]
     decodes = [
-        n
-        for n in ast.walk(SERVER_CLASS)
-        if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("decode_sum")
+        n for n in ast.walk(SERVER_CLASS) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("decode_sum")
     ]
     assert len(decodes) == 1 and ast.unparse(decodes[0]) == "fp.decode_sum(total, count=len(alive))"
 
@@ -165,6 +159,4 @@ def test_a_live_round_never_leaves_an_unmasked_input_on_the_server(tmp_path: Pat
     assert len(big) == 1 and big[0] is server.result().total  # after unmasking: only the total
     r = server.result()
     assert len(r.survivors) == 4
-    assert (
-        np.max(np.abs(r.total - sum(updates[n].astype(np.float64) for n in r.survivors))) <= 4 * r.resolution
-    )
+    assert np.max(np.abs(r.total - sum(updates[n].astype(np.float64) for n in r.survivors))) <= 4 * r.resolution

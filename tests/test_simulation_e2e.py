@@ -2,9 +2,7 @@
 
 import json
 
-import numpy as np
 import pytest
-import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
@@ -19,8 +17,17 @@ pytestmark = pytest.mark.slow
 
 
 def _overrides(tiny_config, **extra):
-    keys = ["model-path", "data-path", "labels", "max-length", "batch-size", "local-steps", "max-test-examples",
-            "learning-rate", "output-dir"]
+    keys = [
+        "model-path",
+        "data-path",
+        "labels",
+        "max-length",
+        "batch-size",
+        "local-steps",
+        "max-test-examples",
+        "learning-rate",
+        "output-dir",
+    ]
     flat = tiny_config.to_flower()
     return {**{k: flat[k] for k in keys}, "num-server-rounds": 2, **extra}
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from client.train import train_round
-from shared.model import build_model, encode, flatten, get_trainable, trainable_names
+from shared.model import build_model, encode, flatten, get_trainable
 from tests.conftest import make_rows
 
 
@@ -99,7 +99,15 @@ def test_dp_training_clips_and_noises_and_records_the_event_opacus_accounted(tin
     model = build_model(tiny_config, 2)
     before = flatten(get_trainable(model))
     result = train_round(
-        model, data, steps=3, batch_size=8, learning_rate=0.1, dp=True, noise_multiplier=1.3, max_grad_norm=0.7, seed=1
+        model,
+        data,
+        steps=3,
+        batch_size=8,
+        learning_rate=0.1,
+        dp=True,
+        noise_multiplier=1.3,
+        max_grad_norm=0.7,
+        seed=1,
     )
     assert result.event is not None
     assert (result.event.sample_rate, result.event.noise_multiplier) == (pytest.approx(8 / 24), 1.3)
@@ -113,7 +121,15 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_config):
     model = build_model(tiny_config, 2)
     # sample rate 1/40: many of the 5 batches are empty; every step must still be taken and accounted
     result = train_round(
-        model, data, steps=5, batch_size=1, learning_rate=0.1, dp=True, noise_multiplier=1.0, max_grad_norm=1.0, seed=3
+        model,
+        data,
+        steps=5,
+        batch_size=1,
+        learning_rate=0.1,
+        dp=True,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        seed=3,
     )
     assert result.event is not None and result.event.steps == 5
     assert result.empty_batches >= 1

@@ -16,9 +16,7 @@ from shared.privacy import DpEvent, check_delta
 PLD_DISCRETIZATION = 1e-3  # dp-accounting's value_discretization_interval; its pessimistic estimate
 
 
-def pld_epsilon(
-    events: Iterable[DpEvent], *, delta: float, discretization: float = PLD_DISCRETIZATION
-) -> float:
+def pld_epsilon(events: Iterable[DpEvent], *, delta: float, discretization: float = PLD_DISCRETIZATION) -> float:
     """Epsilon at ``delta`` of the composition of Poisson-sampled Gaussian ``events``, (dp-accounting PLD)."""
     check_delta(delta)
     try:
@@ -33,8 +31,6 @@ def pld_epsilon(
         return math.inf
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=discretization)
     for e in steps:
-        mechanism = dp_event.PoissonSampledDpEvent(
-            e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)
-        )
+        mechanism = dp_event.PoissonSampledDpEvent(e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier))
         accountant.compose(mechanism, e.steps)
     return float(accountant.get_epsilon(delta))

@@ -46,13 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and write report.html and report.json.",
     )
     p.add_argument("--sim-dir", type=Path, help="a simulation's sites directory (roster.json, sites/<id>/)")
-    p.add_argument(
-        "--ledger", type=Path, action="append", default=[], help="a site ledger (repeat with --site-id)"
-    )
+    p.add_argument("--ledger", type=Path, action="append", default=[], help="a site ledger (repeat with --site-id)")
     p.add_argument("--site-id", action="append", default=[], help="the site id of the matching --ledger")
-    p.add_argument(
-        "--roster", type=Path, help="roster.json of site public keys (default: <sim-dir>/roster.json)"
-    )
+    p.add_argument("--roster", type=Path, help="roster.json of site public keys (default: <sim-dir>/roster.json)")
     p.add_argument(
         "--run-dir",
         type=Path,
@@ -88,9 +84,7 @@ def parse_budgets(values: Sequence[str], site_ids: Sequence[str]) -> dict[str, f
         if not value > 0:
             raise AuditInputError(f"--budget must be > 0, got {raw!r}")
         if site and site not in site_ids:
-            raise AuditInputError(
-                f"--budget names site {site!r}, which is not audited ({', '.join(site_ids)})"
-            )
+            raise AuditInputError(f"--budget names site {site!r}, which is not audited ({', '.join(site_ids)})")
         for s in [site] if site else site_ids:
             budgets[s] = value
     return budgets
@@ -105,9 +99,7 @@ def _sites(args: argparse.Namespace) -> tuple[Roster, list[tuple[str, Path]]]:
     except IdentityError as e:
         raise AuditInputError(str(e)) from e
     if len(args.ledger) != len(args.site_id):
-        raise AuditInputError(
-            f"give one --site-id per --ledger, got {len(args.ledger)} and {len(args.site_id)}"
-        )
+        raise AuditInputError(f"give one --site-id per --ledger, got {len(args.ledger)} and {len(args.site_id)}")
     pairs = list(zip(args.site_id, args.ledger, strict=True))
     if args.sim_dir:
         pairs += [(s, args.sim_dir / "sites" / s / LEDGER_FILE) for s in sorted(roster.keys)]
@@ -161,9 +153,7 @@ def canary_section(
         delta = float(scores_file.get("delta", math.nan))
         source = str(where)
     if not 0.0 < delta < 1.0:
-        raise AuditInputError(
-            f"{where}: no delta for the canary audit (no site ledger of run {run_id}, no 'delta')"
-        )
+        raise AuditInputError(f"{where}: no delta for the canary audit (no site ledger of run {run_id}, no 'delta')")
     try:
         result = one_run_audit(scores, included, delta=delta, confidence=confidence)
     except CanaryError as e:

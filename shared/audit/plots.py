@@ -148,15 +148,9 @@ def render_svg(chart: Chart, *, width: int = 640, height: int = 300) -> str:
                     stroke_dasharray="8 4",
                 )
             )
-            out.append(
-                _tag("text", r.label, x=left + pw - 4, y=y - 4, text_anchor="end", font_size=11, fill=r.color)
-            )
+            out.append(_tag("text", r.label, x=left + pw - 4, y=y - 4, text_anchor="end", font_size=11, fill=r.color))
     for s in chart.series:
-        drawn = [
-            (px(x), py(y), y)
-            for x, y in zip(s.xs, s.ys, strict=True)
-            if math.isfinite(x) and not math.isnan(y)
-        ]
+        drawn = [(px(x), py(y), y) for x, y in zip(s.xs, s.ys, strict=True) if math.isfinite(x) and not math.isnan(y)]
         if len(drawn) > 1:
             line = {"stroke_dasharray": "6 3"} if s.dashed else {}
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in drawn)
@@ -173,16 +167,8 @@ def render_svg(chart: Chart, *, width: int = 640, height: int = 300) -> str:
         out.append(_tag("text", s.name, x=left + 24, y=y - 3, font_size=11))
     if has_inf:
         note = "\u25b2 at the top edge: epsilon = inf (no noise)"
-        out.append(
-            _tag(
-                "text", note, x=left + pw - 4, y=top + ph - 6, text_anchor="end", font_size=10, fill="#d62728"
-            )
-        )
+        out.append(_tag("text", note, x=left + pw - 4, y=top + ph - 6, text_anchor="end", font_size=10, fill="#d62728"))
     if not finite and not has_inf:
-        out.append(
-            _tag(
-                "text", "no data", x=left + pw / 2, y=mid, text_anchor="middle", font_size=13, fill="#777777"
-            )
-        )
+        out.append(_tag("text", "no data", x=left + pw / 2, y=mid, text_anchor="middle", font_size=13, fill="#777777"))
     out.append("</svg>")
     return "\n".join(out)

@@ -87,13 +87,15 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
                 "epsilon_recomputed": c.recomputed,
                 "epsilon_pld": c.cross_check,
                 "matches": c.matches,
+                "seeded_noise": e.seeded_noise,
             }
         )
     data_sets: dict[str, dict[str, Any]] = {}
     for c in site.checks:
         e = c.entry
-        d = data_sets.setdefault(e.dataset_fingerprint, {"rounds": 0, "runs": []})
+        d = data_sets.setdefault(e.dataset_fingerprint, {"rounds": 0, "runs": [], "seeded_noise_rounds": 0})
         d["rounds"] += 1
+        d["seeded_noise_rounds"] += int(e.seeded_noise)
         if e.run_id not in d["runs"]:
             d["runs"].append(e.run_id)
         d.update(epsilon=c.recomputed, delta=e.delta, accountant=e.accountant, epsilon_pld=c.cross_check)
@@ -194,6 +196,12 @@ def guarantee_statements(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapp
                 f"e^{eps:.3f} = {math.exp(eps):.2f}, except with probability {delta:g}, whether or not "
                 "any one record was used."
             )
+            if d.get("seeded_noise_rounds"):
+                out.append(
+                    f"{what}: {d['seeded_noise_rounds']} of its rounds drew their DP noise and sampling from "
+                    "the run's seed (reproducible-noise, for experiments): against anyone who knows that seed, "
+                    "the server included, those rounds give NO guarantee."
+                )
     out.append(NOT_COVERED)
     secure = [r["run_id"] for r in runs if r.get("secure_aggregation")]
     plain = [r["run_id"] for r in runs if not r.get("secure_aggregation")]
@@ -261,11 +269,7 @@ def epsilon_chart(site: Mapping[str, Any]) -> Chart:
     """Recomputed epsilon after each ledger entry (x: entry number, across runs), one line per data set."""
     series = []
     for i, fp in enumerate(site["data_sets"]):
-        pts = [
-            (e["seq"] + 1, _num(e["epsilon_recomputed"]))
-            for e in site["entries"]
-            if e["dataset_fingerprint"] == fp
-        ]
+        pts = [(e["seq"] + 1, _num(e["epsilon_recomputed"])) for e in site["entries"] if e["dataset_fingerprint"] == fp]
         series.append(
             Series(
                 f"data set {short_fingerprint(fp)}",
@@ -280,9 +284,7 @@ def epsilon_chart(site: Mapping[str, Any]) -> Chart:
             vrules.append(Rule(e["seq"] + 0.5, f"run {e['run_id']}"))
             previous = e["run_id"]
     budget = _num(site.get("max_epsilon"))
-    hrules = (
-        [Rule(budget, f"budget max_epsilon = {budget:g}", color="#b00020")] if math.isfinite(budget) else []
-    )
+    hrules = [Rule(budget, f"budget max_epsilon = {budget:g}", color="#b00020")] if math.isfinite(budget) else []
     return Chart(
         title=f"{site['site_id']}: cumulative epsilon over rounds and runs",
         x_label="ledger entry (one per round trained, all runs)",
@@ -452,8 +454,7 @@ def _run_html(run: Mapping[str, Any]) -> str:
 def _canary_html(c: Mapping[str, Any]) -> str:
     lower, claimed = _num(c.get("epsilon_lower")), _num(c.get("claimed_epsilon"))
     verdict = (
-        '<span class="fail">the empirical lower bound EXCEEDS the claim: the claimed guarantee is false'
-        "</span>"
+        '<span class="fail">the empirical lower bound EXCEEDS the claim: the claimed guarantee is false</span>'
         if lower > claimed
         else '<span class="ok">consistent: the lower bound does not exceed the claim</span>'
     )

@@ -132,9 +132,7 @@ def audit_site_ledger(
             Finding(subject, "missing", f"no ledger at {path}", severity="warning")
         )
         return audit
-    read = read_chain(
-        path, kind=SITE_LEDGER_KIND, owner=site_id, public_key=public_key, owner_field="site_id"
-    )
+    read = read_chain(path, kind=SITE_LEDGER_KIND, owner=site_id, public_key=public_key, owner_field="site_id")
     audit.findings.extend(Finding(subject, i.kind, i.detail, line=i.line) for i in read.issues)
     if read.issues:
         audit.findings.append(
@@ -184,6 +182,17 @@ def audit_site_ledger(
                     f"{name}: recorded epsilon {_eps(entry.epsilon)} but its {len(events)} events give "
                     f"{_eps(recomputed)} ({entry.accountant}, delta={entry.delta:g})",
                     line=line,
+                )
+            )
+        if entry.seeded_noise:
+            audit.findings.append(
+                Finding(
+                    subject,
+                    "seeded-noise",
+                    f"{name}: DP noise and sampling were seeded from the run's seed (reproducible-noise): its "
+                    "epsilon does not hold against anyone who knows that seed, the server included",
+                    line=line,
+                    severity="warning",
                 )
             )
         budget = entry.max_epsilon if entry.max_epsilon is not None else max_epsilon
@@ -249,9 +258,7 @@ def audit_run_ledger(path: Path, *, roster: Roster, run_id: str | None = None) -
                 continue
             if site_id not in participants or site_id in declined:
                 audit.findings.append(
-                    Finding(
-                        subject, "attestation", f"{where}: the site did not train in this round", line=line
-                    )
+                    Finding(subject, "attestation", f"{where}: the site did not train in this round", line=line)
                 )
             audit.attested[(site_id, server_round)] = entry
     return audit

@@ -182,9 +182,7 @@ class SecAggClient:
     def _expect(self, phase: str, run_id: str, server_round: int) -> ClientRoundState:
         state = self.state
         if state is None:
-            raise SecAggProtocolError(
-                f"node {self.node_id}: no secagg round in progress (expected {phase!r})"
-            )
+            raise SecAggProtocolError(f"node {self.node_id}: no secagg round in progress (expected {phase!r})")
         p = state.params
         if (run_id, server_round) != (p.run_id, p.server_round):
             raise SecAggProtocolError(
@@ -204,11 +202,7 @@ class SecAggClient:
         if self.node_id not in params.node_ids:
             raise SecAggProtocolError(f"node {self.node_id} is not among the round's sampled nodes")
         last = self.state
-        if (
-            last is not None
-            and last.params.run_id == params.run_id
-            and params.server_round <= last.params.server_round
-        ):
+        if last is not None and last.params.run_id == params.run_id and params.server_round <= last.params.server_round:
             raise SecAggProtocolError(
                 f"node {self.node_id}: round {params.server_round} of run {params.run_id!r} is not after "
                 f"the last round it set up ({last.params.server_round}); refusing a replayed round"
@@ -249,9 +243,7 @@ class SecAggClient:
         seen_keys = {state.mask_public, state.enc_public}
         for a in adverts:
             if a.node_id not in mine:
-                raise SecAggProtocolError(
-                    f"node {self.node_id}: relayed advert of node {a.node_id} is not a neighbour"
-                )
+                raise SecAggProtocolError(f"node {self.node_id}: relayed advert of node {a.node_id} is not a neighbour")
             if a.node_id in seen_nodes or a.site_id in seen_sites:
                 raise SecAggProtocolError(
                     f"node {self.node_id}: node {a.node_id} / site {a.site_id!r} appears twice in the round"
@@ -268,13 +260,9 @@ class SecAggClient:
                     f"are not signed by that site for run {p.run_id!r} round {p.server_round}: {e}"
                 ) from e
             if len(a.mask_public_key) != KEY_BYTES or len(a.enc_public_key) != KEY_BYTES:
-                raise SecAggProtocolError(
-                    f"node {self.node_id}: node {a.node_id}'s public keys must be 32 bytes"
-                )
+                raise SecAggProtocolError(f"node {self.node_id}: node {a.node_id}'s public keys must be 32 bytes")
             if {a.mask_public_key, a.enc_public_key} & seen_keys or a.mask_public_key == a.enc_public_key:
-                raise SecAggProtocolError(
-                    f"node {self.node_id}: node {a.node_id} reuses a public key in the round"
-                )
+                raise SecAggProtocolError(f"node {self.node_id}: node {a.node_id} reuses a public key in the round")
             seen_nodes.add(a.node_id)
             seen_sites.add(a.site_id)
             seen_keys |= {a.mask_public_key, a.enc_public_key}
@@ -327,8 +315,7 @@ class SecAggClient:
         p = state.params
         if not 0.0 < request.weight <= p.max_weight:
             raise SecAggProtocolError(
-                f"node {self.node_id}: weight must be in (0, max_weight = {p.max_weight}], "
-                f"got {request.weight}"
+                f"node {self.node_id}: weight must be in (0, max_weight = {p.max_weight}], got {request.weight}"
             )
         enc_keys = dict(zip(state.neighbour_ids, state.neighbour_enc_keys, strict=True))
         own_x = p.share_x(self.node_id)
@@ -338,9 +325,7 @@ class SecAggClient:
                 raise SecAggProtocolError(
                     f"node {self.node_id}: shares relayed from node {src}, not a verified neighbour"
                 )
-            key = masks.share_key(
-                state.enc_private, enc_keys[src], params_digest=p.digest, u=self.node_id, v=src
-            )
+            key = masks.share_key(state.enc_private, enc_keys[src], params_digest=p.digest, u=self.node_id, v=src)
             ad = masks.share_associated_data(params_digest=p.digest, src=src, dst=self.node_id)
             try:
                 seed_raw, key_raw = _unpack_shares(decrypt(key, ct, associated_data=ad))
@@ -352,9 +337,7 @@ class SecAggClient:
                 or key_share.x != own_x
                 or {seed_share.secret_len, key_share.secret_len} != {KEY_BYTES}
             ):
-                raise SecAggProtocolError(
-                    f"node {self.node_id}: shares from node {src} are not addressed to it"
-                )
+                raise SecAggProtocolError(f"node {self.node_id}: shares from node {src} are not addressed to it")
             received[src] = (seed_raw, key_raw)
         if len(received) + 1 < p.threshold:
             raise SecAggProtocolError(
@@ -377,9 +360,7 @@ class SecAggClient:
         p = state.params
         x = np.asarray(update)
         if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.floating):
-            raise EncodingError(
-                f"update must be a non-empty 1-D float vector, got {x.dtype} of shape {x.shape}"
-            )
+            raise EncodingError(f"update must be a non-empty 1-D float vector, got {x.dtype} of shape {x.shape}")
         if not np.all(np.isfinite(x)):
             raise EncodingError("update must be finite, got NaN or inf")
         norm = float(np.linalg.norm(x.astype(np.float64)))
@@ -424,13 +405,10 @@ class SecAggClient:
         survivors, dropped = set(request.survivors), set(request.dropped)
         if survivors & dropped:
             raise SecAggProtocolError(
-                f"node {self.node_id}: nodes {sorted(survivors & dropped)} are listed as both survivor "
-                "and dropped"
+                f"node {self.node_id}: nodes {sorted(survivors & dropped)} are listed as both survivor and dropped"
             )
         if self.node_id not in survivors:
-            raise SecAggProtocolError(
-                f"node {self.node_id}: the unmask request does not list it as a survivor"
-            )
+            raise SecAggProtocolError(f"node {self.node_id}: the unmask request does not list it as a survivor")
         seed_book = dict(zip(state.peer_ids, state.peer_seed_shares, strict=True))
         seed_book[self.node_id] = state.own_seed_share
         key_book = dict(zip(state.peer_ids, state.peer_key_shares, strict=True))

@@ -124,9 +124,7 @@ def verify(key: Ed25519PublicKey, signature: bytes, message: bytes) -> None:
 def encrypt(key: bytes, plaintext: bytes, *, associated_data: bytes) -> bytes:
     """AES-256-GCM with a random nonce; returns ``nonce || ciphertext || tag``."""
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(_check_bytes(key, "AES-GCM key", KEY_BYTES)).encrypt(
-        nonce, plaintext, associated_data
-    )
+    return nonce + AESGCM(_check_bytes(key, "AES-GCM key", KEY_BYTES)).encrypt(nonce, plaintext, associated_data)
 
 
 def decrypt(key: bytes, ciphertext: bytes, *, associated_data: bytes) -> bytes:
@@ -134,9 +132,7 @@ def decrypt(key: bytes, ciphertext: bytes, *, associated_data: bytes) -> bytes:
     aead = AESGCM(_check_bytes(key, "AES-GCM key", KEY_BYTES))
     _check_bytes(ciphertext, "ciphertext")
     if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
-        raise CryptoError(
-            f"ciphertext must be at least {NONCE_BYTES + TAG_BYTES} bytes, got {len(ciphertext)}"
-        )
+        raise CryptoError(f"ciphertext must be at least {NONCE_BYTES + TAG_BYTES} bytes, got {len(ciphertext)}")
     try:
         return aead.decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], associated_data)
     except InvalidTag as e:
@@ -154,8 +150,6 @@ def keystream_uint32(key: bytes, length: int) -> np.ndarray:
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise CryptoError(f"keystream length must be an int >= 0, got {length!r}")
-    encryptor = Cipher(
-        algorithms.AES(_check_bytes(key, "keystream key", KEY_BYTES)), modes.CTR(bytes(16))
-    ).encryptor()
+    encryptor = Cipher(algorithms.AES(_check_bytes(key, "keystream key", KEY_BYTES)), modes.CTR(bytes(16))).encryptor()
     raw = encryptor.update(bytes(4 * length)) + encryptor.finalize()
     return np.frombuffer(raw, dtype="<u4").astype(np.uint32, copy=False)

@@ -18,18 +18,14 @@ from shared.secagg.crypto import bind, hkdf, keystream_uint32, x25519_shared
 
 def pairwise_mask_key(private: bytes, peer_public: bytes, *, params_digest: bytes, u: int, v: int) -> bytes:
     lo, hi = sorted((u, v))
-    return hkdf(
-        x25519_shared(private, peer_public), info=bind(K.DOMAIN, K.LABEL_PAIRWISE_MASK, params_digest, lo, hi)
-    )
+    return hkdf(x25519_shared(private, peer_public), info=bind(K.DOMAIN, K.LABEL_PAIRWISE_MASK, params_digest, lo, hi))
 
 
 def pairwise_mask(
     private: bytes, peer_public: bytes, *, params_digest: bytes, u: int, v: int, length: int
 ) -> np.ndarray:
     """The stream of the pair (u, v); ``u`` applies it with sign :func:`pairwise_sign` (u, v)."""
-    return keystream_uint32(
-        pairwise_mask_key(private, peer_public, params_digest=params_digest, u=u, v=v), length
-    )
+    return keystream_uint32(pairwise_mask_key(private, peer_public, params_digest=params_digest, u=u, v=v), length)
 
 
 def pairwise_sign(u: int, v: int) -> int:
@@ -38,16 +34,12 @@ def pairwise_sign(u: int, v: int) -> int:
 
 
 def self_mask(seed: bytes, *, params_digest: bytes, node_id: int, length: int) -> np.ndarray:
-    return keystream_uint32(
-        hkdf(seed, info=bind(K.DOMAIN, K.LABEL_SELF_MASK, params_digest, node_id)), length
-    )
+    return keystream_uint32(hkdf(seed, info=bind(K.DOMAIN, K.LABEL_SELF_MASK, params_digest, node_id)), length)
 
 
 def share_key(private: bytes, peer_public: bytes, *, params_digest: bytes, u: int, v: int) -> bytes:
     lo, hi = sorted((u, v))
-    return hkdf(
-        x25519_shared(private, peer_public), info=bind(K.DOMAIN, K.LABEL_SHARE_KEY, params_digest, lo, hi)
-    )
+    return hkdf(x25519_shared(private, peer_public), info=bind(K.DOMAIN, K.LABEL_SHARE_KEY, params_digest, lo, hi))
 
 
 def share_associated_data(*, params_digest: bytes, src: int, dst: int) -> bytes:

@@ -60,9 +60,7 @@ def _bytes(cfg: Mapping[str, Any], key: str) -> bytes:
 
 def _list(cfg: Mapping[str, Any], key: str, kind: type) -> tuple[Any, ...]:
     value = _get(cfg, key)
-    if not isinstance(value, (list, tuple)) or any(
-        isinstance(v, bool) or not isinstance(v, kind) for v in value
-    ):
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, kind) for v in value):
         raise SecAggMessageError(f"secagg message field {key!r} must be a list of {kind.__name__}")
     return tuple(value)
 
@@ -81,9 +79,7 @@ def stage_of(cfg: Mapping[str, Any]) -> str:
     """The stage a secagg record belongs to (checked against the known stages)."""
     stage = _str(cfg, K.KEY_STAGE)
     if stage not in K.STAGES:
-        raise SecAggMessageError(
-            f"secagg message field {K.KEY_STAGE!r} must be one of {K.STAGES}, got {stage!r}"
-        )
+        raise SecAggMessageError(f"secagg message field {K.KEY_STAGE!r} must be one of {K.STAGES}, got {stage!r}")
     return stage
 
 
@@ -119,9 +115,7 @@ class RoundParams:
             raise SecAggMessageError("round parameter node_ids must be sorted and distinct")
         n = len(self.node_ids)
         if not 2 <= n <= self.max_clients:
-            raise SecAggMessageError(
-                f"a round needs 2 <= n <= max_clients = {self.max_clients} nodes, got {n}"
-            )
+            raise SecAggMessageError(f"a round needs 2 <= n <= max_clients = {self.max_clients} nodes, got {n}")
         try:
             if effective_degree(n, self.degree) != self.degree:
                 raise SecAggMessageError(
@@ -135,16 +129,13 @@ class RoundParams:
             raise SecAggMessageError(f"round parameters rejected: {e}") from e
         if not (self.clip_norm > 0 and self.max_weight > 0):
             raise SecAggMessageError(
-                f"round parameters clip_norm and max_weight must be > 0, "
-                f"got {self.clip_norm}, {self.max_weight}"
+                f"round parameters clip_norm and max_weight must be > 0, got {self.clip_norm}, {self.max_weight}"
             )
         if self.modulus_bits != 32:
             raise SecAggMessageError(f"round parameter modulus_bits must be 32, got {self.modulus_bits}")
 
     @classmethod
-    def for_round(
-        cls, settings: SecAggSettings, *, run_id: str, server_round: int, node_ids: list[int]
-    ) -> RoundParams:
+    def for_round(cls, settings: SecAggSettings, *, run_id: str, server_round: int, node_ids: list[int]) -> RoundParams:
         """The parameters of one round of ``node_ids`` under ``settings`` (degree and threshold resolved)."""
         ids = sorted(node_ids)
         if len(set(ids)) != len(ids):

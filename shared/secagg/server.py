@@ -119,9 +119,7 @@ class SecAggServer:
         for u in sorted(alive):
             left = len(self._graph[u] & alive) + 1
             if left < t:
-                self._abort(
-                    f"after {stage}, node {u}'s neighbourhood has {left} members left, below threshold {t}"
-                )
+                self._abort(f"after {stage}, node {u}'s neighbourhood has {left} members left, below threshold {t}")
 
     # --- stage 1 ---------------------------------------------------------------------------------
 
@@ -136,9 +134,7 @@ class SecAggServer:
         for nid, a in sorted(adverts.items()):
             problem = self._advert_problem(nid, a, sites)
             if problem:
-                logger.warning(
-                    "secagg round %s: advert of node %s dropped: %s", self.params.server_round, nid, problem
-                )
+                logger.warning("secagg round %s: advert of node %s dropped: %s", self.params.server_round, nid, problem)
                 continue
             valid[nid] = a
             sites.add(a.site_id)
@@ -197,9 +193,7 @@ class SecAggServer:
             senders.add(nid)
             for dst, ct in zip(r.dst_node_ids, r.ciphertexts, strict=True):
                 routed.setdefault(dst, {})[nid] = ct
-        self._ciphertexts = {
-            u: {v: ct for v, ct in routed.get(u, {}).items() if v in senders} for u in senders
-        }
+        self._ciphertexts = {u: {v: ct for v, ct in routed.get(u, {}).items() if v in senders} for u in senders}
         self._stage = "inputs"
         self._masked_with = {u: frozenset(self._ciphertexts[u]) for u in senders}
         self._active = set(senders)
@@ -207,9 +201,7 @@ class SecAggServer:
 
     # --- stage 3 ---------------------------------------------------------------------------------
 
-    def masked_input_requests(
-        self, weights: Mapping[int, float] | None = None
-    ) -> dict[int, MaskedInputRequest]:
+    def masked_input_requests(self, weights: Mapping[int, float] | None = None) -> dict[int, MaskedInputRequest]:
         """Each client's incoming ciphertexts and its weight (1.0 unless given; at most ``max_weight``)."""
         self._enter("inputs")
         p = self.params
@@ -240,20 +232,13 @@ class SecAggServer:
             raise SecAggMessageError(f"masked input from node {node_id}, which is not in this stage")
         if node_id in self._survivors or node_id in self._declined:
             raise SecAggMessageError(f"second masked input (or input after declining) from node {node_id}")
-        if (
-            not isinstance(masked, np.ndarray)
-            or masked.dtype != np.uint32
-            or masked.ndim != 1
-            or masked.size == 0
-        ):
+        if not isinstance(masked, np.ndarray) or masked.dtype != np.uint32 or masked.ndim != 1 or masked.size == 0:
             raise SecAggMessageError(
                 f"masked input of node {node_id} must be a non-empty 1-D uint32 array, got "
                 f"{getattr(masked, 'dtype', type(masked).__name__)} of shape {getattr(masked, 'shape', None)}"
             )
         if self._dim is not None and masked.size != self._dim:
-            raise SecAggMessageError(
-                f"masked input of node {node_id} has length {masked.size}, expected {self._dim}"
-            )
+            raise SecAggMessageError(f"masked input of node {node_id} has length {masked.size}, expected {self._dim}")
         if self._masked_sum is None:
             self._dim = masked.size
             self._masked_sum = np.zeros(masked.size, dtype=np.uint32)
@@ -289,9 +274,7 @@ class SecAggServer:
         for v in sorted(gone):
             holders = len(self._masked_with[v] & alive)
             if holders < p.threshold:
-                self._abort(
-                    f"dropped node {v} has {holders} surviving neighbours, below threshold {p.threshold}"
-                )
+                self._abort(f"dropped node {v} has {holders} surviving neighbours, below threshold {p.threshold}")
         return {
             u: UnmaskRequest(
                 run_id=p.run_id,
@@ -362,23 +345,17 @@ class SecAggServer:
         self, nid: int, r: UnmaskShares, alive: set[int], gone: set[int]
     ) -> tuple[list[tuple[int, shamir.Share]], list[tuple[int, shamir.Share]]]:
         if nid not in alive or r.node_id != nid:
-            raise SecAggMessageError(
-                f"unmask reply from node {nid}, not a survivor (or naming node {r.node_id})"
-            )
+            raise SecAggMessageError(f"unmask reply from node {nid}, not a survivor (or naming node {r.node_id})")
         book = self._masked_with[nid]
         x = self.params.share_x(nid)
         seeds, keys = [], []
         for owner, raw in zip(r.seed_owner_ids, r.seed_shares, strict=True):
             if owner not in (book | {nid}) & alive:
-                raise SecAggMessageError(
-                    f"seed share of node {owner}, which node {nid} holds no survivor share of"
-                )
+                raise SecAggMessageError(f"seed share of node {owner}, which node {nid} holds no survivor share of")
             seeds.append((owner, shamir.Share.from_bytes(raw)))
         for owner, raw in zip(r.key_owner_ids, r.key_shares, strict=True):
             if owner not in book & gone:
-                raise SecAggMessageError(
-                    f"mask-key share of node {owner}, which is not a dropped neighbour of {nid}"
-                )
+                raise SecAggMessageError(f"mask-key share of node {owner}, which is not a dropped neighbour of {nid}")
             keys.append((owner, shamir.Share.from_bytes(raw)))
         if any(s.x != x for _, s in seeds + keys):
             raise SecAggMessageError(f"node {nid} sent shares with an x-coordinate other than its own ({x})")

@@ -42,9 +42,7 @@ class SecAggSettings:
     """How secure aggregation runs; converted once from the run config."""
 
     clip_norm: float = field(metadata={"help": "L2 bound C of a client's update before weighting"})
-    max_clients: int = field(
-        default=1000, metadata={"help": "most clients summed in a round (fixes the scale)"}
-    )
+    max_clients: int = field(default=1000, metadata={"help": "most clients summed in a round (fixes the scale)"})
     degree: int | None = field(
         default=None, metadata={"help": "neighbours per client; None: 2*ceil(log2 n); >= n-1: classic SecAgg"}
     )
@@ -64,11 +62,7 @@ class SecAggSettings:
             raise ValueError(f"clip_norm must be a number, got {self.clip_norm!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"clip_norm must be finite and > 0, got {self.clip_norm}")
-        if (
-            isinstance(self.max_clients, bool)
-            or not isinstance(self.max_clients, int)
-            or self.max_clients < 2
-        ):
+        if isinstance(self.max_clients, bool) or not isinstance(self.max_clients, int) or self.max_clients < 2:
             raise ValueError(f"max_clients must be an int >= 2, got {self.max_clients!r}")
         if self.degree is not None and (
             isinstance(self.degree, bool) or not isinstance(self.degree, int) or self.degree < 1
@@ -88,9 +82,7 @@ class SecAggSettings:
             raise ValueError(f"stage_timeout_s must be > 0, got {self.stage_timeout_s!r}")
         if self.on_abort not in ("skip", "stop"):
             raise ValueError(f"on_abort must be 'skip' or 'stop', got {self.on_abort!r}")
-        if self.dim is not None and (
-            isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1
-        ):
+        if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1):
             raise ValueError(f"dim must be None or an int >= 1, got {self.dim!r}")
 
     def degree_for(self, n: int) -> int:

@@ -53,9 +53,7 @@ class Share:
                 f"values, "
                 f"got {len(body)}"
             )
-        ys = tuple(
-            int.from_bytes(body[i * ELEMENT_BYTES : (i + 1) * ELEMENT_BYTES], "big") for i in range(n_chunks)
-        )
+        ys = tuple(int.from_bytes(body[i * ELEMENT_BYTES : (i + 1) * ELEMENT_BYTES], "big") for i in range(n_chunks))
         if x == 0 or any(y >= PRIME for y in ys):
             raise ShamirError(f"share has x = 0 or a y value outside the field (x = {x})")
         return cls(x=x, ys=ys, secret_len=secret_len)
@@ -82,9 +80,7 @@ def _evaluate(coefficients: Sequence[int], x: int) -> int:
 def split(secret: bytes, *, threshold: int, xs: Sequence[int]) -> dict[int, Share]:
     """Share ``secret`` among holders at x-coordinates ``xs`` so that any ``threshold`` of them recover it."""
     if not isinstance(secret, bytes) or len(secret) > MAX_SECRET_BYTES:
-        raise ShamirError(
-            f"secret must be bytes of length <= {MAX_SECRET_BYTES}, got {type(secret).__name__}"
-        )
+        raise ShamirError(f"secret must be bytes of length <= {MAX_SECRET_BYTES}, got {type(secret).__name__}")
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
         raise ShamirError(f"threshold must be an int >= 1, got {threshold!r}")
     xs = list(xs)
@@ -124,15 +120,11 @@ def combine(shares: Sequence[Share], *, threshold: int) -> bytes:
                 num = num * xm % PRIME
                 den = den * (xm - xj) % PRIME
         basis.append(num * pow(den, -1, PRIME) % PRIME)
-    values = [
-        sum(b * s.ys[c] for b, s in zip(basis, chosen, strict=True)) % PRIME for c in range(len(chosen[0].ys))
-    ]
+    values = [sum(b * s.ys[c] for b, s in zip(basis, chosen, strict=True)) % PRIME for c in range(len(chosen[0].ys))]
     out = b""
     for c, value in enumerate(values):
         size = min(CHUNK_BYTES, secret_len - c * CHUNK_BYTES) if secret_len else 0
         if value >= 2 ** (8 * size):
-            raise ShamirError(
-                "shares are inconsistent: the reconstructed chunk does not fit the secret's length"
-            )
+            raise ShamirError("shares are inconsistent: the reconstructed chunk does not fit the secret's length")
         out += value.to_bytes(size, "big")
     return out
