@@ -1,7 +1,7 @@
 """``privatune audit`` on what a real simulation leaves on disk (Flower simulation, tiny model, DP on).
 
-Two runs share one simulation directory, so the sites' ledgers span both runs: the audit must verify every
-chain and attestation, and compose each site's epsilon over both runs.
+Two runs (plain, then with secure aggregation) share one simulation directory, so the sites' ledgers span
+both runs: the audit must verify every chain and attestation, and compose each site's epsilon over both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from shared.simulation import run_simulation
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-def _overrides(tiny_config, sim_dir) -> dict:
+def _overrides(tiny_config, sim_dir, *, secure: bool) -> dict:
     keys = [
         "model-path",
         "data-path",
@@ -33,14 +33,15 @@ def _overrides(tiny_config, sim_dir) -> dict:
         **{k: flat[k] for k in keys},
         "num-server-rounds": 2,
         "sim-dir": str(sim_dir),
-        "secure-aggregation": False,
+        "secure-aggregation": secure,
     }
 
 
 def test_audit_of_two_simulated_runs_verifies_and_composes_over_both(tiny_config, tmp_path, capsys):
     sim_dir = tmp_path / "federation"
-    overrides = _overrides(tiny_config, sim_dir)
-    run_dirs = [run_simulation(overrides, num_clients=3) for _ in range(2)]
+    run_dirs = [
+        run_simulation(_overrides(tiny_config, sim_dir, secure=secure), num_clients=3) for secure in (False, True)
+    ]
     capsys.readouterr()
 
     args = ["--sim-dir", str(sim_dir), "--out", str(tmp_path / "audit")]
@@ -58,3 +59,5 @@ def test_audit_of_two_simulated_runs_verifies_and_composes_over_both(tiny_config
         assert data_set["epsilon_pld"] == pytest.approx(data_set["epsilon"], rel=0.01)
     assert [len(r["rounds"]) for r in report["runs"]] == [2, 2]
     assert all(r["verified"] for r in report["runs"])
+    assert [r["secure_aggregation"] for r in report["runs"]] == [False, True]
+    assert any(s.startswith("Secure aggregation (run(s)") for s in report["guarantee"])
