@@ -16,8 +16,10 @@ from flwr.clientapp import ClientApp
 
 from client.budget import decide
 from client.secagg_mod import secagg_mod
+from client.site_policy import SitePolicyError, check_site_policy
 from client.train import train_round
 from shared import constants as C
+from shared.canary_data import add_site_canaries
 from shared.config import RunConfig
 from shared.data import LabelledText
 from shared.federation import site_training_rows
@@ -78,9 +80,13 @@ def train(msg: Message, context: Context) -> Message:
     site = site_from_context(context)
     server_round = int(config_value(msg.content, C.TRAIN_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
     run_id = str(context.run_id)
+    try:  # a deployed site's data, device, budget and ledger are its own: a run config overriding them is refused
+        check_site_policy(cfg, site, context.node_config)
+    except SitePolicyError as e:
+        return _decline(msg, str(e))
     delta = site.delta if site.delta is not None else cfg.delta
 
-    rows = site_training_rows(cfg, site)
+    rows = add_site_canaries(site_training_rows(cfg, site), canaries=cfg.canaries, seed=cfg.seed, site=site)
     fingerprint = fingerprint_rows(rows.rows())
     ledger = _open_ledger(site)
     if ledger.find(run_id=run_id, server_round=server_round, dataset_fingerprint=fingerprint) is not None:
@@ -99,7 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     decision = decide(
         ledger.history(fingerprint),
         planned,
-        max_epsilon=site.max_epsilon,
+        max_epsilon=None if math.isinf(site.max_epsilon) else site.max_epsilon,
         delta=delta,
         accountant=cfg.accountant,
     )
@@ -122,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
         dp=cfg.dp,
         noise_multiplier=planned.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
-        seed=_round_seed(cfg.seed, site.site_id, run_id, server_round) if cfg.reproducible_noise else None,
+        seed=_round_seed(cfg.seed, site.site_id, server_round) if cfg.reproducible_noise else None,
         device=site.device,
     )
     if result.event is not None and result.event != planned:
@@ -139,6 +145,8 @@ def train(msg: Message, context: Context) -> Message:
         event=planned,
         delta=delta,
         accountant=cfg.accountant,
+        max_epsilon=None if math.isinf(site.max_epsilon) else site.max_epsilon,
+        seeded_noise=cfg.dp and cfg.reproducible_noise,
     )
     metrics = MetricRecord(
         {
@@ -178,8 +186,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({C.METRICS_RECORD: MetricRecord({**metrics, "num-examples": len(rows)})}), reply_to=msg)
 
 
-def _round_seed(seed: int, site_id: str, run_id: str, server_round: int) -> int:
+def _round_seed(seed: int, site_id: str, server_round: int) -> int:
+    """Reproducible-noise seed: from the run seed alone (not the Flower run id), so that a run resumed from a
+    checkpoint draws the noise the uninterrupted run would have drawn."""
     import hashlib
 
-    digest = hashlib.sha256(f"{seed}:{site_id}:{run_id}:{server_round}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{site_id}:{server_round}".encode()).digest()
     return int.from_bytes(digest[:6], "little")

@@ -18,14 +18,17 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from server.aggregation import INSECURE_WARNING, aggregate_plain
-from server.outputs import METRICS_FILE, RUN_LEDGER_FILE, save_adapter, write_json_atomic
+from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
+from server.outputs import METRICS_FILE, save_adapter, write_json_atomic
 from server.round_result import RoundAggregate
 from server.run_ledger import RunLedger
 from shared import constants as C
-from shared.config import RunConfig
+from shared.canary_data import CanaryScorer
+from shared.config import ConfigError, RunConfig
+from shared.data import load_labelled_text
 from shared.federation import load_run_dataset, server_test_set
 from shared.identity import Roster, provision_simulation
-from shared.ledger import digest_array
+from shared.ledger import RUN_LEDGER_FILE, digest_array
 from shared.log import configure_logging
 from shared.metrics import evaluate_model
 from shared.model import build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable, unflatten
@@ -123,11 +126,19 @@ def main(grid: Grid, context: Context) -> None:
             "knows; the epsilon printed does NOT hold against the server. For experiments only."
         )
 
+    if cfg.resume and not cfg.roster_path and not cfg.sim_dir:
+        raise ConfigError("resume in a simulation needs sim-dir set: the sites' ledgers must outlive the restart")
     nodes = wait_for_nodes(grid, cfg.min_train_nodes)
     sim_dir: Path | None = None
     roster: Roster | None = None
-    data = load_run_dataset(cfg)
-    test = server_test_set(cfg, data, num_partitions=len(nodes))
+    if cfg.eval_data_path:  # deployment: the server's own evaluation file (the sites' data never leaves them)
+        data = load_labelled_text(
+            cfg.eval_data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names
+        )
+        test = data.subset(np.arange(min(len(data), cfg.max_test_examples or len(data))))
+    else:
+        data = load_run_dataset(cfg)
+        test = server_test_set(cfg, data, num_partitions=len(nodes))
     if cfg.roster_path:  # deployment: sites were provisioned beforehand (privatune provision)
         roster = Roster.load(Path(cfg.roster_path).expanduser())
     else:  # simulation: the simulated sites' identities are made at start-up
@@ -151,6 +162,14 @@ def main(grid: Grid, context: Context) -> None:
         f"on (target epsilon {cfg.target_epsilon:g}, delta {cfg.delta:g})" if cfg.dp else "OFF",
         "on" if cfg.secure_aggregation else "OFF",
     )
+    scorer = CanaryScorer.start(
+        model,
+        lambda texts, labels: encode(tokenizer, texts, labels, max_length=cfg.max_length),
+        canaries=cfg.canaries,
+        seed=cfg.seed,
+        num_sites=len(nodes),
+        num_labels=len(data.label_names),
+    )
     baseline = evaluate_model(model, test_enc, num_classes=len(data.label_names))
     history: dict[str, Any] = {
         "run_id": run_id,
@@ -161,7 +180,16 @@ def main(grid: Grid, context: Context) -> None:
     }
     logger.info("round 0 | test acc %.4f f1 %.4f (before training)", baseline["accuracy"], baseline["macro_f1"])
     rng = np.random.default_rng([cfg.seed, 0x5A3])
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    first_round, lineage = 1, []
+    if cfg.resume:  # continue an interrupted run from its last checkpointed round, under this new run id
+        ckpt = load_checkpoint(Path(cfg.resume))
+        check_resumable(ckpt, cfg.to_flower(), dict(global_arrays))
+        global_arrays = type(global_arrays)((n, ckpt.arrays[n]) for n in global_arrays)
+        set_trainable(model, global_arrays)
+        rng, first_round, lineage = ckpt.rng(), ckpt.server_round + 1, [*ckpt.lineage, ckpt.run_id]
+        history = {**ckpt.history, "run_id": run_id, "config": cfg.to_flower(), "resumed_from": lineage}
+        logger.info("resuming run %s after its round %d (checkpoint in %s)", ckpt.run_id, ckpt.server_round, cfg.resume)
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
         started = time.monotonic()
         nodes = wait_for_nodes(grid, cfg.min_train_nodes)
         sampled = sample_nodes(nodes, cfg, rng)
@@ -232,6 +260,22 @@ def main(grid: Grid, context: Context) -> None:
             secure_aggregation=cfg.secure_aggregation,
         )
         write_json_atomic(run_dir / METRICS_FILE, history)
+        records = run_ledger.records()
+        save_checkpoint(
+            run_dir,
+            Checkpoint(
+                run_id=run_id,
+                lineage=lineage,
+                server_round=server_round,
+                config=cfg.to_flower(),
+                rng_state=rng.bit_generator.state,
+                history=history,
+                run_ledger_head=records[-1]["entry_hash"] if records else None,
+                arrays=dict(global_arrays),
+            ),
+        )
+        for node, reason in agg.decline_reasons.items():
+            logger.warning("round %d: %s declined: %s", server_round, site(node), reason)
         note = ""
         if agg.aborted:
             note = f" | ABORTED: {agg.abort_reason}"
@@ -263,5 +307,7 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     history["adapter_dir"] = str(adapter_dir)
+    if scorer is not None:
+        scorer.finish(model, run_dir, run_id=run_id, seed=cfg.seed, delta=cfg.delta)
     write_json_atomic(run_dir / METRICS_FILE, history)
     logger.info("adapter saved to %s; metrics in %s", adapter_dir, run_dir / METRICS_FILE)

@@ -11,7 +11,6 @@ from torch import nn
 
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
-RUN_LEDGER_FILE = "run_ledger.jsonl"
 MODEL_CARD = "privatune.json"
 
 

@@ -45,8 +45,13 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides["output-dir"] = args.output_dir
     RunConfig.from_flower({**RunConfig().to_flower(), **overrides})  # fail fast, before Ray starts
+    site_settings = {"max-epsilon": args.site_max_epsilon} if args.site_max_epsilon is not None else None
     run_dir = run_simulation(
-        overrides, num_clients=args.num_clients, cpus_per_client=args.cpus_per_client, verbose=args.verbose
+        overrides,
+        num_clients=args.num_clients,
+        cpus_per_client=args.cpus_per_client,
+        verbose=args.verbose,
+        site_settings=site_settings,
     )
     print(summary(run_dir))
     return 0
@@ -61,24 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override any run-config key.")
     sim.add_argument("--no-dp", action="store_true", help="Non-private baseline (loudly marked).")
     sim.add_argument("--no-secure-aggregation", action="store_true", help="Plain aggregation (loudly marked).")
+    sim.add_argument(
+        "--site-max-epsilon",
+        type=float,
+        default=None,
+        help="Every simulated site's own budget (written to its site.toml; the server never sees it).",
+    )
     sim.add_argument("--output-dir", default=None, help="Where run-<id>/ goes (default: runs).")
     sim.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per simulated client.")
     sim.add_argument("--verbose", action="store_true", help="Show Flower's and Ray's logs too.")
     sim.set_defaults(func=_simulate)
 
-    audit = sub.add_parser("audit", help="Verify ledgers, recompute epsilon, write the audit report.", add_help=False)
-    audit.add_argument("rest", nargs=argparse.REMAINDER)
-    audit.set_defaults(func=lambda a: _audit(a.rest))
+    # "privatune audit ..." is handed whole to the audit's own parser (see main)
+    sub.add_parser("audit", help="Verify ledgers, recompute every epsilon, write the audit report (audit --help).")
     return parser
 
 
-def _audit(argv: list[str]) -> int:
-    from shared.audit.cli import audit_main
-
-    return audit_main(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["audit"]:
+        from shared.audit.cli import audit_main
+
+        return audit_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -72,10 +72,20 @@ class RunConfig:
     secagg_threshold: int = field(default=0, metadata=_help("Shamir threshold; 0 = default from the degree."))
     secagg_timeout: float = field(default=120.0, metadata=_help("Seconds each secure-aggregation stage waits."))
     secagg_on_abort: Literal["skip", "stop"] = field(default="skip", metadata=_help("After an aborted round."))
+    # empirical audit (simulation only)
+    canaries: int = field(default=0, metadata=_help("Canary records for the one-run privacy audit (0 = off)."))
     # deployment
     roster_path: str = field(
         default="",
         metadata=_help("Coordinator's roster of site identity keys; '' = simulation (made at start)."),
+    )
+    eval_data_path: str = field(
+        default="",
+        metadata=_help("Server's held-out evaluation file (deployment); '' = the test split of data-path."),
+    )
+    resume: str = field(
+        default="",
+        metadata=_help("Run dir of an interrupted run: continue after its last checkpointed round."),
     )
     # output
     output_dir: str = field(default="runs", metadata=_help("Where run outputs go (run-<id>/ below it)."))
@@ -123,6 +133,12 @@ class RunConfig:
             self.secagg_on_abort,
             "'skip' or 'stop'",
         )
+        need(self.canaries >= 0, "canaries", self.canaries, ">= 0")
+        if self.canaries and self.roster_path:
+            raise ConfigError(
+                f"canaries = {self.canaries} inserts records into sites' data: simulation only "
+                "(roster-path must be empty)"
+            )
         need(self.noise_multiplier >= 0.0, "noise_multiplier", self.noise_multiplier, ">= 0")
         need(self.target_epsilon >= 0.0, "target_epsilon", self.target_epsilon, ">= 0")
         if self.dp:
@@ -175,6 +191,16 @@ class RunConfig:
                 raise ConfigError(f"unknown run-config key {key!r}; known keys: {sorted(cls().to_flower())}")
             kwargs[name] = _coerce(key, value, hints[name])
         return cls(**kwargs)
+
+
+def markdown_table() -> str:
+    """The run-config reference table of docs/configuration.md, made from the dataclass (a test keeps them equal)."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(RunConfig):
+        d = f.default
+        shown = f'"{d}"' if isinstance(d, str) else str(d).lower() if isinstance(d, bool) else repr(d)
+        lines.append(f"| `{f.name.replace('_', '-')}` | `{shown}` | {f.metadata.get('help', '')} |")
+    return "\n".join(lines)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

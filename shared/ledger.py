@@ -119,49 +119,9 @@ def digest_arrays(arrays: Mapping[str, np.ndarray]) -> str:
 # -- accounting ---------------------------------------------------------------------------------------------
 
 
-def coalesce(events: Iterable[DpEvent]) -> list[DpEvent]:
-    """Events with the same (sample rate, noise multiplier) merged into one with the steps summed.
-
-    Composition is commutative, so the epsilon is the same (PRV agrees to ~1e-9), and PRV is far faster with
-    one entry per distinct mechanism than with one per round.
-    """
-    merged: dict[tuple[float, float, str], DpEvent] = {}
-    for e in events:
-        key = (e.sample_rate, e.noise_multiplier, e.sampling)
-        prior = merged.get(key)
-        merged[key] = (
-            e
-            if prior is None
-            else DpEvent(
-                sample_rate=e.sample_rate,
-                noise_multiplier=e.noise_multiplier,
-                steps=prior.steps + e.steps,
-                clip_norm=prior.clip_norm,
-                sampling=e.sampling,
-            )
-        )
-    return list(merged.values())
-
-
-PRV_EPS_ERROR = 1e-3  # Opacus's default (0.01) is an absolute error: over 1% of any epsilon below 1
-
-
 def cumulative_epsilon(events: Iterable[DpEvent], *, delta: float, accountant: str) -> float:
-    """Epsilon of the composition of ``events`` at ``delta``: what the ledger records, what budgets check.
-
-    RDP is :func:`shared.privacy.compose_epsilon`; PRV asks Opacus for an epsilon within ``PRV_EPS_ERROR``
-    (absolute) of the exact one, so that it agrees with an independent PLD accountant to well under 1%.
-    """
-    check_delta(delta)
-    check_accountant(accountant)
-    merged = [e for e in coalesce(events) if e.steps > 0]
-    if accountant != "prv" or not merged or any(e.noise_multiplier == 0.0 for e in merged):
-        return compose_epsilon(merged, delta=delta, accountant=accountant)
-    from opacus.accountants import PRVAccountant
-
-    prv = PRVAccountant()
-    prv.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in merged]
-    return float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+    """Epsilon of the composition of ``events`` at ``delta``: what the ledger records, what budgets check."""
+    return compose_epsilon(events, delta=delta, accountant=accountant)
 
 
 # -- entries ------------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
+from shared.identity import site_id_for_partition
 from shared.log import configure_logging
+from shared.site import write_site_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +43,12 @@ def offline_environment() -> None:
 
 
 def run_simulation(
-    overrides: Mapping[str, Any], *, num_clients: int, cpus_per_client: float = 1.0, verbose: bool = False
+    overrides: Mapping[str, Any],
+    *,
+    num_clients: int,
+    cpus_per_client: float = 1.0,
+    verbose: bool = False,
+    site_settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Simulate ``num_clients`` sites with the run config ``overrides`` (kebab-case keys); returns the run dir."""
     offline_environment()
@@ -75,6 +82,9 @@ def run_simulation(
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
+    if site_settings:  # each simulated site's own settings (its budget), which the server never sees
+        for i in range(num_clients):
+            write_site_settings(cfg.simulation_dir(run_id) / "sites" / site_id_for_partition(i), site_settings)
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
     cpus = os.cpu_count() or 1
     backend = {

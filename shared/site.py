@@ -36,6 +36,43 @@ class SiteConfigError(ValueError):
     """A site's own configuration is missing or invalid."""
 
 
+SITE_SETTINGS_FILE = "site.toml"
+SIMULATED_SITE_KEYS = (NODE_DEVICE, NODE_MAX_EPSILON, NODE_DELTA)
+
+
+def read_site_settings(site_dir: Path) -> dict[str, Any]:
+    """A simulated site's own settings (``max-epsilon``, ``delta``, ``device``) from ``<site-dir>/site.toml``.
+
+    Flower's simulation gives a virtual node only its partition id; this file plays the part of the node
+    config a deployed site sets itself, so simulated sites can have budgets the server does not decide.
+    """
+    path = Path(site_dir) / SITE_SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    import tomllib
+
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SiteConfigError(f"{path} is not valid TOML: {e}") from e
+    unknown = sorted(set(raw) - set(SIMULATED_SITE_KEYS))
+    if unknown:
+        raise SiteConfigError(f"{path}: unknown key(s) {unknown}; a simulated site may set {list(SIMULATED_SITE_KEYS)}")
+    return raw
+
+
+def write_site_settings(site_dir: Path, settings: Mapping[str, Any]) -> Path:
+    """Write a simulated site's ``site.toml`` (what the CLI does for ``--site-max-epsilon``)."""
+    unknown = sorted(set(settings) - set(SIMULATED_SITE_KEYS))
+    if unknown:
+        raise SiteConfigError(f"unknown simulated-site setting(s) {unknown}; allowed: {list(SIMULATED_SITE_KEYS)}")
+    lines = [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in settings.items()]
+    path = Path(site_dir) / SITE_SETTINGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @dataclass(frozen=True)
 class Site:
     """Everything a client knows about itself, from its own config."""
@@ -105,6 +142,19 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
     partition_id = int(node_config[NODE_PARTITION_ID])
     site_id = site_id_for_partition(partition_id)
     site_dir = Path(sim_dir) / "sites" / site_id
+    own = read_site_settings(site_dir)  # a simulated site's own settings: its site.toml, if it has one
+    if own:
+        merged = {**own, NODE_PARTITION_ID: partition_id}
+        device = str(merged.get(NODE_DEVICE, device))
+        max_epsilon = _float(merged, NODE_MAX_EPSILON, max_epsilon)
+        delta = _float(merged, NODE_DELTA, delta)
+        assert max_epsilon is not None
+        if not max_epsilon > 0:
+            raise SiteConfigError(
+                f"{site_dir / SITE_SETTINGS_FILE}: {NODE_MAX_EPSILON!r} must be > 0, got {max_epsilon}"
+            )
+        if delta is not None and not 0.0 < delta < 1.0:
+            raise SiteConfigError(f"{site_dir / SITE_SETTINGS_FILE}: {NODE_DELTA!r} must be in (0, 1), got {delta}")
     return Site(
         site_id=site_id,
         site_dir=site_dir,

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, RunConfig
+from shared.config import ConfigError, RunConfig, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +38,8 @@ def test_from_flower_converts_kebab_case_and_numbers():
         ({"noise-multiplier": 1.0}, "set either target-epsilon"),
         ({"target-epsilon": 0.0}, "with dp = true, set target-epsilon > 0 or noise-multiplier > 0"),
         ({"noise-multiplier": -1.0, "target-epsilon": 0.0}, "noise-multiplier must be >= 0"),
+        ({"canaries": -1}, "canaries must be >= 0"),
+        ({"canaries": 10, "roster-path": "/r.json"}, "simulation only"),
     ],
 )
 def test_bad_run_config_is_a_clear_error(overrides, message):
@@ -55,3 +57,9 @@ def test_simulation_dir_is_inside_the_run_unless_set(tmp_path):
     cfg = RunConfig(output_dir=str(tmp_path))
     assert cfg.simulation_dir(7) == tmp_path.resolve() / "run-7" / "federation"
     assert RunConfig(sim_dir=str(tmp_path / "fed")).simulation_dir(7) == (tmp_path / "fed").resolve()
+
+
+def test_docs_configuration_table_is_the_dataclass():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    hint = "regenerate it: python -c 'import shared.config as c; print(c.markdown_table())'"
+    assert markdown_table() in doc, hint

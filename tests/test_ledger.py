@@ -13,7 +13,6 @@ from shared.hashchain import canonical_json, record_hash
 from shared.ledger import (
     LedgerError,
     SiteLedger,
-    coalesce,
     cumulative_epsilon,
     digest_array,
     fingerprint_bytes,
@@ -21,7 +20,7 @@ from shared.ledger import (
     fingerprint_rows,
     verify_attestation,
 )
-from shared.privacy import DpEvent, PrivacyError, compose_epsilon
+from shared.privacy import DpEvent, PrivacyError, coalesce, compose_epsilon
 
 DELTA = 1e-5
 EVENT = DpEvent(sample_rate=0.05, noise_multiplier=1.2, steps=20, clip_norm=1.0)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from shared.ledger import coalesce
-from shared.privacy import DpEvent, check_delta
+from shared.privacy import DpEvent, check_delta, coalesce
 
 PLD_DISCRETIZATION = 1e-3  # dp-accounting's value_discretization_interval; its pessimistic estimate
 
