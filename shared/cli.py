@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from shared.config import ConfigError, RunConfig
@@ -57,6 +58,35 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _provision(args: argparse.Namespace) -> int:
+    from shared.provision import provision
+
+    sites = [x.strip() for x in args.sites.split(",") if x.strip()]
+    fed = provision(Path(args.out), sites, superlink_hosts=args.superlink_host, port=args.port)
+    print(f"coordinator files: {fed.coordinator_dir} (keep ca.key and superlink.key there)")
+    for site_id, site_dir in fed.site_dirs.items():
+        print(f"site bundle for {site_id}: {site_dir} (send it to {site_id} over a secure channel)")
+    print(f"register each site: flwr supernode register {fed.coordinator_dir}/node-keys/<site>.pub")
+    return 0
+
+
+def _site_check(args: argparse.Namespace) -> int:
+    from shared.provision import check_bundle
+
+    print(f"site bundle {check_bundle(Path(args.bundle))} is complete")
+    return 0
+
+
+def _site_start(args: argparse.Namespace) -> int:
+    import os
+
+    from shared.provision import QUIET_FLOWER_ENV, supernode_command
+
+    command = supernode_command(Path(args.bundle), args.superlink, runtime_port=args.runtime_port)
+    os.execvpe(command[0], command, {**os.environ, **QUIET_FLOWER_ENV})
+    return 0  # pragma: no cover  (exec does not return)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privatune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per simulated client.")
     sim.add_argument("--verbose", action="store_true", help="Show Flower's and Ray's logs too.")
     sim.set_defaults(func=_simulate)
+
+    prov = sub.add_parser(
+        "provision",
+        help="Coordinator: CA, SuperLink TLS certificate, one bundle per site (re-run to add sites).",
+    )
+    prov.add_argument("--out", required=True, help="Directory for coordinator/ and sites/<id>/.")
+    prov.add_argument("--sites", required=True, help="Comma-separated site ids, e.g. hospital-a,hospital-b.")
+    prov.add_argument(
+        "--superlink-host",
+        action="append",
+        required=True,
+        help="Name or IP the sites reach the SuperLink at (repeatable; the first goes into flwr-config.toml).",
+    )
+    prov.add_argument("--port", type=int, default=9092, help="The SuperLink's port (default 9092).")
+    prov.set_defaults(func=_provision)
+
+    site = sub.add_parser("site", help="Partner site: check a site bundle, or start its SuperNode.")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    check = site_sub.add_parser("check", help="Check the bundle: files, key permissions, node config, roster.")
+    check.add_argument("bundle", help="The site bundle directory.")
+    check.set_defaults(func=_site_check)
+    start = site_sub.add_parser(
+        "start", help="Check the bundle, then run flower-supernode for it (Flower phone-home off)."
+    )
+    start.add_argument("bundle", help="The site bundle directory.")
+    start.add_argument("--superlink", required=True, help="The SuperLink's host:port.")
+    start.add_argument("--runtime-port", type=int, default=9094, help="Local port of the SuperNode's own API.")
+    start.set_defaults(func=_site_start)
 
     # "privatune audit ..." is handed whole to the audit's own parser (see main)
     sub.add_parser("audit", help="Verify ledgers, recompute every epsilon, write the audit report (audit --help).")

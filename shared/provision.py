@@ -1,0 +1,383 @@
+"""Provisioning of a deployed federation: a CA, the SuperLink's TLS certificate, and one bundle per site.
+
+``privatune provision --out DIR --sites a,b,c --superlink-host link.example.org`` writes::
+
+    DIR/coordinator/   ca.pem ca.key superlink.pem superlink.key roster.json node-keys/<site>.pub
+                       flwr-config.toml (a Flower CLI connection to the SuperLink, TLS-verified by ca.pem)
+    DIR/sites/<site>/  ca.pem roster.json node-config.toml
+                       node_auth_key node_auth_key.pub   (Flower SuperNode authentication, EC P-384, OpenSSH)
+                       identity_ed25519.pem              (signs secure-aggregation keys and ledger entries)
+
+Each private key is created with mode 0600 inside the one directory it belongs to, and is never copied.
+Re-running with more sites keeps every existing key and certificate, adds the new bundles, and rewrites the
+roster everywhere (every site must hold the same roster). ``node-keys/<site>.pub`` is what the coordinator
+registers with ``flwr supernode register``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, Roster, load_private_key, write_private_key
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+SUPERLINK_CERT = "superlink.pem"
+SUPERLINK_KEY = "superlink.key"
+NODE_AUTH_KEY = "node_auth_key"
+NODE_AUTH_PUB = "node_auth_key.pub"
+NODE_CONFIG_FILE = "node-config.toml"
+FLWR_CONFIG_FILE = "flwr-config.toml"
+NODE_KEYS_DIR = "node-keys"
+DEFAULT_PORT = 9092
+CERT_DAYS = 825
+
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ProvisionError(ValueError):
+    """Provisioning input, or a bundle on disk, is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Where ``provision`` put things."""
+
+    coordinator_dir: Path
+    site_dirs: dict[str, Path]
+    superlink_address: str
+
+
+def check_site_id(site_id: str) -> str:
+    if not _SITE_ID.match(site_id):
+        raise ProvisionError(
+            f"site id must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit, got {site_id!r}"
+        )
+    return site_id
+
+
+def _write_new_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def check_private_key_file(path: Path, *, what: str) -> Path:
+    """A private key file must exist, be a regular file, and be readable by its owner only."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProvisionError(f"{what} not found: {path}")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ProvisionError(f"{what} {path} has mode {mode:04o}; it must be 0600 (chmod 600 {path})")
+    return path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "PrivaTune"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def make_ca(common_name: str = "PrivaTune federation CA") -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = _name(common_name)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _san_entry(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str]
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A TLS server certificate for the SuperLink, valid for every name/IP in ``hosts`` (and loopback)."""
+    if not hosts:
+        raise ProvisionError("the SuperLink certificate needs at least one host name or IP address")
+    names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))  # the ServerApp reaches it on loopback
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(minutes=5))
+        .not_valid_after(_now() + datetime.timedelta(days=CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName([_san_entry(h) for h in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def make_node_auth_key() -> tuple[bytes, bytes]:
+    """The (private, public) key pair Flower's SuperNode authentication takes: EC P-384 in OpenSSH format."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def node_config_template(site_id: str, site_dir: Path) -> str:
+    """The site's own settings, in the TOML ``flower-supernode --node-config`` reads. The site edits it."""
+    return f"""# {site_id}'s own settings: flower-supernode --node-config {site_dir / NODE_CONFIG_FILE}
+# The server cannot change any of these; a run whose config disagrees with them is refused by this site.
+site-id = "{site_id}"
+site-dir = "{site_dir}"
+# Your training data (.csv/.jsonl/.parquet with the run's text and label columns). EDIT THIS.
+data-path = "{site_dir / "data.csv"}"
+# cpu, cuda:0, ...
+device = "cpu"
+# Your total privacy budget over every run, and your delta.
+max-epsilon = 8.0
+delta = 1e-5
+ledger-path = "{site_dir / "privacy_ledger.jsonl"}"
+roster-path = "{site_dir / ROSTER_FILE}"
+# Refuse any round without secure aggregation.
+require-secagg = true
+"""
+
+
+def flwr_connection_config(superlink_address: str, ca_cert_path: Path, name: str = "privatune") -> str:
+    """A ``$FLWR_HOME/config.toml`` for the coordinator's Flower CLI (flwr run / supernode register / ls)."""
+    return f"""[superlink]
+default = "{name}"
+
+[superlink.{name}]
+address = "{superlink_address}"
+root-certificates = "{ca_cert_path}"
+"""
+
+
+def _load_ca(coord: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key_path = check_private_key_file(coord / CA_KEY, what="CA private key")
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate((coord / CA_CERT).read_bytes())
+    except (ValueError, FileNotFoundError) as e:
+        raise ProvisionError(f"coordinator CA in {coord} is unreadable: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ProvisionError(f"CA private key {key_path} is not an EC key")
+    return key, cert
+
+
+def provision(out: Path, site_ids: list[str], *, superlink_hosts: list[str], port: int = DEFAULT_PORT) -> Federation:
+    """Create (or extend) the coordinator's files and one bundle per site under ``out``. Idempotent."""
+    if not site_ids:
+        raise ProvisionError("provision needs at least one site id (--sites a,b,c)")
+    for s in site_ids:
+        check_site_id(s)
+    if len(set(site_ids)) != len(site_ids):
+        raise ProvisionError(f"site ids must be distinct, got {site_ids}")
+    if not 0 < port < 65536:
+        raise ProvisionError(f"port must be in 1..65535, got {port}")
+    out = Path(out).expanduser().resolve()
+    coord = out / "coordinator"
+    sites_root = out / "sites"
+
+    if (coord / CA_KEY).exists():
+        ca_key, ca_cert = _load_ca(coord)
+    else:
+        ca_key, ca_cert = make_ca()
+        _write_new_private(coord / CA_KEY, _pem_key(ca_key))
+        _write_public(coord / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
+    if not (coord / SUPERLINK_KEY).exists():
+        link_key, link_cert = make_server_cert(ca_key, ca_cert, superlink_hosts)
+        _write_new_private(coord / SUPERLINK_KEY, _pem_key(link_key))
+        _write_public(coord / SUPERLINK_CERT, link_cert.public_bytes(serialization.Encoding.PEM))
+    address = f"{superlink_hosts[0]}:{port}"
+    _write_public(coord / FLWR_CONFIG_FILE, flwr_connection_config(address, coord / CA_CERT).encode())
+
+    existing = sorted(p.name for p in sites_root.iterdir() if p.is_dir()) if sites_root.is_dir() else []
+    all_sites = list(dict.fromkeys([*existing, *site_ids]))
+    identities = {}
+    for site_id in all_sites:
+        site_dir = sites_root / site_id
+        id_path = site_dir / IDENTITY_KEY_FILE
+        if id_path.exists():
+            identities[site_id] = load_private_key(check_private_key_file(id_path, what="identity key")).public_key()
+        else:
+            key = Ed25519PrivateKey.generate()
+            write_private_key(id_path, key)
+            identities[site_id] = key.public_key()
+        if not (site_dir / NODE_AUTH_KEY).exists():
+            private, public = make_node_auth_key()
+            _write_new_private(site_dir / NODE_AUTH_KEY, private)
+            _write_public(site_dir / NODE_AUTH_PUB, public)
+        _write_public(coord / NODE_KEYS_DIR / f"{site_id}.pub", (site_dir / NODE_AUTH_PUB).read_bytes())
+        _write_public(site_dir / CA_CERT, (coord / CA_CERT).read_bytes())
+        if not (site_dir / NODE_CONFIG_FILE).exists():
+            _write_public(site_dir / NODE_CONFIG_FILE, node_config_template(site_id, site_dir).encode())
+
+    roster = Roster(identities).to_json().encode()
+    _write_public(coord / ROSTER_FILE, roster)
+    for site_id in all_sites:
+        _write_public(sites_root / site_id / ROSTER_FILE, roster)
+    return Federation(coord, {s: sites_root / s for s in all_sites}, address)
+
+
+def check_bundle(site_dir: Path) -> Path:
+    """Check a site bundle before the SuperNode starts: every file present, private keys 0600, valid keys, and
+    a node config whose settings are complete and whose site is in the roster."""
+    import tomllib
+
+    from client.site_policy import check_node_config
+    from shared.site import SiteConfigError, site_from_node_config
+
+    site_dir = Path(site_dir).expanduser().resolve()
+    if not site_dir.is_dir():
+        raise ProvisionError(f"site bundle not found: {site_dir}")
+    for name in (CA_CERT, ROSTER_FILE, NODE_CONFIG_FILE):
+        if not (site_dir / name).is_file():
+            raise ProvisionError(f"site bundle {site_dir} lacks {name}")
+    try:
+        x509.load_pem_x509_certificate((site_dir / CA_CERT).read_bytes())
+    except ValueError as e:
+        raise ProvisionError(f"{site_dir / CA_CERT} is not a PEM certificate: {e}") from e
+    auth = check_private_key_file(site_dir / NODE_AUTH_KEY, what="node authentication key")
+    try:
+        key = serialization.load_ssh_private_key(auth.read_bytes(), password=None)
+    except ValueError as e:
+        raise ProvisionError(f"node authentication key {auth} is not an OpenSSH private key: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ProvisionError(f"node authentication key {auth} must be an EC (NIST P-384) key")
+    config_path = site_dir / NODE_CONFIG_FILE
+    try:
+        node_config = tomllib.loads(config_path.read_text())
+        check_node_config(node_config)
+        site = site_from_node_config(node_config, sim_dir=site_dir)
+    except tomllib.TOMLDecodeError as e:
+        raise ProvisionError(f"{config_path} is not valid TOML: {e}") from e
+    except SiteConfigError as e:
+        raise ProvisionError(f"{config_path}: {e}") from e
+    if site.simulated:
+        raise ProvisionError(f"{config_path} must set site-id (a deployed site)")
+    load_private_key(check_private_key_file(site.identity_key_path, what="identity key"))
+    roster = Roster.load(site.roster_path)
+    if site.site_id not in roster.keys:
+        raise ProvisionError(f"{config_path}: site-id {site.site_id!r} is not in the roster {site.roster_path}")
+    if roster.keys[site.site_id] != load_private_key(site.identity_key_path).public_key():
+        raise ProvisionError(f"identity key {site.identity_key_path} is not the roster's key for {site.site_id!r}")
+    if site.data_path is None or not site.data_path.is_file():
+        raise ProvisionError(f"{config_path}: data-path {site.data_path} does not exist (edit data-path)")
+    return site_dir
+
+
+# Flower's phone-home and run-time installs, all off at a site: nothing but the SuperLink is contacted
+QUIET_FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def superlink_command(
+    coordinator_dir: Path, *, database: Path, host: str = "0.0.0.0", port: int = DEFAULT_PORT
+) -> list[str]:
+    """``flower-superlink`` with TLS from the coordinator's files, SuperNode authentication on, state on disk."""
+    coord = Path(coordinator_dir)
+    check_private_key_file(coord / SUPERLINK_KEY, what="SuperLink TLS key")
+    for name in (SUPERLINK_CERT, CA_CERT):
+        if not (coord / name).is_file():
+            raise ProvisionError(f"coordinator directory {coord} lacks {name}")
+    return [
+        "flower-superlink",
+        "--ssl-certfile", str(coord / SUPERLINK_CERT),
+        "--ssl-keyfile", str(coord / SUPERLINK_KEY),
+        "--ssl-ca-certfile", str(coord / CA_CERT),
+        "--enable-supernode-auth",
+        "--database", str(database),
+        "--disable-runtime-dependency-installation",
+        "--host", host,
+        "--port", str(port),
+    ]  # fmt: skip
+
+
+def supernode_command(site_dir: Path, superlink: str, *, runtime_port: int = 9094) -> list[str]:
+    """``flower-supernode`` for a site bundle: TLS verified by the bundle's CA, its node-auth key, its node config.
+
+    No ``--max-retries``/``--max-wait-time``: the SuperNode retries with backoff for as long as the SuperLink is
+    away (a SuperLink restart is survived)."""
+    site_dir = check_bundle(site_dir)
+    return [
+        "flower-supernode",
+        "--superlink", superlink,
+        "--root-certificates", str(site_dir / CA_CERT),
+        "--auth-supernode-private-key", str(site_dir / NODE_AUTH_KEY),
+        "--node-config", str(site_dir / NODE_CONFIG_FILE),
+        "--port", str(runtime_port),
+    ]  # fmt: skip
