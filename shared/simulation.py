@@ -94,6 +94,7 @@ def run_simulation(
             "logging_level": "WARNING" if verbose else "ERROR",
             "log_to_driver": verbose,
             "_temp_dir": str(scratch / "ray"),
+            "_node_ip_address": "127.0.0.1",  # Ray's own traffic stays on loopback
         },
     }
     try:

@@ -92,6 +92,25 @@ def tiny_config(tiny_model_dir: Path, tiny_csv: Path, tmp_path: Path):
     )
 
 
+SIMULATION_KEYS = (
+    "model-path",
+    "data-path",
+    "labels",
+    "max-length",
+    "batch-size",
+    "local-steps",
+    "max-test-examples",
+    "learning-rate",
+    "output-dir",
+)
+
+
+def simulation_overrides(config, **extra) -> dict:
+    """The run-config overrides that make ``run_simulation`` use the tiny model and data of ``config``."""
+    flat = config.to_flower()
+    return {**{k: flat[k] for k in SIMULATION_KEYS}, "num-server-rounds": 2, **extra}
+
+
 @pytest.fixture(autouse=True)
 def flower_task_identity():
     """Flower 1.41 stamps every new Message with the process's task identity; tests play the SuperLink's part."""

@@ -12,35 +12,18 @@ import pytest
 
 from shared.audit.cli import audit_main
 from shared.simulation import run_simulation
+from tests.conftest import simulation_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def _overrides(tiny_config, sim_dir, *, secure: bool) -> dict:
-    keys = [
-        "model-path",
-        "data-path",
-        "labels",
-        "max-length",
-        "batch-size",
-        "local-steps",
-        "max-test-examples",
-        "learning-rate",
-        "output-dir",
-    ]
-    flat = tiny_config.to_flower()
-    return {
-        **{k: flat[k] for k in keys},
-        "num-server-rounds": 2,
-        "sim-dir": str(sim_dir),
-        "secure-aggregation": secure,
-    }
 
 
 def test_audit_of_two_simulated_runs_verifies_and_composes_over_both(tiny_config, tmp_path, capsys):
     sim_dir = tmp_path / "federation"
     run_dirs = [
-        run_simulation(_overrides(tiny_config, sim_dir, secure=secure), num_clients=3) for secure in (False, True)
+        run_simulation(
+            simulation_overrides(tiny_config, **{"sim-dir": str(sim_dir), "secure-aggregation": secure}), num_clients=3
+        )
+        for secure in (False, True)
     ]
     capsys.readouterr()
 

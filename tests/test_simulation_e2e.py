@@ -12,24 +12,9 @@ from shared.ledger import SiteLedger
 from shared.metrics import evaluate_model
 from shared.model import encode, load_tokenizer
 from shared.simulation import run_simulation, summary
+from tests.conftest import simulation_overrides
 
 pytestmark = pytest.mark.slow
-
-
-def _overrides(tiny_config, **extra):
-    keys = [
-        "model-path",
-        "data-path",
-        "labels",
-        "max-length",
-        "batch-size",
-        "local-steps",
-        "max-test-examples",
-        "learning-rate",
-        "output-dir",
-    ]
-    flat = tiny_config.to_flower()
-    return {**{k: flat[k] for k in keys}, "num-server-rounds": 2, **extra}
 
 
 def _reload_accuracy(run_dir, cfg: RunConfig, num_clients: int) -> float:
@@ -42,7 +27,7 @@ def _reload_accuracy(run_dir, cfg: RunConfig, num_clients: int) -> float:
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
 def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
-    overrides = _overrides(tiny_config, **{"secure-aggregation": secure})
+    overrides = simulation_overrides(tiny_config, **{"secure-aggregation": secure})
     run_dir = run_simulation(overrides, num_clients=3)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
