@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,20 +18,21 @@ from flwr.clientapp import ClientApp
 from client.budget import decide
 from client.secagg_mod import secagg_mod
 from client.site_policy import SitePolicyError, check_site_policy
-from client.train import train_round
 from shared import constants as C
-from shared.canary_data import add_site_canaries
 from shared.config import RunConfig
-from shared.data import LabelledText
-from shared.federation import site_training_rows
 from shared.identity import load_private_key
 from shared.ledger import SiteLedger, digest_arrays, fingerprint_rows
-from shared.metrics import evaluate_model
-from shared.model import Encoded, build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable
 from shared.privacy import DpEvent, calibrate_noise_multiplier
 from shared.records import arrays_from_record, config_value
 from shared.site import Site, site_from_context
 from shared.updates import clip_to_norm
+
+if TYPE_CHECKING:
+    from shared.data import LabelledText
+    from shared.model import Encoded
+
+# torch, transformers, Opacus and scipy are imported inside the handlers: in a deployment Flower starts one
+# ClientApp process per message, and the secure-aggregation stages (3 of a round's 4 messages) need none of them.
 
 logger = logging.getLogger("privatune.client")
 
@@ -76,6 +78,11 @@ def _open_ledger(site: Site) -> SiteLedger:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from client.train import train_round
+    from shared.canary_data import add_site_canaries
+    from shared.federation import site_training_rows
+    from shared.model import build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable
+
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
     server_round = int(config_value(msg.content, C.TRAIN_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
@@ -176,6 +183,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     These metrics are NOT differentially private; the default ServerApp evaluates centrally on held-out data
     and never calls this. It is here for deployments whose sites agree to release local metrics.
     """
+    from shared.federation import site_training_rows
+    from shared.metrics import evaluate_model
+    from shared.model import build_model, encode, load_tokenizer, set_trainable
+
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
     rows: LabelledText = site_training_rows(cfg, site)
