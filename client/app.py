@@ -78,11 +78,6 @@ def _open_ledger(site: Site) -> SiteLedger:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from client.train import train_round
-    from shared.canary_data import add_site_canaries
-    from shared.federation import site_training_rows
-    from shared.model import build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable
-
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
     server_round = int(config_value(msg.content, C.TRAIN_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
@@ -91,6 +86,11 @@ def train(msg: Message, context: Context) -> Message:
         check_site_policy(cfg, site, context.node_config)
     except SitePolicyError as e:
         return _decline(msg, str(e))
+    from client.train import train_round
+    from shared.canary_data import add_site_canaries
+    from shared.federation import site_training_rows
+    from shared.model import build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable
+
     delta = site.delta if site.delta is not None else cfg.delta
 
     rows = add_site_canaries(site_training_rows(cfg, site), canaries=cfg.canaries, seed=cfg.seed, site=site)
@@ -112,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
     decision = decide(
         ledger.history(fingerprint),
         planned,
-        max_epsilon=None if math.isinf(site.max_epsilon) else site.max_epsilon,
+        max_epsilon=site.max_epsilon,
         delta=delta,
         accountant=cfg.accountant,
     )
