@@ -201,3 +201,28 @@ def test_cli_provision_then_site_check(tmp_path, capsys):
     assert cli_main(["site", "check", str(tmp_path / "f" / "sites" / "a")]) == 0
     assert cli_main(["site", "check", str(tmp_path / "f" / "sites" / "nope")]) == 2
     assert "site bundle not found" in capsys.readouterr().err
+
+
+def test_site_start_execs_the_supernode_with_flowers_phone_home_off(fed, monkeypatch):
+    site = _ready_bundle(fed.site_dirs["hospital-a"])
+    calls = []
+    monkeypatch.setattr("os.execvpe", lambda file, args, env: calls.append((file, args, env)))
+
+    cli_main(["site", "start", str(site), "--superlink", "link.example.org:9092"])
+
+    ((file, args, env),) = calls
+    assert file == "flower-supernode" and args[args.index("--superlink") + 1] == "link.example.org:9092"
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert (
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+        and "--allow-runtime-dependency-installation" not in args
+    )
+
+
+def test_site_start_refuses_a_bundle_with_an_open_key(fed, monkeypatch, capsys):
+    site = _ready_bundle(fed.site_dirs["hospital-a"])
+    (site / NODE_AUTH_KEY).chmod(0o644)
+    monkeypatch.setattr("os.execvpe", lambda *a: pytest.fail("must not start"))
+
+    assert cli_main(["site", "start", str(site), "--superlink", "h:1"]) == 2
+    assert "has mode 0644; it must be 0600" in capsys.readouterr().err
