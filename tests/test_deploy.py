@@ -55,18 +55,26 @@ class Proc:
     log: Path
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Signal this process's own group (it and the children it started), then make sure they are gone."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)  # children left behind by the group leader
+        """Signal this process, its group and every descendant by PID (Flower's SuperExec children start their
+        own sessions), then SIGKILL whatever is left."""
+        import psutil
+
+        try:
+            family = [psutil.Process(self.popen.pid), *psutil.Process(self.popen.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+        for proc in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
+        _, alive = psutil.wait_procs(family, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=5)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -233,3 +241,190 @@ def test_two_rounds_with_dp_and_secure_aggregation_over_tls(fed, tiny_model_dir)
     assert all(sorted(r["survivors"]) == sorted(SITES) and not r["aborted"] for r in metrics["rounds"])
     assert all(r["secure_aggregation"] for r in metrics["rounds"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _bundle_copy(fed: Federation, site: str, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(fed.sites[site], dest)
+    return dest
+
+
+def _refused(fed: Federation, proc: Proc, timeout: float = 120) -> str:
+    try:
+        code = proc.popen.wait(timeout=timeout)
+    finally:
+        proc.stop()
+    assert code != 0, proc.text()
+    assert fed.online_nodes() == len(SITES)
+    return proc.text()
+
+
+def test_unregistered_node_is_refused(fed, tmp_path):
+    from shared.provision import NODE_AUTH_KEY, NODE_AUTH_PUB, make_node_auth_key
+
+    bundle = _bundle_copy(fed, "hospital-a", tmp_path / "intruder")
+    private, public = make_node_auth_key()  # a valid key pair that the coordinator never registered
+    (bundle / NODE_AUTH_KEY).write_bytes(private)
+    (bundle / NODE_AUTH_PUB).write_bytes(public)
+
+    log = _refused(fed, fed.start_supernode("intruder", bundle=bundle, extra=["--max-retries", "2"]))
+
+    assert "Failed to activate SuperNode" in log
+
+
+def test_node_trusting_another_ca_is_refused(fed, tmp_path):
+    other = provision(tmp_path / "other", ["x"], superlink_hosts=["127.0.0.1"], port=fed.port)
+    bundle = _bundle_copy(fed, "hospital-a", tmp_path / "other-ca")
+    (bundle / "ca.pem").write_bytes((other.coordinator_dir / "ca.pem").read_bytes())
+
+    log = _refused(
+        fed, fed.start_supernode("other-ca", bundle=bundle, extra=["--max-retries", "2", "--max-wait-time", "20"])
+    )
+
+    assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log
+
+
+def test_node_with_a_key_of_the_wrong_type_is_refused(fed, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    bundle = _bundle_copy(fed, "hospital-a", tmp_path / "wrong-key")
+    key = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    (bundle / "node_auth_key").write_bytes(key)
+    command = [
+        "flower-supernode",
+        "--superlink", fed.address,
+        "--root-certificates", str(bundle / "ca.pem"),
+        "--auth-supernode-private-key", str(bundle / "node_auth_key"),
+        "--node-config", str(bundle / NODE_CONFIG_FILE),
+        "--port", str(free_port()),
+        "--max-retries", "2",
+    ]  # fmt: skip
+
+    log = _refused(fed, fed.start("wrong-key", command))
+
+    assert "Unable to parse the private key file" in log
+
+
+def test_site_refuses_a_run_config_asking_for_another_data_path(fed, tiny_model_dir):
+    config = run_config(fed, tiny_model_dir, **{"num-server-rounds": 1, "data-path": "/srv/other-hospital.csv"})
+
+    proc, _ = submit(fed, config, "other-data-path")
+    wait_for(proc, "adapter saved to", timeout=300)
+
+    log = proc.text()
+    for site in SITES:
+        assert f"{site} declined: site {site} refuses the run: run config data-path='/srv/other-hospital.csv'" in log
+
+
+def _node_config(fed: Federation, site: str, ledger: Path) -> dict:
+    import tomllib
+
+    return {**tomllib.loads((fed.sites[site] / NODE_CONFIG_FILE).read_text()), "ledger-path": str(ledger)}
+
+
+def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
+    """The uninterrupted run, recomputed in this process: every site's own train handler each round, the plain
+    mean of the updates (what the secure sum decodes to, up to its fixed-point resolution)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from client.app import train
+    from shared import constants as C
+    from shared.config import RunConfig
+    from shared.model import build_model, flatten, get_trainable, unflatten
+    from shared.records import record_from_arrays
+    from shared.updates import mean_from_sum
+
+    cfg = RunConfig.from_flower(config)
+    global_arrays = get_trainable(build_model(cfg, num_labels=2))
+    contexts = {
+        site: Context(
+            run_id=1,
+            node_id=i + 1,
+            node_config=_node_config(fed, site, scratch / f"{site}.jsonl"),
+            state=RecordDict(),
+            run_config=cfg.to_flower(),
+        )
+        for i, site in enumerate(SITES)
+    }
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        total = None
+        for context in contexts.values():
+            content = RecordDict(
+                {
+                    C.GLOBAL_RECORD: record_from_arrays(global_arrays),
+                    C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: "1"}),
+                }
+            )
+            reply = train(Message(content, dst_node_id=context.node_id, message_type="train"), context)
+            update = reply.content[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy().astype("float64")
+            total = update if total is None else total + update
+        global_arrays = unflatten(flatten(global_arrays) + mean_from_sum(total, float(len(SITES))), global_arrays)
+    return dict(global_arrays)
+
+
+def _ledger_rounds(path: Path) -> list[tuple[str, int]]:
+    return [(e["run_id"], e["round"]) for e in map(json.loads, path.read_text().splitlines()) if "round" in e]
+
+
+def test_server_killed_in_round_2_of_4_resumes_and_matches_an_uninterrupted_run(fed, tiny_model_dir, tmp_path):
+    from server.checkpoint import load_checkpoint
+    from shared.audit.cli import audit_main
+
+    config = run_config(fed, tiny_model_dir, **{"num-server-rounds": 4, "reproducible-noise": True})
+    before = run_dirs(fed)
+    interrupted, _ = submit(fed, config, "interrupted")
+    wait_for(interrupted, "round 1/4", timeout=300)
+    (first,) = run_dirs(fed) - before
+    time.sleep(4)  # round 2 under way: keys advertised
+    fed.procs["superlink"].stop(signal.SIGKILL)  # kill -9 of the SuperLink and the ServerApp process it started
+    interrupted.stop()
+    assert load_checkpoint(first).server_round == 1
+
+    fed.start_superlink()  # same state database: registrations survive; the SuperNodes reconnect by themselves
+    fed.wait_online(len(SITES), timeout=180)
+    before = run_dirs(fed)
+    resumed, _ = submit(fed, {**config, "resume": str(first)}, "resumed")
+    wait_for(resumed, "adapter saved to", timeout=500)
+    (second,) = run_dirs(fed) - before
+
+    final = load_checkpoint(second)
+    assert final.server_round == 4 and final.lineage == [first.name.removeprefix("run-")]
+    assert [r["round"] for r in json.loads((second / "metrics.json").read_text())["rounds"]] == [1, 2, 3, 4]
+    reference = reference_arrays(fed, config, tmp_path)
+    for name, value in reference.items():
+        assert abs(final.arrays[name] - value).max() < 1e-4, name
+    for site in SITES:  # every training once: the lost round 2 stays in the ledger, the redone one is new
+        rounds = _ledger_rounds(fed.sites[site] / "privacy_ledger.jsonl")
+        assert len(rounds) == len(set(rounds))
+        assert [r for run, r in rounds if run == second.name.removeprefix("run-")] == [2, 3, 4]
+    ledgers = [
+        arg for site in SITES for arg in ("--ledger", str(fed.sites[site] / "privacy_ledger.jsonl"), "--site-id", site)
+    ]
+    audit = ["--roster", str(fed.coordinator / "roster.json"), "--run-dir", str(first), "--run-dir", str(second)]
+    assert audit_main([*ledgers, *audit, "--out", str(tmp_path / "audit"), "--no-cross-check"]) == 0
+
+
+def test_client_killed_mid_round_leaves_the_round_to_the_dropout_path(fed, tiny_model_dir):
+    victim = "lab-c"
+    node = fed.procs[f"node-{victim}"]
+    already = node.text().count("Sent successfully")
+    config = run_config(fed, tiny_model_dir, **{"num-server-rounds": 1, "secagg-timeout": 25.0})
+    before = run_dirs(fed)
+    proc, _ = submit(fed, config, "dropout")
+    deadline = time.monotonic() + 300
+    while node.text().count("Sent successfully") < already + 2:  # its keys advertised and its shares sent
+        assert time.monotonic() < deadline, node.text()
+        time.sleep(0.2)
+    node.stop(signal.SIGKILL)
+
+    wait_for(proc, "adapter saved to", timeout=300)
+
+    (run_dir,) = run_dirs(fed) - before
+    (record,) = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert not record["aborted"] and record["dropped"] == [victim]
+    assert sorted(record["survivors"]) == sorted(set(SITES) - {victim})
+    assert "secagg round 1: 2 survivors, 1 dropped" in proc.text()
