@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.aggregation import INSECURE_WARNING, aggregate_plain
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
+from server.optimizer import ServerOptimizer
 from server.outputs import METRICS_FILE, save_adapter, write_json_atomic
 from server.round_result import RoundAggregate
 from server.run_ledger import RunLedger
@@ -180,6 +181,7 @@ def main(grid: Grid, context: Context) -> None:
     }
     logger.info("round 0 | test acc %.4f f1 %.4f (before training)", baseline["accuracy"], baseline["macro_f1"])
     rng = np.random.default_rng([cfg.seed, 0x5A3])
+    server_opt = ServerOptimizer(kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate)
     first_round, lineage = 1, []
     if cfg.resume:  # continue an interrupted run from its last checkpointed round, under this new run id
         ckpt = load_checkpoint(Path(cfg.resume))
@@ -213,7 +215,7 @@ def main(grid: Grid, context: Context) -> None:
             agg.aborted, agg.abort_reason = True, "no site contributed an update"
         if agg.total is not None and agg.total_weight > 0:
             mean = mean_from_sum(agg.total, agg.total_weight)
-            global_arrays = unflatten(flatten(global_arrays) + mean, global_arrays)
+            global_arrays = unflatten(flatten(global_arrays) + server_opt.step(mean), global_arrays)
             set_trainable(model, global_arrays)
         test_metrics = evaluate_model(model, test_enc, num_classes=len(data.label_names))
         seconds = time.monotonic() - started

@@ -66,6 +66,10 @@ class RunConfig:
         metadata=_help("Seed DP noise and sampling from the run seed: experiments only, NOT private."),
     )
     # aggregation
+    server_optimizer: Literal["fedavg", "fedadam"] = field(
+        default="fedavg", metadata=_help("Server step from the mean update: fedavg, or fedadam (Reddi et al.).")
+    )
+    server_learning_rate: float = field(default=1.0, metadata=_help("Server step size (fedavg: 1.0 = plain mean)."))
     update_clip_norm: float = field(default=5.0, metadata=_help("L2 bound of a client's update (encoding range)."))
     secure_aggregation: bool = field(default=True, metadata=_help("Server learns only the sum of updates."))
     secagg_degree: int = field(default=0, metadata=_help("Neighbours per client; 0 = about log2(n)."))
@@ -123,6 +127,13 @@ class RunConfig:
         need(self.max_grad_norm > 0.0, "max_grad_norm", self.max_grad_norm, "> 0")
         need(0.0 < self.delta < 1.0, "delta", self.delta, "in (0, 1)")
         need(self.accountant in ACCOUNTANTS, "accountant", self.accountant, f"one of {ACCOUNTANTS}")
+        need(
+            self.server_optimizer in ("fedavg", "fedadam"),
+            "server_optimizer",
+            self.server_optimizer,
+            "'fedavg' or 'fedadam'",
+        )
+        need(self.server_learning_rate > 0.0, "server_learning_rate", self.server_learning_rate, "> 0")
         need(self.update_clip_norm > 0.0, "update_clip_norm", self.update_clip_norm, "> 0")
         need(self.secagg_degree >= 0, "secagg_degree", self.secagg_degree, ">= 0")
         need(self.secagg_threshold >= 0, "secagg_threshold", self.secagg_threshold, ">= 0")
