@@ -189,6 +189,8 @@ def main(grid: Grid, context: Context) -> None:
         global_arrays = type(global_arrays)((n, ckpt.arrays[n]) for n in global_arrays)
         set_trainable(model, global_arrays)
         rng, first_round, lineage = ckpt.rng(), ckpt.server_round + 1, [*ckpt.lineage, ckpt.run_id]
+        if ckpt.strategy_state:
+            server_opt = ServerOptimizer.from_state_dict(ckpt.strategy_state)
         history = {**ckpt.history, "run_id": run_id, "config": cfg.to_flower(), "resumed_from": lineage}
         logger.info("resuming run %s after its round %d (checkpoint in %s)", ckpt.run_id, ckpt.server_round, cfg.resume)
     for server_round in range(first_round, cfg.num_server_rounds + 1):
@@ -270,10 +272,11 @@ def main(grid: Grid, context: Context) -> None:
                 lineage=lineage,
                 server_round=server_round,
                 config=cfg.to_flower(),
-                rng_state=rng.bit_generator.state,
+                rng_state=dict(rng.bit_generator.state),
                 history=history,
                 run_ledger_head=records[-1]["entry_hash"] if records else None,
                 arrays=dict(global_arrays),
+                strategy_state=server_opt.state_dict(),
             ),
         )
         for node, reason in agg.decline_reasons.items():

@@ -2,9 +2,10 @@
 
 A checkpoint is two files in the run dir, each written atomically (temp file, fsync, rename, fsync of the
 directory): ``checkpoint-r<k>.npz`` (the global trainable tensors after round k) first, then
-``checkpoint.json`` (round k, the run's lineage, the run config, the sampling RNG's state, the metrics history,
-the run ledger's head, the arrays file and its SHA-256). The JSON is the commit point: a crash before its
-rename leaves the previous checkpoint whole, and the previous arrays file is only removed after.
+``checkpoint.json`` (round k, the run's lineage, the run config, the sampling RNG's state, the server
+optimizer's state (FedAdam moments), the metrics history, the run ledger's head, the arrays file and its
+SHA-256). The JSON is the commit point: a crash before its rename leaves the previous checkpoint whole, and the
+previous arrays file is only removed after.
 
 A resumed run is a new Flower run (a new run id, its own run dir and run ledger) that starts at round k+1 from
 the checkpointed adapter and RNG state. The round that was in flight when the server died is run again under
@@ -19,7 +20,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ class Checkpoint:
     history: dict[str, Any]
     run_ledger_head: str | None
     arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, Any] = field(default_factory=dict)  # the server optimizer's state_dict()
 
     def rng(self) -> np.random.Generator:
         rng = np.random.default_rng()
@@ -74,7 +76,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})
+    np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})  # type: ignore[arg-type]  # numpy stubs
     return buf.getvalue()
 
 
@@ -96,6 +98,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
         "arrays_file": arrays_name,
         "arrays_sha256": hashlib.sha256(blob).hexdigest(),
         "array_names": list(ckpt.arrays),
+        "strategy_state": ckpt.strategy_state,
         "history": ckpt.history,
     }
     path = run_dir / CHECKPOINT_FILE
@@ -141,6 +144,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         history=dict(meta["history"]),
         run_ledger_head=meta.get("run_ledger_head"),
         arrays=arrays,
+        strategy_state=dict(meta.get("strategy_state") or {}),
     )
 
 

@@ -135,3 +135,17 @@ def test_resume_of_a_finished_run_is_refused():
 
     with pytest.raises(CheckpointError, match="already finished all 4 rounds"):
         check_resumable(ckpt, ckpt.config, dict(ckpt.arrays))
+
+
+def test_server_optimizer_state_round_trips_exactly(tmp_path):
+    from server.optimizer import ServerOptimizer
+
+    opt = ServerOptimizer(kind="fedadam", learning_rate=0.1)
+    for seed in range(3):
+        opt.step(np.random.default_rng(seed).normal(size=5))
+    save_checkpoint(tmp_path, _ckpt(strategy_state=opt.state_dict()))
+
+    restored = ServerOptimizer.from_state_dict(load_checkpoint(tmp_path).strategy_state)
+
+    update = np.random.default_rng(9).normal(size=5)
+    assert np.array_equal(restored.step(update), opt.step(update))
