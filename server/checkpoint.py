@@ -160,5 +160,4 @@ def check_resumable(ckpt: Checkpoint, config: dict[str, Any], arrays: dict[str, 
         )
     if list(ckpt.arrays) != list(arrays) or any(ckpt.arrays[k].shape != arrays[k].shape for k in arrays):
         raise CheckpointError(f"cannot resume run {ckpt.run_id}: the checkpointed adapter has other tensors")
-    if ckpt.server_round >= int(config.get("num-server-rounds", 0)):
-        raise CheckpointError(f"run {ckpt.run_id} already finished all {ckpt.server_round} rounds; nothing to resume")
+    # round == num-server-rounds is resumable: killed after its last checkpoint, the run only saves its adapter
