@@ -30,7 +30,7 @@ def _help(text: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class RunConfig:
     # federation
-    num_server_rounds: int = field(default=5, metadata=_help("Number of federated rounds."))
+    num_server_rounds: int = field(default=8, metadata=_help("Number of federated rounds."))
     fraction_train: float = field(default=1.0, metadata=_help("Fraction of connected nodes sampled per round."))
     min_train_nodes: int = field(default=2, metadata=_help("Fewest nodes a round is run with."))
     seed: int = field(default=42, metadata=_help("Seed of partitioning, FFA-LoRA's frozen A, head init, sampling."))
@@ -47,13 +47,13 @@ class RunConfig:
     # model
     model_path: str = field(default=BUILTIN_MODEL, metadata=_help("builtin:all-minilm-l6-v2 or a local HF model dir."))
     lora_mode: Literal["ffa", "lora"] = field(default="ffa", metadata=_help("ffa: A frozen from the seed, B trained."))
-    lora_r: int = field(default=8, metadata=_help("LoRA rank."))
+    lora_r: int = field(default=2, metadata=_help("LoRA rank."))
     lora_alpha: int = field(default=16, metadata=_help("LoRA scaling numerator."))
     lora_target_modules: str = field(default="query,value", metadata=_help("Comma-separated module names."))
-    optimizer: Literal["adam", "sgd"] = field(default="adam", metadata=_help("Client optimizer (fresh each round)."))
-    learning_rate: float = field(default=0.02, metadata=_help("Client learning rate."))
-    local_steps: int = field(default=4, metadata=_help("DP-SGD steps per client per round."))
-    batch_size: int = field(default=32, metadata=_help("Expected (Poisson) batch size."))
+    optimizer: Literal["adam", "sgd"] = field(default="sgd", metadata=_help("Client optimizer (fresh each round)."))
+    learning_rate: float = field(default=1.0, metadata=_help("Client learning rate."))
+    local_steps: int = field(default=1, metadata=_help("DP-SGD steps per client per round."))
+    batch_size: int = field(default=256, metadata=_help("Expected (Poisson) batch size."))
     # differential privacy
     dp: bool = field(default=True, metadata=_help("DP-SGD on every client. Off = non-private baseline."))
     target_epsilon: float = field(default=8.0, metadata=_help("Calibrate noise to this epsilon over all rounds."))
@@ -67,9 +67,9 @@ class RunConfig:
     )
     # aggregation
     server_optimizer: Literal["fedavg", "fedadam"] = field(
-        default="fedavg", metadata=_help("Server step from the mean update: fedavg, or fedadam (Reddi et al.).")
+        default="fedadam", metadata=_help("Server step from the mean update: fedavg, or fedadam (Reddi et al.).")
     )
-    server_learning_rate: float = field(default=1.0, metadata=_help("Server step size (fedavg: 1.0 = plain mean)."))
+    server_learning_rate: float = field(default=0.02, metadata=_help("Server step size (fedavg: 1.0 = plain mean)."))
     update_clip_norm: float = field(default=5.0, metadata=_help("L2 bound of a client's update (encoding range)."))
     secure_aggregation: bool = field(default=True, metadata=_help("Server learns only the sum of updates."))
     secagg_degree: int = field(default=0, metadata=_help("Neighbours per client; 0 = about log2(n)."))
