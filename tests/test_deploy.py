@@ -44,6 +44,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, even by kill -9 (Linux prctl), so a
+    killed pytest leaves no SuperLink or SuperNode behind (their SuperExecs exit with their parent)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _env(flwr_home: Path) -> dict[str, str]:
     return {**os.environ, **QUIET_FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}:{os.environ['PATH']}"}
 
@@ -105,6 +114,7 @@ class Federation:
                 env=_env(self.flwr_home),
                 cwd=self.root,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         self.procs[name] = Proc(name, popen, log)
         return self.procs[name]
@@ -327,11 +337,12 @@ def _node_config(fed: Federation, site: str, ledger: Path) -> dict:
 
 
 def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
-    """The uninterrupted run, recomputed in this process: every site's own train handler each round, the plain
-    mean of the updates (what the secure sum decodes to, up to its fixed-point resolution)."""
+    """The uninterrupted run, recomputed in this process: every site's own train handler each round, the mean of
+    the updates (what the secure sum decodes to, up to its fixed-point resolution), the server optimizer's step."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from client.app import train
+    from server.optimizer import ServerOptimizer
     from shared import constants as C
     from shared.config import RunConfig
     from shared.model import build_model, flatten, get_trainable, unflatten
@@ -340,6 +351,7 @@ def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
 
     cfg = RunConfig.from_flower(config)
     global_arrays = get_trainable(build_model(cfg, num_labels=2))
+    server_opt = ServerOptimizer(kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate)
     contexts = {
         site: Context(
             run_id=1,
@@ -362,7 +374,8 @@ def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
             reply = train(Message(content, dst_node_id=context.node_id, message_type="train"), context)
             update = reply.content[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy().astype("float64")
             total = update if total is None else total + update
-        global_arrays = unflatten(flatten(global_arrays) + mean_from_sum(total, float(len(SITES))), global_arrays)
+        step = server_opt.step(mean_from_sum(total, float(len(SITES))))
+        global_arrays = unflatten(flatten(global_arrays) + step, global_arrays)
     return dict(global_arrays)
 
 
