@@ -44,13 +44,14 @@ def centralized(cfg: RunConfig, num_clients: int) -> dict[str, float]:
     train = encode(tokenizer, rows.texts, rows.labels, max_length=cfg.max_length)
     test = server_test_set(cfg, data, num_clients)
     model = build_model(cfg, len(data.label_names))
-    # the federation sees rounds x clients x local steps x batch examples; so does the central run
-    steps = cfg.num_server_rounds * cfg.local_steps
+    # the federation sees rounds x clients x local steps x batch examples; so does the central run, in
+    # batches of the sites' size (one batch of all sites' rows at once would not fit in memory)
+    steps = cfg.num_server_rounds * cfg.local_steps * num_clients
     train_round(
         model,
         train,
         steps=steps,
-        batch_size=cfg.batch_size * num_clients,
+        batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         optimizer_name=cfg.optimizer,
         dp=False,

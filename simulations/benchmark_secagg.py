@@ -96,9 +96,7 @@ def bench(n: int, dropout: float, *, dim: int, clip: float, sim_dir: Path) -> di
     }
 
 
-def abort_probability(
-    n: int, dropout: float, *, trials: int, threshold: int | None = None, seed: int = 0
-) -> float:
+def abort_probability(n: int, dropout: float, *, trials: int, threshold: int | None = None, seed: int = 0) -> float:
     """Chance that independent dropouts (each client with probability ``dropout``, after share-keys) abort."""
     s = SecAggSettings(clip_norm=1.0, max_clients=max(n, 2), threshold=threshold)
     ids = list(range(1, n + 1))
@@ -142,18 +140,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['max_error']:.2e} | {r['resolution']:.2e} |",
                 flush=True,
             )
-    print(
-        "\nAbort probability with independent random dropouts (default k, t; estimated on the graph alone):\n"
-    )
+    print("\nAbort probability with independent random dropouts (default k, t; estimated on the graph alone):\n")
     print("| n | k | t | 10% dropout | 30% dropout | t_min = floor(m/2)+1 | 10%, t_min | 30%, t_min |")
     print("|---|---|---|---|---|---|---|---|")
     s = SecAggSettings(clip_norm=1.0)
     for n in args.n:
         k, t = s.degree_for(n), s.threshold_for(n)
         t_min = (k + 1) // 2 + 1
-        p = [
-            abort_probability(n, d, trials=args.trials, threshold=th) for th in (t, t_min) for d in (0.1, 0.3)
-        ]
+        p = [abort_probability(n, d, trials=args.trials, threshold=th) for th in (t, t_min) for d in (0.1, 0.3)]
         print(f"| {n} | {k} | {t} | {p[0]:.3f} | {p[1]:.3f} | {t_min} | {p[2]:.3f} | {p[3]:.3f} |")
 
 
