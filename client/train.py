@@ -74,7 +74,7 @@ def _run_steps(
             empty += 1
             # An empty Poisson batch is still a DP step (noise only): zero per-sample gradients for it.
             for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
         else:
             out = module(input_ids=input_ids, attention_mask=attention_mask)
             loss = loss_fn(out.logits, labels)

@@ -236,15 +236,18 @@ def main(grid: Grid, context: Context) -> None:
                 entry["epsilon"] = None  # inf (non-private) is not JSON; None means "no finite epsilon"
         losses = [m[C.METRIC_TRAIN_LOSS] for m in agg.client_metrics.values() if C.METRIC_TRAIN_LOSS in m]
         epsilons = [m[C.METRIC_EPSILON] for m in agg.client_metrics.values() if C.METRIC_EPSILON in m]
-        round_record = {
+        survivors = [site(n) for n in agg.survivors]
+        dropped = [site(n) for n in agg.dropped]
+        declined = {site(n): agg.decline_reasons.get(n, "") for n in agg.declined}
+        round_record: dict[str, Any] = {
             "round": server_round,
             "test": test_metrics,
             "train_loss": float(np.nanmean(losses)) if losses else None,
             "clients": clients,
             "sampled": [site(n) for n in sampled],
-            "survivors": [site(n) for n in agg.survivors],
-            "dropped": [site(n) for n in agg.dropped],
-            "declined": {site(n): agg.decline_reasons.get(n, "") for n in agg.declined},
+            "survivors": survivors,
+            "dropped": dropped,
+            "declined": declined,
             "aborted": agg.aborted,
             "abort_reason": agg.abort_reason,
             "secure_aggregation": cfg.secure_aggregation,
@@ -254,9 +257,9 @@ def main(grid: Grid, context: Context) -> None:
         run_ledger.record_round(
             server_round,
             participants=[site(n) for n in sampled],
-            declined=round_record["declined"],
-            survivors=round_record["survivors"],
-            dropped=round_record["dropped"],
+            declined=declined,
+            survivors=survivors,
+            dropped=dropped,
             aborted=agg.aborted,
             aggregate_hash=digest_array(agg.total) if agg.total is not None else None,
             attestations={site(n): att for n, att in agg.attestations.items()},
@@ -285,8 +288,7 @@ def main(grid: Grid, context: Context) -> None:
         if agg.aborted:
             note = f" | ABORTED: {agg.abort_reason}"
         elif agg.dropped or agg.declined:
-            dropped, declined = len(agg.dropped), len(agg.declined)
-            note = f" | {len(agg.survivors)}/{len(sampled)} sites ({dropped} dropped, {declined} declined)"
+            note = f" | {len(survivors)}/{len(sampled)} sites ({len(dropped)} dropped, {len(declined)} declined)"
         logger.info(
             "round %d/%d | train loss %s | test acc %.4f f1 %.4f | max eps %s | %.1fs%s",
             server_round,

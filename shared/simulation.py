@@ -88,7 +88,7 @@ def run_simulation(
             write_site_settings(cfg.simulation_dir(run_id) / "sites" / site_id_for_partition(i), site_settings)
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
     cpus = os.cpu_count() or 1
-    backend = {
+    backend: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
         "init_args": {
             "num_cpus": cpus,
@@ -105,7 +105,7 @@ def run_simulation(
             client_app=client.app.app,
             server_app=server.app.app,
             backend_name="ray",
-            backend_config=backend,
+            backend_config=backend,  # type: ignore[arg-type]  # flwr's alias is narrower than its parser
             server_app_context=context,
             app_dir=str(PROJECT_ROOT),
             run=run,
