@@ -117,8 +117,16 @@ def compose_epsilon(
         return 0.0
     if any(e.noise_multiplier == 0.0 for e in steps):
         return math.inf
+    mechanisms = tuple(sorted((e.noise_multiplier, e.sample_rate, e.steps) for e in steps))
+    return _accountant_epsilon(mechanisms, delta, accountant, eps_error)
+
+
+@lru_cache(maxsize=256)  # pure and slow (PRV): a round's budget check and its ledger entry ask the same question
+def _accountant_epsilon(
+    mechanisms: tuple[tuple[float, float, int], ...], delta: float, accountant: str, eps_error: float
+) -> float:
     acc = _opacus_accountant(accountant)
-    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in steps]
+    acc.history = list(mechanisms)
     if accountant == "prv":
         return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
     return float(acc.get_epsilon(delta=delta))
