@@ -49,3 +49,19 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     assert "final test: accuracy" in summary(run_dir)
     out = capsys.readouterr().out
     assert "round 1/2 | train loss" in out and "round 2/2" in out
+
+
+def test_canary_mode_runs_through_the_app_and_the_audit_reads_its_scores(tiny_config, tmp_path, capsys):
+    from shared.audit.cli import audit_main
+
+    overrides = simulation_overrides(tiny_config, **{"num-server-rounds": 1, "canaries": 16})
+    run_dir = run_simulation(overrides, num_clients=3)
+    scores = json.loads((run_dir / "canary_scores.json").read_text())
+    assert len(scores["canaries"]) == 16 and any(c["included"] for c in scores["canaries"])
+    out = tmp_path / "audit"
+    code = audit_main(["--sim-dir", str(run_dir / "federation"), "--run-dir", str(run_dir), "--out", str(out)])
+    assert code == 0, capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    canary = next(r["canary"] for r in report["runs"] if r.get("canary"))
+    # with DP on, the empirical lower bound stays at or below the epsilon the sites claim
+    assert canary["epsilon_lower"] <= canary["claimed_epsilon"]
