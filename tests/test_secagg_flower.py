@@ -412,7 +412,13 @@ def test_the_simulation_learns_the_same_with_secure_and_plain_aggregation(tiny_c
 
     runs = {}
     for secure in (True, False):
-        cfg = replace(tiny_config, secure_aggregation=secure, output_dir=str(tmp_path / f"secure-{secure}"))
+        # same seeds: DP noise and Poisson sampling seeded from the run seed (never the default: see reproducible-noise)
+        cfg = replace(
+            tiny_config,
+            secure_aggregation=secure,
+            reproducible_noise=True,
+            output_dir=str(tmp_path / f"secure-{secure}"),
+        )
         runs[secure] = _simulate(cfg, num_sites=3)
     for r_secure, r_plain in zip(runs[True]["rounds"], runs[False]["rounds"], strict=True):
         assert r_secure["secure_aggregation"] and not r_plain["secure_aggregation"]

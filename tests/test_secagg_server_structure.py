@@ -105,23 +105,21 @@ def _reachable_arrays(root: object) -> list[np.ndarray]:
     stack = [root]
     while stack:
         obj = stack.pop()
-        if (
-            id(obj) in seen
-            or inspect.ismodule(obj)
-            or inspect.isclass(obj)
-            or callable(obj)
-            and not hasattr(obj, "__dict__")
-        ):
-            continue
+        if id(obj) in seen or inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj):
+            continue  # functions lead to their globals, i.e. to every loaded module: not the server's state
         seen.add(id(obj))
         if isinstance(obj, np.ndarray):
             found.append(obj)
             continue
-        if (
-            isinstance(obj, (dict, list, tuple, set, frozenset))
-            or hasattr(obj, "__dict__")
-            or hasattr(obj, "__slots__")
-        ):
+        try:
+            is_container = (
+                isinstance(obj, (dict, list, tuple, set, frozenset))
+                or hasattr(obj, "__dict__")
+                or hasattr(obj, "__slots__")
+            )
+        except Exception:  # some third-party proxies raise on attribute probes; they hold no server state
+            continue
+        if is_container:
             stack.extend(r for r in gc.get_referents(obj) if not isinstance(r, type))
     return found
 
