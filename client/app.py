@@ -89,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     from client.train import train_round
     from shared.canary_data import add_site_canaries
     from shared.federation import site_training_rows
-    from shared.model import build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable
+    from shared.model import encode, flatten, fresh_model, get_trainable, load_tokenizer, set_trainable
 
     delta = site.delta if site.delta is not None else cfg.delta
 
@@ -120,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
         return _decline(msg, f"site {site.site_id}: {decision.reason}")
 
     tokenizer = load_tokenizer(cfg.model_path)
-    model = build_model(cfg, num_labels=len(rows.label_names))
+    model = fresh_model(cfg, num_labels=len(rows.label_names))
     global_arrays = arrays_from_record(msg.content, C.GLOBAL_RECORD)
     set_trainable(model, global_arrays)
     before = flatten(get_trainable(model))

@@ -7,6 +7,9 @@ be in it.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
 import numpy as np
 
 from shared.config import RunConfig
@@ -16,9 +19,19 @@ from shared.site import Site
 
 
 def load_run_dataset(cfg: RunConfig) -> LabelledText:
-    return load_labelled_text(
-        cfg.data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names
-    )
+    """The run's whole dataset. Cached per process while the file is unchanged (same size and mtime): a
+    simulated site re-reads it every round, and decompressing the bundled corpus is not free."""
+    file = Path(cfg.data_path).expanduser()
+    stamp = (file.stat().st_mtime_ns, file.stat().st_size) if file.is_file() else None
+    labels = None if cfg.label_names is None else tuple(cfg.label_names)
+    return _load_cached(cfg.data_path, stamp, cfg.text_column, cfg.label_column, labels)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(
+    data_path: str, _stamp: tuple[int, int] | None, text_column: str, label_column: str, labels: tuple[str, ...] | None
+) -> LabelledText:
+    return load_labelled_text(data_path, text_column=text_column, label_column=label_column, labels=labels)
 
 
 def simulated_split(cfg: RunConfig, data: LabelledText, num_partitions: int) -> tuple[list[np.ndarray], np.ndarray]:

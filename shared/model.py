@@ -8,12 +8,14 @@ aggregation (a sum) can deliver.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from torch import nn
 from shared.config import BUILTIN_MODEL, RunConfig
 
 ADAPTER_NAME = "default"
+POOLINGS = ("mean", "cls")
 
 
 class ModelError(ValueError):
@@ -48,6 +51,7 @@ def resolve_model_path(model_path: str) -> Path:
     return path
 
 
+@lru_cache(maxsize=4)  # a tokenizer is read-only once loaded; a Ray worker serves many rounds
 def load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -82,24 +86,82 @@ def _seeded_uniform_(tensor: torch.Tensor, bound: float, seed: int, name: str) -
         tensor.copy_(values.to(tensor.dtype))
 
 
-def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
-    """The PEFT model every party builds identically from the run config and seed."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification
+class MeanPoolingClassifier(nn.Module):
+    """A sequence classifier on the mask-weighted mean of the encoder's last hidden states.
+
+    Sentence-embedding models (all-MiniLM-L6-v2 among them) were trained for mean pooling: their [CLS] vector,
+    which ``AutoModelForSequenceClassification`` classifies from, carries little of the sentence. Under DP-SGD
+    with a few hundred noisy steps that difference decides between learning and predicting the majority class
+    (docs/benchmarks.md). The encoder is a plain ``AutoModel``; the head is a ``classifier`` Linear, so PEFT
+    treats this like any sequence classifier (LoRA in the encoder, the head in ``modules_to_save``).
+    """
+
+    def __init__(self, transformer: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.config = transformer.config
+        self.config.num_labels = num_labels
+        self.classifier = nn.Linear(int(self.config.hidden_size), num_labels)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.transformer.get_input_embeddings()  # type: ignore[operator,no-any-return]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if attention_mask is None:
+            pooled = hidden.mean(dim=1)
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        logits = self.classifier(pooled)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def load_base_model(model_path: str, num_labels: int, pooling: str = "mean") -> nn.Module:
+    """The base model an adapter of this run applies to (what ``PeftModel.from_pretrained`` needs).
+
+    ``pooling="cls"`` is transformers' own ``AutoModelForSequenceClassification``; ``"mean"`` is
+    :class:`MeanPoolingClassifier` around ``AutoModel``. Never downloads: ``model_path`` is a local directory
+    or ``builtin:all-minilm-l6-v2``.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model_path(cfg.model_path)
+    if pooling not in POOLINGS:
+        raise ModelError(f"classifier-pooling must be one of {POOLINGS}, got {pooling!r}")
+    path = resolve_model_path(model_path)
     previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we initialise it below
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we initialise it ourselves
     hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 deprecations in peft
-            base = AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=num_labels, local_files_only=True
-            )
+            if pooling == "cls":
+                return AutoModelForSequenceClassification.from_pretrained(  # type: ignore[no-any-return]
+                    str(path), num_labels=num_labels, local_files_only=True
+                )
+            encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
     finally:
         hf_logging.set_verbosity(previous)
+    return MeanPoolingClassifier(encoder, num_labels)
+
+
+def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
+    """The PEFT model every party builds identically from the run config and seed."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    path = resolve_model_path(cfg.model_path)
+    base = load_base_model(cfg.model_path, num_labels, cfg.classifier_pooling)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora_r,
@@ -137,6 +199,21 @@ def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
         )
     model.train()
     return model
+
+
+@lru_cache(maxsize=2)
+def _model_template(cfg: RunConfig, num_labels: int) -> nn.Module:
+    return build_model(cfg, num_labels)
+
+
+def fresh_model(cfg: RunConfig, num_labels: int) -> nn.Module:
+    """:func:`build_model`'s result, built once per process and copied after that.
+
+    A client process (a Ray worker, a SuperNode) trains round after round; loading the base weights and
+    wrapping them with PEFT each time took longer than a DP step. Copies share nothing, so a round's
+    training never leaks into the next one's starting point.
+    """
+    return copy.deepcopy(_model_template(cfg, num_labels))
 
 
 def model_hidden_size(model: nn.Module) -> int:

@@ -1,6 +1,7 @@
 """The final adapter is a plain PEFT adapter: PeftModel.from_pretrained(base, dir) reproduces our model."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,11 +10,13 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from server.outputs import ADAPTER_DIR, MODEL_CARD, save_adapter, write_json_atomic
-from shared.model import build_model, encode, get_trainable, set_trainable
+from shared.model import build_model, encode, get_trainable, load_base_model, set_trainable
 from tests.conftest import make_rows
 
 
-def test_saved_adapter_loads_with_plain_peft_and_gives_the_same_predictions(tiny_config, tmp_path):
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_saved_adapter_loads_with_plain_peft_and_gives_the_same_predictions(tiny_config, tmp_path, pooling):
+    tiny_config = replace(tiny_config, classifier_pooling=pooling)
     model = build_model(tiny_config, 2)
     rng = np.random.default_rng(0)
     set_trainable(model, {k: rng.normal(0, 0.3, v.shape).astype(np.float32) for k, v in get_trainable(model).items()})
@@ -22,7 +25,10 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_the_same_predictions(tiny
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / MODEL_CARD).read_text())["label_names"] == ["rotten", "fresh"]
 
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_config.model_path, num_labels=2)
+    if pooling == "cls":  # transformers' own head: nothing of ours in the base model
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_config.model_path, num_labels=2)
+    else:
+        base = load_base_model(tiny_config.model_path, num_labels=2, pooling="mean")
     loaded = PeftModel.from_pretrained(base, str(out)).eval()
     model.eval()
     rows = make_rows(16, seed=9)

@@ -110,3 +110,37 @@ def test_a_missing_or_non_model_directory_is_a_clear_error(tiny_config, tmp_path
 def test_target_modules_that_match_nothing_are_a_clear_error(tiny_config):
     with pytest.raises((ModelError, ValueError), match="q_proj"):
         build_model(replace(tiny_config, lora_target_modules="q_proj"), 2)
+
+
+def test_mean_pooling_head_ignores_padding_and_averages_the_token_states(tiny_config):
+    model = build_model(replace(tiny_config, classifier_pooling="mean"), 2).eval()
+    ids = torch.tensor([[101, 2307, 3185, 102]])
+    mask = torch.ones_like(ids)
+    padded_ids = torch.cat([ids, torch.zeros((1, 3), dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros((1, 3), dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        short = model(input_ids=ids, attention_mask=mask).logits
+        long = model(input_ids=padded_ids, attention_mask=padded_mask).logits
+        inner = model.base_model.model
+        states = inner.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+        by_hand = inner.classifier.modules_to_save["default"](states.mean(dim=1))
+    torch.testing.assert_close(long, short)
+    torch.testing.assert_close(short, by_hand)
+
+
+def test_unknown_pooling_is_a_config_error(tiny_config):
+    from shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match="classifier-pooling"):
+        replace(tiny_config, classifier_pooling="max")
+
+
+def test_fresh_model_is_build_model_and_copies_share_nothing(tiny_config):
+    from shared.model import fresh_model
+
+    first = fresh_model(tiny_config, 2)
+    np.testing.assert_array_equal(flatten(get_trainable(first)), flatten(get_trainable(build_model(tiny_config, 2))))
+    _randomize_trainable(first, seed=3)
+    second = fresh_model(tiny_config, 2)
+    np.testing.assert_array_equal(flatten(get_trainable(second)), flatten(get_trainable(build_model(tiny_config, 2))))
+    assert all(a is not b for a, b in zip(first.parameters(), second.parameters(), strict=True))

@@ -4,13 +4,12 @@ import json
 
 import pytest
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification
 
 from shared.config import RunConfig
 from shared.federation import load_run_dataset, server_test_set
 from shared.ledger import SiteLedger
 from shared.metrics import evaluate_model
-from shared.model import encode, load_tokenizer
+from shared.model import encode, load_base_model, load_tokenizer
 from shared.simulation import run_simulation, summary
 from tests.conftest import simulation_overrides
 
@@ -18,8 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 def _reload_accuracy(run_dir, cfg: RunConfig, num_clients: int) -> float:
-    base = AutoModelForSequenceClassification.from_pretrained(cfg.model_path, num_labels=2)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    card = json.loads((run_dir / "adapter" / "privatune.json").read_text())
+    assert card["classifier_pooling"] == cfg.classifier_pooling
+    base = load_base_model(cfg.model_path, num_labels=2, pooling=card["classifier_pooling"])
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))  # plain peft from here on
     test = server_test_set(cfg, load_run_dataset(cfg), num_clients)
     data = encode(load_tokenizer(cfg.model_path), test.texts, test.labels, max_length=cfg.max_length)
     return evaluate_model(model, data, num_classes=2)["accuracy"]
