@@ -51,10 +51,10 @@ class RunConfig:
     )
     lora_mode: Literal["ffa", "lora"] = field(default="ffa", metadata=_help("ffa: A frozen from the seed, B trained."))
     lora_r: int = field(default=2, metadata=_help("LoRA rank."))
-    lora_alpha: int = field(default=16, metadata=_help("LoRA scaling numerator."))
+    lora_alpha: int = field(default=2, metadata=_help("LoRA scaling numerator."))
     lora_target_modules: str = field(default="query,value", metadata=_help("Comma-separated module names."))
     optimizer: Literal["adam", "sgd"] = field(default="sgd", metadata=_help("Client optimizer (fresh each round)."))
-    learning_rate: float = field(default=1.0, metadata=_help("Client learning rate."))
+    learning_rate: float = field(default=10.0, metadata=_help("Client learning rate."))
     local_steps: int = field(default=1, metadata=_help("DP-SGD steps per client per round."))
     batch_size: int = field(default=256, metadata=_help("Expected (Poisson) batch size."))
     # differential privacy
@@ -70,9 +70,9 @@ class RunConfig:
     )
     # aggregation
     server_optimizer: Literal["fedavg", "fedadam"] = field(
-        default="fedadam", metadata=_help("Server step from the mean update: fedavg, or fedadam (Reddi et al.).")
+        default="fedavg", metadata=_help("Server step from the mean update: fedavg, or fedadam (Reddi et al.).")
     )
-    server_learning_rate: float = field(default=0.02, metadata=_help("Server step size (fedavg: 1.0 = plain mean)."))
+    server_learning_rate: float = field(default=1.0, metadata=_help("Server step size (fedavg: 1.0 = plain mean)."))
     server_tau: float = field(
         default=0.01, metadata=_help("FedAdam's adaptivity: coordinates whose mean update is below it barely move.")
     )
