@@ -185,12 +185,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     from shared.federation import site_training_rows
     from shared.metrics import evaluate_model
-    from shared.model import build_model, encode, load_tokenizer, set_trainable
+    from shared.model import encode, fresh_model, load_tokenizer, set_trainable
 
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
     rows: LabelledText = site_training_rows(cfg, site)
-    model = build_model(cfg, num_labels=len(rows.label_names))
+    model = fresh_model(cfg, num_labels=len(rows.label_names))
     set_trainable(model, arrays_from_record(msg.content, C.GLOBAL_RECORD))
     data: Encoded = encode(load_tokenizer(cfg.model_path), rows.texts, rows.labels, max_length=cfg.max_length)
     metrics = evaluate_model(model, data, num_classes=len(rows.label_names), device=site.device)
