@@ -7,6 +7,7 @@ Only for comparison and debugging: every individual update is visible to the ser
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,12 +25,36 @@ INSECURE_WARNING = (
 )
 
 
-def read_reply_records(reply: Message, result: RoundAggregate) -> bool:
-    """File a reply's clear-text records (metrics, DP event, attestation, decline) into ``result``.
+def send_to_nodes(
+    grid: Grid, requests: Mapping[int, Message], *, timeout: float, what: str
+) -> tuple[dict[int, Message], list[int]]:
+    """Send one message per node; the replies by node, and the nodes without one (sorted).
+
+    The grid stamps each message's id as it pushes it, and a reply names the message it answers: replies are
+    mapped by that, not by sender, because the error the SuperLink itself returns for a node that went offline
+    comes from the SuperLink's own node id. Error replies are kept (the caller drops their node).
+    """
+    received = list(grid.send_and_receive(list(requests.values()), timeout=timeout))
+    sent_to = {m.metadata.message_id: nid for nid, m in requests.items()}
+    replies: dict[int, Message] = {}
+    for reply in received:
+        nid = sent_to.get(reply.metadata.reply_to_message_id)
+        sender = reply.metadata.src_node_id
+        if nid is None or nid in replies or (sender != nid and not reply.has_error()):
+            logger.warning("%s: unexpected or duplicate reply from node %s (for node %s) ignored", what, sender, nid)
+        else:
+            replies[nid] = reply
+    missing = sorted(set(requests) - set(replies))
+    if missing:
+        logger.info("%s: no reply from %d node(s) within %.0fs: %s", what, len(missing), timeout, missing)
+    return replies, missing
+
+
+def read_reply_records(node: int, reply: Message, result: RoundAggregate) -> bool:
+    """File ``node``'s reply's clear-text records (metrics, DP event, attestation, decline) into ``result``.
 
     Returns True when the reply carries an update to aggregate, False for an error or a decline.
     """
-    node = reply.metadata.src_node_id
     if reply.has_error():
         logger.warning("node %s failed: %s", node, reply.error.reason)
         result.dropped.append(node)
@@ -65,16 +90,14 @@ def aggregate_plain(
     timeout_s: float,
 ) -> RoundAggregate:
     """Send the train request to ``node_ids`` and sum the (clipped, weight-1) updates that come back."""
-    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    requests = {n: Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in node_ids}
+    replies, missing = send_to_nodes(grid, requests, timeout=timeout_s, what="train")
     result = RoundAggregate(total=None, total_weight=0.0)
-    answered = {r.metadata.src_node_id for r in replies}
-    result.dropped.extend(n for n in node_ids if n not in answered)
+    result.dropped.extend(missing)
     total = np.zeros(dim, dtype=np.float64)
-    for reply in replies:
-        if not read_reply_records(reply, result):
+    for node, reply in sorted(replies.items()):
+        if not read_reply_records(node, reply, result):
             continue
-        node = reply.metadata.src_node_id
         problem = _check_update(reply.content, dim=dim, bound=update_clip_norm)
         if problem is not None:
             logger.warning("node %s sent an invalid update (%s); treated as dropped", node, problem)

@@ -181,9 +181,7 @@ def main(grid: Grid, context: Context) -> None:
     }
     logger.info("round 0 | test acc %.4f f1 %.4f (before training)", baseline["accuracy"], baseline["macro_f1"])
     rng = np.random.default_rng([cfg.seed, 0x5A3])
-    server_opt = ServerOptimizer(
-        kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate, tau=cfg.server_tau
-    )
+    server_opt = ServerOptimizer(kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate, tau=cfg.server_tau)
     first_round, lineage = 1, []
     if cfg.resume:  # continue an interrupted run from its last checkpointed round, under this new run id
         ckpt = load_checkpoint(Path(cfg.resume))

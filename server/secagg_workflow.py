@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from server.aggregation import read_reply_records
+from server.aggregation import read_reply_records, send_to_nodes
 from server.round_result import RoundAggregate
 from shared.identity import Roster
 from shared.secagg import constants as K
@@ -57,28 +57,15 @@ def _exchange(
     grid: Grid, requests: Mapping[int, RecordDict], *, server_round: int, timeout: float, stage: str
 ) -> dict[int, Message]:
     """Send one stage's requests; the replies that came back in time and without an error, by node."""
-    messages = [
-        Message(content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(server_round))
+    messages = {
+        nid: Message(content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(server_round))
         for nid, content in requests.items()
-    ]
-    replies: dict[int, Message] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        nid = reply.metadata.src_node_id
-        if nid not in requests or nid in replies:
-            logger.warning("secagg %s: unexpected or duplicate reply from node %s ignored", stage, nid)
-        elif reply.has_error():
+    }
+    replies, _ = send_to_nodes(grid, messages, timeout=timeout, what=f"secagg {stage}")
+    for nid, reply in sorted(replies.items()):
+        if reply.has_error():
             logger.warning("secagg %s: node %s dropped: %s", stage, nid, reply.error.reason)
-        else:
-            replies[nid] = reply
-    missing = sorted(set(requests) - set(replies))
-    if missing:
-        logger.info(
-            "secagg %s: no valid reply from %d node(s) within %.0fs: %s",
-            stage,
-            len(missing),
-            timeout,
-            missing,
-        )
+            del replies[nid]
     return replies
 
 
@@ -195,7 +182,7 @@ def _collect_masked_input(
 ) -> None:
     """File a masked-input reply: its clear-text records into ``result``, its masked vector into the sum."""
     scratch = RoundAggregate(total=None, total_weight=0.0)
-    if not read_reply_records(reply, scratch):  # a decline (errors were filtered out before)
+    if not read_reply_records(nid, reply, scratch):  # a decline (errors were filtered out before)
         server.mark_declined(nid)
         result.decline_reasons.update(scratch.decline_reasons)
         return

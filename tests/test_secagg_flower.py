@@ -2,7 +2,8 @@
 
 The Grid is an in-process double: it serialises every message to protobuf and back (as the SuperLink
 would), dispatches it to the ClientApp with that node's persistent Context, and can drop nodes at a stage
-or let a test tamper with a request on the way (an active server).
+(silently, or with the error reply the SuperLink itself sends for a node that went offline) or let a test
+tamper with a request on the way (an active server).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -44,9 +46,11 @@ def task_identity() -> Iterable[None]:
 
 
 def _copy(msg: Message) -> Message:
-    """The message as the other side gets it: through protobuf, with a fresh message id."""
+    """The message as the other side gets it: through protobuf, with its message id (a fresh one if unset)."""
+    if not msg.metadata.message_id:
+        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as a Grid stamps what it pushes
     out = message_from_proto(message_to_proto(msg))
-    out.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    out.metadata.__dict__["_message_id"] = msg.metadata.message_id
     return out
 
 
@@ -59,11 +63,14 @@ class InProcessGrid(Grid):
         contexts: dict[int, Context],
         *,
         drop: dict[str, set[int]] | None = None,
+        offline: dict[str, set[int]] | None = None,
+        fail: dict[str, set[int]] | None = None,
         tamper: Tamper | None = None,
     ) -> None:
         self.app, self.contexts = app, contexts
-        self.drop, self.tamper = drop or {}, tamper
+        self.drop, self.offline, self.fail, self.tamper = drop or {}, offline or {}, fail or {}, tamper
         self.gone: set[int] = set()
+        self.unreachable: set[int] = set()
         self.timeouts: list[float | None] = []
         self.errors: dict[int, str] = {}
 
@@ -94,9 +101,21 @@ class InProcessGrid(Grid):
             record = msg.content.config_records.get(K.SECAGG_RECORD)
             if record is not None:
                 self.gone |= self.drop.get(str(record[K.KEY_STAGE]), set())
+                self.unreachable |= self.offline.get(str(record[K.KEY_STAGE]), set())
+                failing = self.fail.get(str(record[K.KEY_STAGE]), set())
+            else:
+                failing = set()
             if nid in self.gone:
                 continue  # no reply within the timeout
             delivered = _copy(msg)
+            if nid in self.unreachable:
+                # what the SuperLink answers for a node that stopped polling: an error from the SuperLink's own
+                # node id, in reply to the message
+                replies.append(create_message_error_unavailable_res_message(delivered.metadata, "node_unavail"))
+                continue
+            if nid in failing:  # the ClientApp raised: its SuperNode replies with an error
+                replies.append(_copy(Message(Error(code=2, reason="boom"), reply_to=delivered)))
+                continue
             if self.tamper is not None:
                 self.tamper(delivered)
             reply = self.app(delivered, self.contexts[nid])
@@ -353,21 +372,25 @@ def test_the_workflow_hands_every_received_vector_straight_to_the_sum() -> None:
     assert decodes == [], "only SecAggServer decodes, and only the total"
 
 
-def test_an_error_reply_is_a_dropout_not_a_crash(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["error", "offline"])
+def test_an_error_reply_is_a_dropout_of_that_node_not_a_crash(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ClientApp that raises replies with an error from its node; for a node that stopped polling, the
+    SuperLink itself replies, from its own node id. Either way the node is dropped, and the log names it."""
     contexts, updates = federation(tmp_path, 5)
     broken = sorted(updates)[4]
-    app = make_app(tmp_path, updates)
-
-    class Flaky(InProcessGrid):
-        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-            out = super().send_and_receive(messages, timeout=timeout)
-            return [
-                Message(Error(code=2, reason="boom"), reply_to=r) if r.metadata.src_node_id == broken else r
-                for r in out
-            ]
-
-    agg = run(Flaky(app, contexts))
+    grid = InProcessGrid(
+        make_app(tmp_path, updates),
+        contexts,
+        **{"fail" if how == "error" else "offline": {K.STAGE_MASKED_INPUT: {broken}}},
+    )
+    agg = run(grid)
     assert broken in agg.dropped and len(agg.survivors) == 4 and not agg.aborted
+    assert np.max(np.abs(agg.total - plain(updates, agg.survivors))) <= 4 * 2.0**-27
+    dropped = [r.getMessage() for r in caplog.records if f"node {broken} dropped" in r.getMessage()]
+    assert dropped and ("boom" in dropped[0] if how == "error" else "unavailable" in dropped[0].lower()), caplog.text
+    assert "unexpected" not in caplog.text
 
 
 def _simulate(cfg, num_sites: int) -> dict:  # type: ignore[no-untyped-def]
@@ -427,3 +450,27 @@ def test_the_simulation_learns_the_same_with_secure_and_plain_aggregation(tiny_c
         assert r_secure["test"]["accuracy"] == r_plain["test"]["accuracy"]
         assert abs(r_secure["test"]["loss"] - r_plain["test"]["loss"]) <= 1e-6
         assert abs(r_secure["train_loss"] - r_plain["train_loss"]) <= 1e-5
+
+
+def test_plain_aggregation_drops_an_offline_node_by_its_own_id(tmp_path: Path) -> None:
+    """The same SuperLink error reply on the plain path: the node is dropped, the SuperLink's id is not."""
+    from server.aggregation import aggregate_plain
+
+    contexts, updates = federation(tmp_path, 4)
+    offline = sorted(updates)[1]
+
+    class Once(InProcessGrid):  # the plain request has no secagg stage: the node is offline from the start
+        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+            self.unreachable = {offline}
+            return super().send_and_receive(messages, timeout=timeout)
+
+    agg = aggregate_plain(
+        Once(make_app(tmp_path, updates), contexts),
+        node_ids=sorted(contexts),
+        content=train_content(),
+        update_clip_norm=1.0,
+        dim=DIM,
+        timeout_s=30.0,
+    )
+    assert agg.dropped == [offline] and agg.survivors == sorted(set(updates) - {offline})
+    assert np.max(np.abs(agg.total - plain(updates, agg.survivors))) <= 1e-6
