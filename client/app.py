@@ -23,7 +23,7 @@ from shared.config import RunConfig
 from shared.identity import load_private_key
 from shared.ledger import SiteLedger, digest_arrays, fingerprint_rows
 from shared.privacy import DpEvent, calibrate_noise_multiplier
-from shared.records import arrays_from_record, config_value
+from shared.records import MessageError, arrays_from_record, config_value
 from shared.site import Site, site_from_context
 from shared.updates import clip_to_norm
 
@@ -62,9 +62,28 @@ def noise_multiplier_for(cfg: RunConfig, sample_rate: float, context: Context) -
         sample_rate=sample_rate,
         steps=cfg.local_steps * cfg.num_server_rounds,
         accountant=cfg.accountant,
+        prior=(centering_event(cfg),) if cfg.center_features else (),
     )
     context.state[STATE_RECORD] = ConfigRecord({"sample-rate": sample_rate, "noise-multiplier": sigma})
     return sigma
+
+
+def centering_event(cfg: RunConfig) -> DpEvent:
+    """The centering query's privacy cost: one Gaussian sum over all the site's rows (sample rate 1)."""
+    return DpEvent(
+        sample_rate=1.0,
+        noise_multiplier=cfg.center_noise_multiplier if cfg.dp else 0.0,
+        steps=1,
+        clip_norm=cfg.center_clip_norm,
+    )
+
+
+def _task(msg: Message) -> str:
+    record = msg.content.config_records.get(C.TRAIN_CONFIG_RECORD)
+    task = C.TASK_TRAIN if record is None else record.get(C.KEY_TASK, C.TASK_TRAIN)
+    if task not in (C.TASK_TRAIN, C.TASK_FEATURE_MEAN):
+        raise MessageError(f"ConfigRecord {C.TRAIN_CONFIG_RECORD!r} key {C.KEY_TASK!r}: unknown task {task!r}")
+    return str(task)
 
 
 def _decline(msg: Message, reason: str) -> Message:
@@ -81,15 +100,31 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
     server_round = int(config_value(msg.content, C.TRAIN_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
+    task = _task(msg)
     run_id = str(context.run_id)
     try:  # a deployed site's data, device, budget and ledger are its own: a run config overriding them is refused
         check_site_policy(cfg, site, context.node_config)
     except SitePolicyError as e:
         return _decline(msg, str(e))
-    from client.train import train_round
+    if task == C.TASK_FEATURE_MEAN and not (cfg.center_features and server_round == 0):
+        # the query is part of a centered run's plan (its cost is in the calibration), once, before round 1
+        return _decline(
+            msg,
+            "a feature-mean query is only answered in round 0 of a run with center-features = true "
+            f"(this is round {server_round}, center-features = {cfg.center_features})",
+        )
+    from client.train import noisy_feature_mean, train_round
     from shared.canary_data import add_site_canaries
     from shared.federation import site_training_rows
-    from shared.model import encode, flatten, fresh_model, get_trainable, load_tokenizer, set_trainable
+    from shared.model import (
+        encode,
+        flatten,
+        fresh_model,
+        get_trainable,
+        load_tokenizer,
+        set_feature_center,
+        set_trainable,
+    )
 
     delta = site.delta if site.delta is not None else cfg.delta
 
@@ -100,7 +135,9 @@ def train(msg: Message, context: Context) -> Message:
         return _decline(msg, f"round {server_round} of run {run_id} was already trained on this data (replay)")
 
     sample_rate = poisson_sample_rate(len(rows), cfg.batch_size)
-    if cfg.dp:
+    if task == C.TASK_FEATURE_MEAN:
+        planned = centering_event(cfg)
+    elif cfg.dp:
         planned = DpEvent(
             sample_rate=sample_rate,
             noise_multiplier=noise_multiplier_for(cfg, sample_rate, context),
@@ -123,26 +160,41 @@ def train(msg: Message, context: Context) -> Message:
     model = fresh_model(cfg, num_labels=len(rows.label_names))
     global_arrays = arrays_from_record(msg.content, C.GLOBAL_RECORD)
     set_trainable(model, global_arrays)
-    before = flatten(get_trainable(model))
+    if C.CENTER_RECORD in msg.content.array_records:
+        set_feature_center(model, arrays_from_record(msg.content, C.CENTER_RECORD)[C.CENTER_ARRAY])
     data = encode(tokenizer, rows.texts, rows.labels, max_length=cfg.max_length)
-    result = train_round(
-        model,
-        data,
-        steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        optimizer_name=cfg.optimizer,
-        dp=cfg.dp,
-        noise_multiplier=planned.noise_multiplier,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=_round_seed(cfg.seed, site.site_id, server_round) if cfg.reproducible_noise else None,
-        device=site.device,
-    )
-    if result.event is not None and result.event != planned:
-        raise RuntimeError(f"Opacus ran {result.event}, but the site planned and budgeted {planned}")
-    update, norm = clip_to_norm(flatten(get_trainable(model)) - before, cfg.update_clip_norm)
-    if norm > cfg.update_clip_norm:
-        logger.warning("update norm %.3f clipped to update-clip-norm %.3f", norm, cfg.update_clip_norm)
+    seed = _round_seed(cfg.seed, site.site_id, server_round) if cfg.reproducible_noise else None
+    if task == C.TASK_FEATURE_MEAN:
+        vector = noisy_feature_mean(
+            model,
+            data,
+            clip_norm=planned.clip_norm,
+            noise_multiplier=planned.noise_multiplier,
+            seed=seed,
+            device=site.device,
+        )
+        bound, loss = cfg.center_clip_norm, None  # the noise-free mean is within the clip norm; post-processing
+    else:
+        before = flatten(get_trainable(model))
+        result = train_round(
+            model,
+            data,
+            steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            optimizer_name=cfg.optimizer,
+            dp=cfg.dp,
+            noise_multiplier=planned.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            seed=seed,
+            device=site.device,
+        )
+        if result.event is not None and result.event != planned:
+            raise RuntimeError(f"Opacus ran {result.event}, but the site planned and budgeted {planned}")
+        vector, bound, loss = flatten(get_trainable(model)) - before, cfg.update_clip_norm, result.mean_loss
+    update, norm = clip_to_norm(vector, bound)
+    if norm > bound:
+        logger.warning("%s norm %.3f clipped to %.3f", "update" if loss is not None else "noisy mean", norm, bound)
 
     entry = ledger.append(
         run_id=run_id,
@@ -159,7 +211,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             C.METRIC_EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0,
             C.METRIC_DELTA: delta,
-            C.METRIC_TRAIN_LOSS: result.mean_loss,
+            **({C.METRIC_TRAIN_LOSS: loss} if loss is not None else {}),
             "update-norm": norm,
         }
     )
@@ -192,6 +244,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     rows: LabelledText = site_training_rows(cfg, site)
     model = fresh_model(cfg, num_labels=len(rows.label_names))
     set_trainable(model, arrays_from_record(msg.content, C.GLOBAL_RECORD))
+    if C.CENTER_RECORD in msg.content.array_records:
+        from shared.model import set_feature_center
+
+        set_feature_center(model, arrays_from_record(msg.content, C.CENTER_RECORD)[C.CENTER_ARRAY])
     data: Encoded = encode(load_tokenizer(cfg.model_path), rows.texts, rows.labels, max_length=cfg.max_length)
     metrics = evaluate_model(model, data, num_classes=len(rows.label_names), device=site.device)
     return Message(RecordDict({C.METRICS_RECORD: MetricRecord({**metrics, "num-examples": len(rows)})}), reply_to=msg)

@@ -165,3 +165,32 @@ def train_round(
         event = _event_from_opacus(engine.accountant.history, max_grad_norm=max_grad_norm)
     mean_loss = float(np.mean(losses)) if losses else float("nan")
     return TrainResult(mean_loss=mean_loss, steps=steps, empty_batches=empty, event=event)
+
+
+def noisy_feature_mean(
+    model: nn.Module,
+    data: Encoded,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    seed: int | None,
+    device: str = "cpu",
+) -> np.ndarray:
+    """The site's answer to the centering query: the mean of its rows' pooled vectors under the Gaussian mechanism.
+
+    Each row's vector (the head's input, :func:`shared.model.pooled_features`) is clipped to L2 norm
+    ``clip_norm``, so adding or removing a row moves the sum by at most ``clip_norm``; Gaussian noise of std
+    ``noise_multiplier * clip_norm`` is added to the sum, which is then divided by the number of rows (known to
+    the site and treated as public, as Opacus treats a data set's size). For the accountant this is one step of
+    the subsampled Gaussian mechanism with sample rate 1: ``DpEvent(1.0, noise_multiplier, 1, clip_norm)``.
+    """
+    from shared.model import pooled_features
+
+    if len(data) == 0:
+        raise ValueError("cannot take the mean of 0 rows")
+    features = pooled_features(model, data, device=device).double()
+    scale = torch.clamp(clip_norm / features.norm(dim=1, keepdim=True).clamp(min=1e-12), max=1.0)
+    total = (features * scale).sum(dim=0)
+    generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
+    noise = torch.normal(0.0, noise_multiplier * clip_norm, size=total.shape, generator=generator, dtype=total.dtype)
+    return ((total + noise) / len(data)).numpy()

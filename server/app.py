@@ -32,7 +32,18 @@ from shared.identity import Roster, provision_simulation
 from shared.ledger import RUN_LEDGER_FILE, digest_array
 from shared.log import configure_logging
 from shared.metrics import evaluate_model
-from shared.model import build_model, encode, flatten, get_trainable, load_tokenizer, set_trainable, unflatten
+from shared.model import (
+    build_model,
+    encode,
+    flatten,
+    fold_feature_center,
+    get_feature_center,
+    get_trainable,
+    load_tokenizer,
+    set_feature_center,
+    set_trainable,
+    unflatten,
+)
 from shared.records import record_from_arrays
 from shared.updates import mean_from_sum
 
@@ -72,7 +83,9 @@ def _aggregate(
     run_id: str,
     dim: int,
     roster: Roster | None,
+    clip_norm: float | None = None,
 ) -> RoundAggregate:
+    bound = cfg.update_clip_norm if clip_norm is None else clip_norm
     if cfg.secure_aggregation:
         from server.secagg_workflow import aggregate_secure, settings_from_config
 
@@ -82,7 +95,7 @@ def _aggregate(
             content=content,
             server_round=server_round,
             run_id=run_id,
-            settings=settings_from_config(cfg, num_clients=len(node_ids), dim=dim),
+            settings=settings_from_config(cfg, num_clients=len(node_ids), dim=dim, clip_norm=bound),
             timeout_s=cfg.secagg_timeout * 4,  # the stage that includes local training
             roster=roster,
         )
@@ -90,10 +103,62 @@ def _aggregate(
         grid,
         node_ids=node_ids,
         content=content,
-        update_clip_norm=cfg.update_clip_norm,
+        update_clip_norm=bound,
         dim=dim,
         timeout_s=cfg.secagg_timeout * 4,
     )
+
+
+def _client_epsilons(agg: RoundAggregate) -> dict[str, dict[str, Any]]:
+    """Each site's reported cumulative epsilon (None: no finite epsilon) and train loss, by site name."""
+    clients = {
+        _site_name(agg, n): {"epsilon": m.get(C.METRIC_EPSILON, float("nan")), "train_loss": m.get(C.METRIC_TRAIN_LOSS)}
+        for n, m in agg.client_metrics.items()
+    }
+    for entry in clients.values():
+        if entry["epsilon"] is not None and entry["epsilon"] < 0:
+            entry["epsilon"] = None  # inf (non-private) is not JSON; None means "no finite epsilon"
+    return clients
+
+
+def estimate_feature_center(
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    node_ids: list[int],
+    global_arrays: dict[str, np.ndarray],
+    hidden_size: int,
+    run_id: str,
+    roster: Roster | None,
+) -> tuple[np.ndarray | None, RoundAggregate]:
+    """Round 0 of a centered run: every site's noisy mean pooled vector, averaged (securely, by default).
+
+    Each site answers under the Gaussian mechanism at ``center-noise-multiplier`` and records the query in its
+    ledger; its cost is part of the sites' noise calibration. The server learns only the sum. Returns the
+    mean vector (None if no site answered) and the round's aggregate.
+    """
+    content = RecordDict(
+        {
+            C.GLOBAL_RECORD: record_from_arrays(global_arrays),
+            C.TRAIN_CONFIG_RECORD: ConfigRecord(
+                {C.KEY_SERVER_ROUND: 0, C.KEY_RUN_ID: run_id, C.KEY_TASK: C.TASK_FEATURE_MEAN}
+            ),
+        }
+    )
+    agg = _aggregate(
+        grid,
+        cfg,
+        node_ids=node_ids,
+        content=content,
+        server_round=0,
+        run_id=run_id,
+        dim=hidden_size,
+        roster=roster,
+        clip_norm=cfg.center_clip_norm,
+    )
+    if agg.total is None or agg.total_weight <= 0:
+        return None, agg
+    return mean_from_sum(agg.total, agg.total_weight).astype(np.float32), agg
 
 
 def _site_name(agg: RoundAggregate, node: int) -> str:
@@ -105,6 +170,63 @@ def _fmt_eps(values: list[float]) -> str:
         return "-"
     top = max(values)
     return "inf" if top < 0 or math.isinf(top) else f"{top:.2f}"
+
+
+def _center_round(
+    grid: Grid,
+    cfg: RunConfig,
+    nodes: list[int],
+    model: Any,
+    global_arrays: dict[str, np.ndarray],
+    run_id: str,
+    roster: Roster | None,
+) -> tuple[dict[str, Any], RoundAggregate]:
+    """Run the centering query with every connected site, set the model's center; its record for the metrics
+    JSON, and its aggregate (for the run ledger)."""
+    started = time.monotonic()
+    previous = get_feature_center(model)
+    center, agg = estimate_feature_center(
+        grid,
+        cfg,
+        node_ids=nodes,
+        global_arrays=global_arrays,
+        hidden_size=int(previous.shape[0]),
+        run_id=run_id,
+        roster=roster,
+    )
+    site = partial(_site_name, agg)
+    clients = _client_epsilons(agg)
+    if center is None:
+        logger.warning(
+            "round 0 | feature centering: no site answered (%s); training on the uncentered vector",
+            agg.abort_reason or "all dropped or declined",
+        )
+    else:
+        set_feature_center(model, center)
+    epsilons = [m[C.METRIC_EPSILON] for m in agg.client_metrics.values() if C.METRIC_EPSILON in m]
+    seconds = time.monotonic() - started
+    logger.info(
+        "round 0 | feature centering: %d/%d sites | center norm %s | max eps %s | %.1fs",
+        len(agg.survivors),
+        len(nodes),
+        f"{float(np.linalg.norm(center)):.3f}" if center is not None else "-",
+        _fmt_eps(epsilons),
+        seconds,
+    )
+    record = {
+        "noise_multiplier": cfg.center_noise_multiplier if cfg.dp else 0.0,
+        "clip_norm": cfg.center_clip_norm,
+        "sampled": [site(n) for n in nodes],
+        "survivors": [site(n) for n in agg.survivors],
+        "dropped": [site(n) for n in agg.dropped],
+        "declined": {site(n): agg.decline_reasons.get(n, "") for n in agg.declined},
+        "aborted": agg.aborted,
+        "abort_reason": agg.abort_reason,
+        "clients": clients,
+        "center": [float(v) for v in center] if center is not None else None,
+        "seconds": seconds,
+    }
+    return record, agg
 
 
 @app.main()
@@ -171,6 +293,9 @@ def main(grid: Grid, context: Context) -> None:
         num_sites=len(nodes),
         num_labels=len(data.label_names),
     )
+    centering: tuple[dict[str, Any], RoundAggregate] | None = None
+    if cfg.center_features and not cfg.resume:  # a resumed run takes the center from its checkpoint (below)
+        centering = _center_round(grid, cfg, nodes, model, global_arrays, run_id, roster)
     baseline = evaluate_model(model, test_enc, num_classes=len(data.label_names))
     history: dict[str, Any] = {
         "run_id": run_id,
@@ -179,6 +304,21 @@ def main(grid: Grid, context: Context) -> None:
         "initial_test": baseline,
         "rounds": [],
     }
+    if centering is not None:
+        record, agg = centering
+        history["feature_centering"] = record
+        run_ledger.record_round(
+            0,
+            participants=record["sampled"],
+            declined=record["declined"],
+            survivors=record["survivors"],
+            dropped=record["dropped"],
+            aborted=agg.aborted,
+            aggregate_hash=digest_array(agg.total) if agg.total is not None else None,
+            attestations={_site_name(agg, n): att for n, att in agg.attestations.items()},
+            metrics=baseline,
+            secure_aggregation=cfg.secure_aggregation,
+        )
     logger.info("round 0 | test acc %.4f f1 %.4f (before training)", baseline["accuracy"], baseline["macro_f1"])
     rng = np.random.default_rng([cfg.seed, 0x5A3])
     server_opt = ServerOptimizer(kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate, tau=cfg.server_tau)
@@ -192,6 +332,9 @@ def main(grid: Grid, context: Context) -> None:
         if ckpt.strategy_state:
             server_opt = ServerOptimizer.from_state_dict(ckpt.strategy_state)
         history = {**ckpt.history, "run_id": run_id, "config": cfg.to_flower(), "resumed_from": lineage}
+        center = (history.get("feature_centering") or {}).get("center")
+        if center is not None:
+            set_feature_center(model, np.asarray(center, dtype=np.float32))
         logger.info("resuming run %s after its round %d (checkpoint in %s)", ckpt.run_id, ckpt.server_round, cfg.resume)
     for server_round in range(first_round, cfg.num_server_rounds + 1):
         started = time.monotonic()
@@ -203,6 +346,8 @@ def main(grid: Grid, context: Context) -> None:
                 C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: run_id}),
             }
         )
+        if cfg.center_features:
+            content[C.CENTER_RECORD] = record_from_arrays({C.CENTER_ARRAY: get_feature_center(model)})
         agg = _aggregate(
             grid,
             cfg,
@@ -223,17 +368,7 @@ def main(grid: Grid, context: Context) -> None:
         seconds = time.monotonic() - started
 
         site = partial(_site_name, agg)
-
-        clients = {
-            site(n): {
-                "epsilon": m.get(C.METRIC_EPSILON, float("nan")),
-                "train_loss": m.get(C.METRIC_TRAIN_LOSS),
-            }
-            for n, m in agg.client_metrics.items()
-        }
-        for entry in clients.values():
-            if entry["epsilon"] is not None and entry["epsilon"] < 0:
-                entry["epsilon"] = None  # inf (non-private) is not JSON; None means "no finite epsilon"
+        clients = _client_epsilons(agg)
         losses = [m[C.METRIC_TRAIN_LOSS] for m in agg.client_metrics.values() if C.METRIC_TRAIN_LOSS in m]
         epsilons = [m[C.METRIC_EPSILON] for m in agg.client_metrics.values() if C.METRIC_EPSILON in m]
         survivors = [site(n) for n in agg.survivors]
@@ -304,7 +439,7 @@ def main(grid: Grid, context: Context) -> None:
             raise RuntimeError(f"round {server_round} aborted ({agg.abort_reason}) and secagg-on-abort = 'stop'")
 
     adapter_dir = save_adapter(
-        model,
+        fold_feature_center(model),  # the head takes the plain pooled vector: the base model has no center
         run_dir,
         card={
             "base_model": cfg.model_path,

@@ -36,14 +36,15 @@ from shared.secagg.settings import SecAggSettings
 logger = logging.getLogger("privatune.secagg")
 
 
-def settings_from_config(cfg: Any, *, num_clients: int, dim: int) -> SecAggSettings:
+def settings_from_config(cfg: Any, *, num_clients: int, dim: int, clip_norm: float | None = None) -> SecAggSettings:
     """Secure-aggregation settings from the run config (``shared.config.RunConfig``) for one round.
 
     ``max_clients`` is the round's sample size, which gives the finest fixed-point scale that cannot wrap.
-    ``dim`` is the update length every masked input must have.
+    ``dim`` is the update length every masked input must have, ``clip_norm`` its L2 bound (default
+    ``update-clip-norm``; the centering query's vectors are bounded by ``center-clip-norm``).
     """
     return SecAggSettings(
-        clip_norm=float(cfg.update_clip_norm),
+        clip_norm=float(cfg.update_clip_norm if clip_norm is None else clip_norm),
         max_clients=max(2, num_clients),
         degree=int(cfg.secagg_degree) or None,
         threshold=int(cfg.secagg_threshold) or None,

@@ -49,6 +49,12 @@ class RunConfig:
     classifier_pooling: Literal["mean", "cls"] = field(
         default="mean", metadata=_help("Head input: mean of token states (sentence encoders), or [CLS] (HF head).")
     )
+    center_features: bool = field(
+        default=True,
+        metadata=_help(
+            "Center the head's input on the sites' mean pooled vector, one DP query before round 1 (mean pooling)."
+        ),
+    )
     lora_mode: Literal["ffa", "lora"] = field(default="ffa", metadata=_help("ffa: A frozen from the seed, B trained."))
     lora_r: int = field(default=2, metadata=_help("LoRA rank."))
     lora_alpha: int = field(default=2, metadata=_help("LoRA scaling numerator."))
@@ -62,6 +68,12 @@ class RunConfig:
     target_epsilon: float = field(default=8.0, metadata=_help("Calibrate noise to this epsilon over all rounds."))
     noise_multiplier: float = field(default=0.0, metadata=_help("Set the noise directly (then target-epsilon = 0)."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Per-sample gradient clip norm."))
+    center_noise_multiplier: float = field(
+        default=20.0, metadata=_help("Noise multiplier of the centering query (Gaussian; about 0.004 of epsilon 8).")
+    )
+    center_clip_norm: float = field(
+        default=5.0, metadata=_help("L2 clip of each row's pooled vector in the centering query (its sensitivity).")
+    )
     delta: float = field(default=1e-5, metadata=_help("DP delta per site."))
     accountant: Literal["prv", "rdp"] = field(default="prv", metadata=_help("Privacy accountant."))
     reproducible_noise: bool = field(
@@ -122,7 +134,26 @@ class RunConfig:
         need(0.0 < self.test_fraction < 1.0, "test_fraction", self.test_fraction, "in (0, 1)")
         need(self.max_test_examples >= 0, "max_test_examples", self.max_test_examples, ">= 0")
         need(self.max_length >= 8, "max_length", self.max_length, ">= 8")
-        need(self.classifier_pooling in ("mean", "cls"), "classifier_pooling", self.classifier_pooling, "'mean' or 'cls'")
+        need(
+            self.classifier_pooling in ("mean", "cls"), "classifier_pooling", self.classifier_pooling, "'mean' or 'cls'"
+        )
+        if self.center_features and self.classifier_pooling != "mean":
+            raise ConfigError(
+                f"center-features = true needs classifier-pooling = 'mean' (transformers' {self.classifier_pooling!r} "
+                "head takes no centered input); set center-features = false"
+            )
+        need(self.center_clip_norm > 0.0, "center_clip_norm", self.center_clip_norm, "> 0")
+        need(
+            self.center_noise_multiplier >= 0.0 and math.isfinite(self.center_noise_multiplier),
+            "center_noise_multiplier",
+            self.center_noise_multiplier,
+            "finite and >= 0",
+        )
+        if self.dp and self.center_features and self.center_noise_multiplier == 0.0:
+            raise ConfigError(
+                "center-noise-multiplier = 0 with dp = true releases the sites' exact mean vector: set it > 0, "
+                "or center-features = false"
+            )
         need(self.lora_mode in ("ffa", "lora"), "lora_mode", self.lora_mode, "'ffa' or 'lora'")
         need(self.lora_r >= 1, "lora_r", self.lora_r, ">= 1")
         need(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, ">= 1")

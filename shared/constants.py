@@ -2,7 +2,9 @@
 
 # Records in a train/evaluate request
 GLOBAL_RECORD = "global"  # ArrayRecord: the global trainable tensors, by name
-TRAIN_CONFIG_RECORD = "train-config"  # ConfigRecord: round, run id, DP parameters planned by the run
+TRAIN_CONFIG_RECORD = "train-config"  # ConfigRecord: round, run id, task
+CENTER_RECORD = "feature-center"  # ArrayRecord: {"center": the head's input center}, when center-features is on
+CENTER_ARRAY = "center"
 
 # Records in a train reply
 UPDATE_RECORD = "update"  # ArrayRecord: {"update": flat float32 vector, clipped and weighted}
@@ -15,6 +17,11 @@ ATTESTATION_RECORD = "attestation"  # ConfigRecord: site-signed epsilon attestat
 # Keys inside the train config
 KEY_SERVER_ROUND = "server-round"
 KEY_RUN_ID = "run-id"
+KEY_TASK = "task"  # TASK_TRAIN (the default when absent) or TASK_FEATURE_MEAN
+
+# Tasks of a train message
+TASK_TRAIN = "train"  # a round of DP-SGD; the reply's update is the trainable tensors' delta
+TASK_FEATURE_MEAN = "feature-mean"  # round 0 of a centered run: the reply's update is the site's noisy mean vector
 
 # Metric names
 METRIC_EPSILON = "epsilon"

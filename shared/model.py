@@ -102,6 +102,9 @@ class MeanPoolingClassifier(nn.Module):
         self.config = transformer.config
         self.config.num_labels = num_labels
         self.classifier = nn.Linear(int(self.config.hidden_size), num_labels)
+        # Subtracted from the pooled vector before the head (``center-features``). Not saved: an exported adapter
+        # has it folded into the head's bias (:func:`fold_feature_center`), so a plain base model loads it.
+        self.register_buffer("feature_center", torch.zeros(int(self.config.hidden_size)), persistent=False)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.transformer.get_input_embeddings()  # type: ignore[operator,no-any-return]
@@ -115,16 +118,18 @@ class MeanPoolingClassifier(nn.Module):
     ) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutput
 
+        logits = self.classifier(self.pool(input_ids, attention_mask, **kwargs) - self.feature_center)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def pool(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+        """The masked mean of the last hidden states: the head's input before centering."""
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if attention_mask is None:
-            pooled = hidden.mean(dim=1)
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        logits = self.classifier(pooled)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+            return hidden.mean(dim=1)  # type: ignore[no-any-return]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # type: ignore[no-any-return]
 
 
 def load_base_model(model_path: str, num_labels: int, pooling: str = "mean") -> nn.Module:
@@ -214,6 +219,71 @@ def fresh_model(cfg: RunConfig, num_labels: int) -> nn.Module:
     training never leaks into the next one's starting point.
     """
     return copy.deepcopy(_model_template(cfg, num_labels))
+
+
+def _mean_pooling_head(model: nn.Module) -> MeanPoolingClassifier:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, MeanPoolingClassifier):
+        raise ModelError(f"feature centering needs classifier-pooling = 'mean'; this model is {type(base).__name__}")
+    return base
+
+
+def pooled_features(model: nn.Module, data: Encoded, *, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """Every row's pooled vector (the head's input before centering) under the model's current adapter, in
+    eval mode (no dropout) and without gradients; float32 on the CPU, one row per example."""
+    head = _mean_pooling_head(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                mask = data.attention_mask[start : start + batch_size]
+                width = max(int(mask.sum(dim=1).max().item()), 1)
+                ids = data.input_ids[start : start + batch_size, :width].to(device)
+                out.append(head.pool(ids, mask[:, :width].to(device)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model_hidden_size(head))
+
+
+def set_feature_center(model: nn.Module, center: np.ndarray) -> None:
+    head = _mean_pooling_head(model)
+    value = torch.as_tensor(np.asarray(center, dtype=np.float32))
+    if value.shape != head.feature_center.shape or not bool(torch.isfinite(value).all()):
+        raise ModelError(
+            f"feature center must be {tuple(head.feature_center.shape)} finite values, got shape {tuple(value.shape)}"
+        )
+    with torch.no_grad():
+        head.feature_center.copy_(value.to(head.feature_center.dtype))
+
+
+def get_feature_center(model: nn.Module) -> np.ndarray:
+    return _mean_pooling_head(model).feature_center.detach().cpu().numpy().astype(np.float32)
+
+
+def fold_feature_center(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose head takes the uncentered vector: ``W (x - c) + b = W x + (b - W c)``.
+
+    What is exported, so that the adapter applies to the plain base model of :func:`load_base_model` (whose
+    center is zero) and gives the same logits. A model without centering is returned as it is.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, MeanPoolingClassifier) or not bool(base.feature_center.any()):
+        return model
+    folded = copy.deepcopy(model)
+    head = _mean_pooling_head(folded)
+    wrapper = head.classifier
+    linears = (
+        [wrapper.original_module, *wrapper.modules_to_save.values()]
+        if hasattr(wrapper, "modules_to_save")
+        else [wrapper]
+    )
+    with torch.no_grad():
+        for linear in linears:
+            linear.bias.sub_(linear.weight @ head.feature_center)
+        head.feature_center.zero_()
+    return folded
 
 
 def model_hidden_size(model: nn.Module) -> int:

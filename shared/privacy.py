@@ -125,10 +125,13 @@ def compose_epsilon(
 def _accountant_epsilon(
     mechanisms: tuple[tuple[float, float, int], ...], delta: float, accountant: str, eps_error: float
 ) -> float:
+    import numpy as np
+
     acc = _opacus_accountant(accountant)
     acc.history = list(mechanisms)
     if accountant == "prv":
-        return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
+        with np.errstate(divide="ignore"):  # a sample rate of 1 (a full-data query) takes log(1 - q) = -inf
+            return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -141,10 +144,12 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: str = "prv",
     tolerance: float = 0.005,
+    prior: tuple[DpEvent, ...] = (),
 ) -> float:
-    """The smallest noise multiplier (to within ``tolerance``, relative) whose ``steps`` Poisson-sampled steps
-    spend at most ``target_epsilon``: bisection on the accountant's epsilon, bracketed by the fast RDP answer
-    (PRV is tighter than RDP, so its answer is never above RDP's)."""
+    """The smallest noise multiplier (to within ``tolerance``, relative) whose ``steps`` Poisson-sampled steps,
+    composed with the ``prior`` events (the feature-centering query), spend at most ``target_epsilon``:
+    bisection on the accountant's epsilon, bracketed by the fast RDP answer (PRV is tighter than RDP, so its
+    answer is never above RDP's)."""
     check_delta(delta)
     check_accountant(accountant)
     if not target_epsilon > 0.0 or math.isinf(target_epsilon):
@@ -156,7 +161,13 @@ def calibrate_noise_multiplier(
 
     def eps(sigma: float, acc: str, eps_error: float = 0.01) -> float:
         event = DpEvent(sample_rate, sigma, steps, 1.0)
-        return compose_epsilon([event], delta=delta, accountant=acc, eps_error=eps_error)
+        return compose_epsilon([*prior, event], delta=delta, accountant=acc, eps_error=eps_error)
+
+    spent = compose_epsilon(prior, delta=delta, accountant=accountant)
+    if spent >= target_epsilon:
+        raise PrivacyError(
+            f"the events before training ({list(prior)}) alone spend epsilon {spent:.4f} >= target {target_epsilon}"
+        )
 
     high = 1.0
     while eps(high, "rdp") > target_epsilon:

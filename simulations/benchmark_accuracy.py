@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.train import train_round  # noqa: E402
+from client.train import noisy_feature_mean, train_round  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.federation import load_run_dataset, server_test_set, simulated_split  # noqa: E402
 from shared.metrics import evaluate_model  # noqa: E402
-from shared.model import build_model, encode, load_tokenizer  # noqa: E402
+from shared.model import build_model, encode, load_tokenizer, set_feature_center  # noqa: E402
 from shared.simulation import run_simulation  # noqa: E402
 
 
@@ -44,6 +44,9 @@ def centralized(cfg: RunConfig, num_clients: int) -> dict[str, float]:
     train = encode(tokenizer, rows.texts, rows.labels, max_length=cfg.max_length)
     test = server_test_set(cfg, data, num_clients)
     model = build_model(cfg, len(data.label_names))
+    if cfg.center_features:  # one party, non-private: the exact mean of the clipped pooled vectors
+        center = noisy_feature_mean(model, train, clip_norm=cfg.center_clip_norm, noise_multiplier=0.0, seed=0)
+        set_feature_center(model, center)
     # the federation sees rounds x clients x local steps x batch examples; so does the central run, in
     # batches of the sites' size (one batch of all sites' rows at once would not fit in memory)
     steps = cfg.num_server_rounds * cfg.local_steps * num_clients

@@ -27,6 +27,7 @@ CASES = {
     "two runs, different settings": [_event(0.05, 1.2, 20)] * 5 + [_event(0.04, 1.0, 30)] * 5,
     "little noise": [_event(0.1, 0.8, 50)],
     "full batch": [_event(1.0, 5.0, 10)],
+    "centering query, then 8 rounds": [_event(1.0, 20.0, 1)] + [_event(0.235, 0.8, 1)] * 8,
     "one short round": [_event(0.02, 1.0, 25)],
     "much noise": [_event(0.02, 2.0, 200)] * 3,
 }

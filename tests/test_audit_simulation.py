@@ -37,10 +37,10 @@ def test_audit_of_two_simulated_runs_verifies_and_composes_over_both(tiny_config
     assert [s["site_id"] for s in report["sites"]] == ["site-0", "site-1", "site-2"]
     for site in report["sites"]:
         (data_set,) = site["data_sets"].values()
-        assert data_set["rounds"] == 4 and len(data_set["runs"]) == 2
+        assert data_set["rounds"] == 6 and len(data_set["runs"]) == 2  # per run: the centering query, 2 rounds
         assert all(e["matches"] for e in site["entries"])
         assert data_set["epsilon_pld"] == pytest.approx(data_set["epsilon"], rel=0.01)
-    assert [len(r["rounds"]) for r in report["runs"]] == [2, 2]
+    assert [[row["round"] for row in r["rounds"]] for r in report["runs"]] == [[0, 1, 2], [0, 1, 2]]
     assert all(r["verified"] for r in report["runs"])
     assert [r["secure_aggregation"] for r in report["runs"]] == [False, True]
     assert any(s.startswith("Secure aggregation (run(s)") for s in report["guarantee"])

@@ -95,3 +95,18 @@ def test_non_positive_budget_is_an_error(max_epsilon):
 def test_unknown_accountant_is_an_error():
     with pytest.raises(PrivacyError, match="accountant must be one of"):
         decide([], ROUND, max_epsilon=1.0, delta=DELTA, accountant="moments")
+
+
+def test_calibration_leaves_room_for_the_events_before_training():
+    from shared.privacy import calibrate_noise_multiplier
+
+    query = DpEvent(1.0, 5.0, 1, 5.0)  # a full-data Gaussian query (the feature centering, noisier than its default)
+    plain = calibrate_noise_multiplier(target_epsilon=2.0, delta=1e-5, sample_rate=0.1, steps=20)
+    with_query = calibrate_noise_multiplier(target_epsilon=2.0, delta=1e-5, sample_rate=0.1, steps=20, prior=(query,))
+    assert with_query > plain
+    spent = compose_epsilon([query, DpEvent(0.1, with_query, 20, 1.0)], delta=1e-5)
+    assert 2.0 * 0.98 <= spent <= 2.0
+    with pytest.raises(PrivacyError, match="alone spend epsilon"):
+        calibrate_noise_multiplier(
+            target_epsilon=0.1, delta=1e-5, sample_rate=0.1, steps=20, prior=(DpEvent(1.0, 5.0, 1, 5.0),)
+        )

@@ -29,13 +29,13 @@ def _context(cfg, partition_id, num_partitions=3, **node_config):
     )
 
 
-def _train_message(cfg, server_round, arrays=None):
+def _train_message(cfg, server_round, arrays=None, task=None):
     arrays = arrays if arrays is not None else get_trainable(build_model(cfg, 2))
+    train_config = {C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: str(RUN_ID)}
+    if task is not None:
+        train_config[C.KEY_TASK] = task
     content = RecordDict(
-        {
-            C.GLOBAL_RECORD: record_from_arrays(arrays),
-            C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: str(RUN_ID)}),
-        }
+        {C.GLOBAL_RECORD: record_from_arrays(arrays), C.TRAIN_CONFIG_RECORD: ConfigRecord(train_config)}
     )
     return Message(content, dst_node_id=100, message_type="train")
 
@@ -131,3 +131,70 @@ def test_evaluate_reports_metrics_on_the_sites_rows(cfg):
     reply = client_app.app(msg, _context(cfg, 0))
     metrics = reply.content.metric_records[C.METRICS_RECORD]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num-examples"] > 0
+
+
+def test_the_centering_query_is_answered_once_in_round_0_recorded_and_budgeted(cfg):
+    context = _context(cfg, 0)
+    reply = client_app.app(_train_message(cfg, 0, task=C.TASK_FEATURE_MEAN), context)
+    assert not reply.has_error(), reply.error
+    vector = reply.content.array_records[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy()
+    assert vector.shape == (build_model(cfg, 2).config.hidden_size,) and np.linalg.norm(vector) <= cfg.center_clip_norm
+    query = DpEvent.from_dict({k: v for k, v in reply.content[C.DP_EVENT_RECORD].items() if k != "site-id"})
+    assert query == DpEvent(1.0, cfg.center_noise_multiplier, 1, cfg.center_clip_norm)
+    assert C.METRIC_TRAIN_LOSS not in reply.content.metric_records[C.METRICS_RECORD]
+
+    epsilons, events = [], []
+    for server_round in (1, 2, 3):
+        reply = client_app.app(_train_message(cfg, server_round), context)
+        epsilons.append(reply.content.metric_records[C.METRICS_RECORD][C.METRIC_EPSILON])
+        events.append(DpEvent.from_dict({k: v for k, v in reply.content[C.DP_EVENT_RECORD].items() if k != "site-id"}))
+    # every reported epsilon composes the query too, and the noise was calibrated so that query + all rounds
+    # reach target-epsilon (not more)
+    assert epsilons[0] == pytest.approx(compose_epsilon([query, events[0]], delta=cfg.delta), rel=1e-6)
+    assert epsilons[2] == pytest.approx(compose_epsilon([query, *events], delta=cfg.delta), rel=1e-6)
+    assert epsilons[2] > compose_epsilon(events, delta=cfg.delta)
+    assert cfg.target_epsilon * 0.98 <= epsilons[2] <= cfg.target_epsilon
+    site = site_from_node_config(dict(context.node_config), sim_dir=cfg.simulation_dir(RUN_ID))
+    entries = SiteLedger(site.ledger_path, site_id=site.site_id).entries()
+    assert [e.round for e in entries] == [0, 1, 2, 3] and entries[0].event == query
+
+    again = client_app.app(_train_message(cfg, 0, task=C.TASK_FEATURE_MEAN), context)
+    assert "already trained" in again.content.config_records[C.DECLINE_RECORD]["reason"]
+
+
+@pytest.mark.parametrize("case", ["not round 0", "centering off"])
+def test_a_feature_mean_query_outside_a_centered_runs_round_0_is_declined(cfg, case):
+    if case == "centering off":
+        cfg = replace(cfg, center_features=False)
+    reply = client_app.app(
+        _train_message(cfg, 0 if case == "centering off" else 2, task=C.TASK_FEATURE_MEAN), _context(cfg, 1)
+    )
+    assert "only answered in round 0 of a run with center-features = true" in reply.content[C.DECLINE_RECORD]["reason"]
+
+
+def test_an_unknown_task_is_a_clear_error(cfg):
+    with pytest.raises(MessageError, match="unknown task 'steal'"):
+        client_app.app(_train_message(cfg, 1, task="steal"), _context(cfg, 0))
+
+
+def test_the_round_uses_the_center_the_server_sends(cfg):
+    from shared.model import get_feature_center
+
+    cfg = replace(cfg, reproducible_noise=True)  # same noise and sampling in every run: only the center differs
+    hidden = get_feature_center(build_model(cfg, 2)).shape[0]
+    updates = []
+    for run_id, center in ((RUN_ID + 1, None), (RUN_ID + 2, None), (RUN_ID + 3, 3.0)):
+        provision_simulation(cfg.simulation_dir(run_id), 3)
+        msg = _train_message(cfg, 1)
+        if center is not None:
+            msg.content[C.CENTER_RECORD] = record_from_arrays({C.CENTER_ARRAY: np.full(hidden, center, np.float32)})
+        context = Context(
+            run_id=run_id,
+            node_id=100,
+            node_config={"partition-id": 0, "num-partitions": 3},
+            state=RecordDict(),
+            run_config=cfg.to_flower(),
+        )
+        updates.append(client_app.app(msg, context).content.array_records[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy())
+    np.testing.assert_array_equal(updates[0], updates[1])
+    assert not np.allclose(updates[0], updates[2])

@@ -40,6 +40,10 @@ def test_from_flower_converts_kebab_case_and_numbers():
         ({"noise-multiplier": -1.0, "target-epsilon": 0.0}, "noise-multiplier must be >= 0"),
         ({"canaries": -1}, "canaries must be >= 0"),
         ({"canaries": 10, "roster-path": "/r.json"}, "simulation only"),
+        ({"classifier-pooling": "cls"}, "center-features = true needs classifier-pooling = 'mean'"),
+        ({"center-noise-multiplier": 0.0}, "center-noise-multiplier = 0 with dp = true releases"),
+        ({"center-noise-multiplier": -1.0}, "center-noise-multiplier must be finite and >= 0"),
+        ({"center-clip-norm": 0.0}, "center-clip-norm must be > 0"),
     ],
 )
 def test_bad_run_config_is_a_clear_error(overrides, message):
@@ -63,3 +67,8 @@ def test_docs_configuration_table_is_the_dataclass():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     hint = "regenerate it: python -c 'import shared.config as c; print(c.markdown_table())'"
     assert markdown_table() in doc, hint
+
+
+def test_cls_pooling_and_an_exact_mean_are_fine_once_asked_for_explicitly():
+    assert RunConfig.from_flower({"classifier-pooling": "cls", "center-features": False}).classifier_pooling == "cls"
+    assert RunConfig.from_flower({"dp": False, "center-noise-multiplier": 0.0}).center_noise_multiplier == 0.0

@@ -144,3 +144,31 @@ def test_fresh_model_is_build_model_and_copies_share_nothing(tiny_config):
     second = fresh_model(tiny_config, 2)
     np.testing.assert_array_equal(flatten(get_trainable(second)), flatten(get_trainable(build_model(tiny_config, 2))))
     assert all(a is not b for a, b in zip(first.parameters(), second.parameters(), strict=True))
+
+
+def test_the_head_reads_the_pooled_vector_minus_the_feature_center(tiny_config):
+    from shared.model import get_feature_center, set_feature_center
+
+    model = build_model(tiny_config, 2).eval()
+    ids = torch.tensor([[101, 2307, 3185, 102], [101, 4569, 102, 0]])
+    mask = (ids != 0).long()
+    center = np.linspace(-1.0, 1.0, get_feature_center(model).shape[0]).astype(np.float32)
+    set_feature_center(model, center)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        inner = model.base_model.model
+        by_hand = inner.classifier.modules_to_save["default"](inner.pool(ids, mask) - torch.from_numpy(center))
+    torch.testing.assert_close(logits, by_hand)
+    np.testing.assert_array_equal(get_feature_center(model), center)
+    with pytest.raises(ModelError, match="feature center must be"):
+        set_feature_center(model, center[:-1])
+    with pytest.raises(ModelError, match="feature center must be"):
+        set_feature_center(model, np.full_like(center, np.nan))
+
+
+def test_feature_centering_needs_the_mean_pooling_head(tiny_config):
+    from shared.model import pooled_features
+
+    model = build_model(replace(tiny_config, classifier_pooling="cls", center_features=False), 2)
+    with pytest.raises(ModelError, match="classifier-pooling = 'mean'"):
+        pooled_features(model, None)  # type: ignore[arg-type]

@@ -46,9 +46,19 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     assert _reload_accuracy(run_dir, cfg, 3) == pytest.approx(final, abs=1e-9)
     fed = run_dir / "federation" / "sites"
     ledgers = [SiteLedger(fed / f"site-{i}" / "privacy_ledger.jsonl", site_id=f"site-{i}") for i in range(3)]
-    assert [[e.round for e in ledger.entries()] for ledger in ledgers] == [[1, 2]] * 3
+    # round 0: the feature-centering query, answered by every site, recorded in its ledger and in the run's
+    assert [[e.round for e in ledger.entries()] for ledger in ledgers] == [[0, 1, 2]] * 3
+    assert all(ledger.entries()[0].event.sample_rate == 1.0 for ledger in ledgers)
+    centering = metrics["feature_centering"]
+    assert sorted(centering["survivors"]) == ["site-0", "site-1", "site-2"] and not centering["aborted"]
+    assert len(centering["center"]) == 32 and all(
+        0 < c["epsilon"] < min(eps_round1) for c in centering["clients"].values()
+    )
+    run_rounds = [json.loads(line)["round"] for line in (run_dir / "run_ledger.jsonl").read_text().splitlines()]
+    assert run_rounds == [0, 1, 2]
     assert "final test: accuracy" in summary(run_dir)
     out = capsys.readouterr().out
+    assert "round 0 | feature centering: 3/3 sites" in out
     assert "round 1/2 | train loss" in out and "round 2/2" in out
 
 

@@ -133,3 +133,39 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_config):
     )
     assert result.event is not None and result.event.steps == 5
     assert result.empty_batches >= 1
+
+
+def test_the_centering_query_is_the_mean_of_clipped_pooled_vectors_plus_calibrated_noise(no_dropout_config):
+    from client.train import noisy_feature_mean
+    from shared.model import pooled_features
+
+    model = build_model(no_dropout_config, 2)
+    _make_b_nonzero(model)  # the query reads the vectors under the global adapter, not the bare encoder
+    data = _data(no_dropout_config, n=12)
+    inner = model.base_model.model
+    with torch.no_grad():  # by hand, one row at a time, unpadded
+        rows = [
+            inner.pool(data.input_ids[i : i + 1, : int(m.sum())], data.attention_mask[i : i + 1, : int(m.sum())])[0]
+            for i, m in enumerate(data.attention_mask)
+        ]
+    by_hand = torch.stack(rows).double()
+    torch.testing.assert_close(pooled_features(model, data, batch_size=5).double(), by_hand, rtol=1e-5, atol=1e-5)
+    assert model.training  # read in eval mode, handed back in train mode
+
+    exact = noisy_feature_mean(model, data, clip_norm=1e6, noise_multiplier=0.0, seed=None)
+    np.testing.assert_allclose(exact, by_hand.mean(dim=0).numpy(), rtol=1e-5, atol=1e-6)
+    clip = 0.5 * float(by_hand.norm(dim=1).min())  # every row clipped: each contributes a vector of norm `clip`
+    clipped = noisy_feature_mean(model, data, clip_norm=clip, noise_multiplier=0.0, seed=None)
+    unit = by_hand / by_hand.norm(dim=1, keepdim=True)
+    np.testing.assert_allclose(clipped, (clip * unit).mean(dim=0).numpy(), rtol=1e-5, atol=1e-6)
+
+    # noise: std noise_multiplier * clip on the sum, so std noise_multiplier * clip / n on the mean
+    draws = np.stack(
+        [noisy_feature_mean(model, data, clip_norm=clip, noise_multiplier=3.0, seed=s) for s in range(200)]
+    )
+    residual = draws - clipped
+    assert residual.std() == pytest.approx(3.0 * clip / len(data), rel=0.05)
+    assert abs(residual.mean()) < 4 * residual.std() / np.sqrt(residual.size)
+    np.testing.assert_array_equal(
+        noisy_feature_mean(model, data, clip_norm=clip, noise_multiplier=3.0, seed=7), draws[7]
+    )

@@ -109,8 +109,8 @@ class RoundParams:
     def __post_init__(self) -> None:
         if not self.run_id:
             raise SecAggMessageError("round parameter run_id must be a non-empty str")
-        if self.server_round < 1:
-            raise SecAggMessageError(f"round parameter server_round must be >= 1, got {self.server_round}")
+        if self.server_round < 0:  # round 0: the centering query of a centered run
+            raise SecAggMessageError(f"round parameter server_round must be >= 0, got {self.server_round}")
         if list(self.node_ids) != sorted(set(self.node_ids)):
             raise SecAggMessageError("round parameter node_ids must be sorted and distinct")
         n = len(self.node_ids)
