@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             nonprivate = {"lora-mode": mode, "dp": False, "learning-rate": args.nonprivate_lr}
             settings.append((f"federated, non-private, {mode}", split, nonprivate))
             settings.append(
-                (f"federated, DP eps={args.epsilon:g}, {mode}", split, {"lora-mode": mode, "target-epsilon": args.epsilon})
+                (
+                    f"federated, DP eps={args.epsilon:g}, {mode}",
+                    split,
+                    {"lora-mode": mode, "target-epsilon": args.epsilon},
+                )
             )
     if args.only:
         settings = [s for s in settings if any(o in f"{s[0]} {s[1]}" for o in args.only)]

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'aggregation':<12} {'rounds':>6} {'mean s':>8} {'median s':>9}")
     for secure in (False, True):
         t = times[secure]
-        print(f"{'secure' if secure else 'plain':<12} {len(t):>6} {statistics.mean(t):>8.2f} {statistics.median(t):>9.2f}")
+        print(
+            f"{'secure' if secure else 'plain':<12} {len(t):>6} {statistics.mean(t):>8.2f} {statistics.median(t):>9.2f}"
+        )
     ratio = statistics.median(times[True]) / statistics.median(times[False])
     print(f"secure / plain (median round): {ratio:.3f}")
     return 0
