@@ -50,7 +50,8 @@ def poisson_sample_rate(num_rows: int, batch_size: int) -> float:
 
 def noise_multiplier_for(cfg: RunConfig, sample_rate: float, context: Context) -> float:
     """The site's noise multiplier: given directly, or calibrated once per run to reach ``target-epsilon``
-    after ``num-server-rounds`` rounds of ``local-steps`` steps at this site's sample rate."""
+    after ``num-server-rounds`` rounds of ``local-steps`` steps at this site's sample rate, together with the
+    feature-centering query of a centered run."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     state = context.state.config_records.get(STATE_RECORD)
