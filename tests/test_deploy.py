@@ -338,7 +338,8 @@ def _node_config(fed: Federation, site: str, ledger: Path) -> dict:
 
 def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
     """The uninterrupted run, recomputed in this process: every site's own train handler each round, the mean of
-    the updates (what the secure sum decodes to, up to its fixed-point resolution), the server optimizer's step."""
+    the updates (what the secure sum decodes to, up to its fixed-point resolution), the server optimizer's step.
+    A centered run (the default) starts with round 0, the feature-mean query, whose mean every round then sends."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from client.app import train
@@ -351,7 +352,7 @@ def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
 
     cfg = RunConfig.from_flower(config)
     global_arrays = get_trainable(build_model(cfg, num_labels=2))
-    server_opt = ServerOptimizer(kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate)
+    server_opt = ServerOptimizer(kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate, tau=cfg.server_tau)
     contexts = {
         site: Context(
             run_id=1,
@@ -362,19 +363,25 @@ def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
         )
         for i, site in enumerate(SITES)
     }
-    for server_round in range(1, cfg.num_server_rounds + 1):
+
+    def mean_reply(server_round: int, task: str, center=None):
         total = None
         for context in contexts.values():
+            train_config = {C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: "1", C.KEY_TASK: task}
             content = RecordDict(
-                {
-                    C.GLOBAL_RECORD: record_from_arrays(global_arrays),
-                    C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round, C.KEY_RUN_ID: "1"}),
-                }
+                {C.GLOBAL_RECORD: record_from_arrays(global_arrays), C.TRAIN_CONFIG_RECORD: ConfigRecord(train_config)}
             )
+            if center is not None:
+                content[C.CENTER_RECORD] = record_from_arrays({C.CENTER_ARRAY: center})
             reply = train(Message(content, dst_node_id=context.node_id, message_type="train"), context)
+            assert C.UPDATE_RECORD in reply.content.array_records, f"{context.node_id} declined round {server_round}"
             update = reply.content[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy().astype("float64")
             total = update if total is None else total + update
-        step = server_opt.step(mean_from_sum(total, float(len(SITES))))
+        return mean_from_sum(total, float(len(SITES)))
+
+    center = mean_reply(0, C.TASK_FEATURE_MEAN).astype("float32") if cfg.center_features else None
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        step = server_opt.step(mean_reply(server_round, C.TASK_TRAIN, center))
         global_arrays = unflatten(flatten(global_arrays) + step, global_arrays)
     return dict(global_arrays)
 
@@ -424,12 +431,13 @@ def test_server_killed_in_round_2_of_4_resumes_and_matches_an_uninterrupted_run(
 def test_client_killed_mid_round_leaves_the_round_to_the_dropout_path(fed, tiny_model_dir):
     victim = "lab-c"
     node = fed.procs[f"node-{victim}"]
-    already = node.text().count("Sent successfully")
     config = run_config(fed, tiny_model_dir, **{"num-server-rounds": 1, "secagg-timeout": 25.0})
     before = run_dirs(fed)
+    already = node.text().count("Sent successfully")
     proc, _ = submit(fed, config, "dropout")
     deadline = time.monotonic() + 300
-    while node.text().count("Sent successfully") < already + 2:  # its keys advertised and its shares sent
+    # the four secagg stages of round 0 (the feature-mean query), then round 1's keys advertised and shares sent
+    while node.text().count("Sent successfully") < already + 4 + 2:
         assert time.monotonic() < deadline, node.text()
         time.sleep(0.2)
     node.stop(signal.SIGKILL)
@@ -437,7 +445,9 @@ def test_client_killed_mid_round_leaves_the_round_to_the_dropout_path(fed, tiny_
     wait_for(proc, "adapter saved to", timeout=300)
 
     (run_dir,) = run_dirs(fed) - before
-    (record,) = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sorted(metrics["feature_centering"]["survivors"]) == sorted(SITES)
+    (record,) = metrics["rounds"]
     assert not record["aborted"] and record["dropped"] == [victim]
     assert sorted(record["survivors"]) == sorted(set(SITES) - {victim})
     assert "secagg round 1: 2 survivors, 1 dropped" in proc.text()
