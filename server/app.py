@@ -279,7 +279,7 @@ def main(grid: Grid, context: Context) -> None:
         run_id,
         len(nodes),
         cfg.num_server_rounds,
-        cfg.lora_mode.upper() + "-LoRA",
+        "FFA-LoRA" if cfg.lora_mode == "ffa" else "plain LoRA",
         dim,
         len(test),
         f"on (target epsilon {cfg.target_epsilon:g}, delta {cfg.delta:g})" if cfg.dp else "OFF",
