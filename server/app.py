@@ -52,13 +52,23 @@ logger = logging.getLogger("privatune")
 app = ServerApp()
 
 NODE_WAIT_S = 120.0
+NODE_SETTLE_S = 1.0  # at start-up: wait until no more nodes join for this long
 
 
-def wait_for_nodes(grid: Grid, minimum: int, *, timeout_s: float = NODE_WAIT_S) -> list[int]:
+def wait_for_nodes(grid: Grid, minimum: int, *, timeout_s: float = NODE_WAIT_S, settle_s: float = 0.0) -> list[int]:
+    """The connected node ids, once there are at least ``minimum``; with ``settle_s``, once their number has also
+    stopped growing for ``settle_s`` seconds (Flower's simulation registers its nodes while the ServerApp starts:
+    a run that took the first ``minimum`` would leave the rest out of its roster and its round 0)."""
     deadline = time.monotonic() + timeout_s
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
+            while settle_s > 0:
+                time.sleep(settle_s)
+                more = sorted(grid.get_node_ids())
+                if len(more) <= len(nodes):
+                    break
+                nodes = more
             return nodes
         if time.monotonic() > deadline:
             raise RuntimeError(
@@ -251,7 +261,7 @@ def main(grid: Grid, context: Context) -> None:
 
     if cfg.resume and not cfg.roster_path and not cfg.sim_dir:
         raise ConfigError("resume in a simulation needs sim-dir set: the sites' ledgers must outlive the restart")
-    nodes = wait_for_nodes(grid, cfg.min_train_nodes)
+    nodes = wait_for_nodes(grid, cfg.min_train_nodes, settle_s=NODE_SETTLE_S)
     sim_dir: Path | None = None
     roster: Roster | None = None
     if cfg.eval_data_path:  # deployment: the server's own evaluation file (the sites' data never leaves them)

@@ -69,7 +69,10 @@ class RunConfig:
     noise_multiplier: float = field(default=0.0, metadata=_help("Set the noise directly (then target-epsilon = 0)."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Per-sample gradient clip norm."))
     center_noise_multiplier: float = field(
-        default=20.0, metadata=_help("Noise multiplier of the centering query (Gaussian; epsilon 0.16 alone, 0.003 of the composed 8).")
+        default=20.0,
+        metadata=_help(
+            "Noise multiplier of the centering query (Gaussian; epsilon 0.16 alone, 0.003 of the composed 8)."
+        ),
     )
     center_clip_norm: float = field(
         default=5.0, metadata=_help("L2 clip of each row's pooled vector in the centering query (its sensitivity).")

@@ -96,7 +96,9 @@ def provision_simulation(sim_dir: Path, num_sites: int) -> Roster:
     """Create (or reuse) one identity key per simulated site under ``sim_dir`` and the roster of them all.
 
     Idempotent: existing keys are kept, so a restarted simulation keeps its sites' identities and ledgers.
-    In a deployment this is done by the coordinator's provisioning, never by the server at run time.
+    The roster never shrinks: a site that has a key under ``sim_dir`` stays in it when a later run has fewer
+    sites, so the attestations of earlier runs still verify. In a deployment this is done by the coordinator's
+    provisioning, never by the server at run time.
     """
     sim_dir = Path(sim_dir)
     keys: dict[str, Ed25519PublicKey] = {}
@@ -109,6 +111,8 @@ def provision_simulation(sim_dir: Path, num_sites: int) -> Roster:
             private = Ed25519PrivateKey.generate()
             write_private_key(key_path, private)
         keys[site] = private.public_key()
+    for key_path in sorted((sim_dir / "sites").glob(f"*/{IDENTITY_KEY_FILE}")):
+        keys.setdefault(key_path.parent.name, load_private_key(key_path).public_key())
     roster = Roster(keys)
     roster_path = sim_dir / ROSTER_FILE
     tmp = roster_path.with_suffix(".tmp")
