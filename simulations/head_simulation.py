@@ -10,7 +10,7 @@ takes seconds instead of minutes. It prints the final test accuracy and macro-F1
 - the vector minus the DP estimate the app uses (each site's noisy mean at ``center-noise-multiplier``,
   averaged; its cost is in the noise calibration, as in the app).
 
-    python simulations/head_simulation.py                       # the table in docs/benchmarks.md
+    python simulations/head_simulation.py                       # the numbers in docs/benchmarks.md
     python simulations/head_simulation.py --seeds 5 --lrs 10
 
 The pooled vectors are computed once with the real model (a few minutes on 2 cores) and cached in ``--cache``.
