@@ -96,6 +96,9 @@ class MeanPoolingClassifier(nn.Module):
     treats this like any sequence classifier (LoRA in the encoder, the head in ``modules_to_save``).
     """
 
+    config: Any  # the transformer's own config (a transformers PretrainedConfig)
+    feature_center: torch.Tensor
+
     def __init__(self, transformer: nn.Module, num_labels: int) -> None:
         super().__init__()
         self.transformer = transformer
@@ -221,8 +224,14 @@ def fresh_model(cfg: RunConfig, num_labels: int) -> nn.Module:
     return copy.deepcopy(_model_template(cfg, num_labels))
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (``get_base_model``), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def _mean_pooling_head(model: nn.Module) -> MeanPoolingClassifier:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     if not isinstance(base, MeanPoolingClassifier):
         raise ModelError(f"feature centering needs classifier-pooling = 'mean'; this model is {type(base).__name__}")
     return base
@@ -268,12 +277,12 @@ def fold_feature_center(model: nn.Module) -> nn.Module:
     What is exported, so that the adapter applies to the plain base model of :func:`load_base_model` (whose
     center is zero) and gives the same logits. A model without centering is returned as it is.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     if not isinstance(base, MeanPoolingClassifier) or not bool(base.feature_center.any()):
         return model
     folded = copy.deepcopy(model)
     head = _mean_pooling_head(folded)
-    wrapper = head.classifier
+    wrapper: Any = head.classifier  # a PEFT ModulesToSaveWrapper around the Linear, or the Linear
     linears = (
         [wrapper.original_module, *wrapper.modules_to_save.values()]
         if hasattr(wrapper, "modules_to_save")
