@@ -25,7 +25,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
 from shared import constants as C
-from shared.identity import IdentityError, Roster, load_private_key
+from shared.identity import IdentityError, load_private_key, load_site_roster
 from shared.secagg import constants as K
 from shared.secagg.client import ClientRoundState, SecAggClient
 from shared.secagg.encoding import EncodingError
@@ -73,7 +73,7 @@ def _load_client(context: Context, site: Site) -> SecAggClient:
         node_id=context.node_id,
         site_id=site.site_id,
         identity_key=load_private_key(site.identity_key_path),
-        roster=Roster.load(site.roster_path),
+        roster=load_site_roster(site),
         state=ClientRoundState.from_config(dict(stored)) if stored is not None else None,
     )
 

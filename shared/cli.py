@@ -59,22 +59,96 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _provision(args: argparse.Namespace) -> int:
+    from shared.identity import format_fingerprint
     from shared.provision import provision
 
-    sites = [x.strip() for x in args.sites.split(",") if x.strip()]
-    fed = provision(Path(args.out), sites, superlink_hosts=args.superlink_host, port=args.port)
+    requests = [Path(p) for p in args.site_request]
+    fed = provision(Path(args.out), requests, superlink_hosts=args.superlink_host, port=args.port)
     print(f"coordinator files: {fed.coordinator_dir} (keep ca.key and superlink.key there)")
-    for site_id, site_dir in fed.site_dirs.items():
-        print(f"site bundle for {site_id}: {site_dir} (send it to {site_id} over a secure channel)")
+    print("site requests accepted; compare each fingerprint with that site's operator (phone, e-mail):")
+    for site_id, fingerprint in sorted(fed.request_fingerprints.items()):
+        print(f"  {site_id}: {format_fingerprint(fingerprint)}")
+    print(f"roster fingerprint: {format_fingerprint(fed.roster_fingerprint)}")
+    print("  every site approves this roster: privatune site approve-roster --site-dir <its dir> <its bundle>")
+    for site_id, bundle in fed.bundle_dirs.items():
+        print(f"bundle for {site_id}: {bundle} (public files only)")
     print(f"register each site: flwr supernode register {fed.coordinator_dir}/node-keys/<site>.pub")
     return 0
 
 
+def _site_init(args: argparse.Namespace) -> int:
+    from shared.enrolment import init_site
+    from shared.identity import format_fingerprint
+
+    made = init_site(args.site_id, Path(args.out))
+    print(f"site {made.request.site_id}: private keys in {made.site_dir} (mode 0600; they never leave it)")
+    print(f"send this request to the coordinator: {made.request_path}")
+    print(
+        f"request fingerprint (read it to the coordinator's operator): {format_fingerprint(made.request.fingerprint())}"
+    )
+    print(f"then edit {made.site_dir / 'node-config.toml'}")
+    return 0
+
+
+def _site_approve_roster(args: argparse.Namespace) -> int:
+    from shared.enrolment import approve_roster, review_roster
+    from shared.identity import format_fingerprint
+
+    review = review_roster(Path(args.site_dir), Path(args.roster), expected_fingerprint=args.fingerprint)
+    print(f"roster {review.source} for site {review.site_id}: {len(review.roster.keys)} site(s)")
+    for line in review.roster.describe():
+        print(f"  {line}")
+    print(f"roster fingerprint: {format_fingerprint(review.fingerprint)}")
+    if review.unchanged:
+        print("this is the roster already approved; nothing to do")
+        return 0
+    if review.previous is not None:
+        print(f"it REPLACES the roster approved at {review.previous.approved_at}:")
+        for change in review.changes or ["(the previous roster file is gone or altered: compare every key)"]:
+            print(f"  {change}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ValueError(
+                "approving a roster needs its operator: run interactively, or pass --yes once you "
+                "have compared the fingerprint with the coordinator"
+            )
+        answer = input("Approve this roster for this site? Type 'yes': ")
+        if answer.strip().lower() != "yes":
+            print("not approved; nothing changed")
+            return 1
+    pin = approve_roster(review)
+    print(f"approved and pinned: {review.site_dir / 'roster-pin.json'} ({len(pin.sites)} sites)")
+    return 0
+
+
 def _site_check(args: argparse.Namespace) -> int:
+    from shared.identity import ROSTER_PIN_FILE, RosterPin, format_fingerprint
     from shared.provision import check_bundle
 
-    print(f"site bundle {check_bundle(Path(args.bundle))} is complete")
+    site_dir = check_bundle(Path(args.bundle))
+    pin = RosterPin.load(site_dir / ROSTER_PIN_FILE)
+    print(f"site directory {site_dir} is complete")
+    print(
+        f"roster pinned: {format_fingerprint(pin.fingerprint)} ({len(pin.sites)} sites: {', '.join(pin.sites)}; "
+        f"approved {pin.approved_at})"
+    )
     return 0
+
+
+def _superlink_address(site_dir: Path, given: str | None) -> str:
+    import tomllib
+
+    from shared.provision import CONNECTION_FILE
+
+    if given:
+        return given
+    path = site_dir / CONNECTION_FILE
+    if not path.is_file():
+        raise ValueError(f"no --superlink given and no {path} (it comes in the coordinator's bundle)")
+    address = tomllib.loads(path.read_text()).get("superlink")
+    if not isinstance(address, str) or not address:
+        raise ValueError(f'{path} must set superlink = "host:port"')
+    return address
 
 
 def _site_start(args: argparse.Namespace) -> int:
@@ -82,7 +156,8 @@ def _site_start(args: argparse.Namespace) -> int:
 
     from shared.provision import QUIET_FLOWER_ENV, supernode_command
 
-    command = supernode_command(Path(args.bundle), args.superlink, runtime_port=args.runtime_port)
+    superlink = _superlink_address(Path(args.bundle), args.superlink)
+    command = supernode_command(Path(args.bundle), superlink, runtime_port=args.runtime_port)
     os.execvpe(command[0], command, {**os.environ, **QUIET_FLOWER_ENV})
     return 0  # pragma: no cover  (exec does not return)
 
@@ -109,10 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     prov = sub.add_parser(
         "provision",
-        help="Coordinator: CA, SuperLink TLS certificate, one bundle per site (re-run to add sites).",
+        help="Coordinator: CA, SuperLink TLS certificate, roster and bundles from the sites' requests "
+        "(re-run to add sites).",
     )
-    prov.add_argument("--out", required=True, help="Directory for coordinator/ and sites/<id>/.")
-    prov.add_argument("--sites", required=True, help="Comma-separated site ids, e.g. hospital-a,hospital-b.")
+    prov.add_argument("--out", required=True, help="Directory for coordinator/ and bundles/<id>/.")
+    prov.add_argument(
+        "--site-request",
+        action="append",
+        required=True,
+        metavar="FILE_OR_DIR",
+        help="A site's site-request.json (from privatune site init), or a directory of them (repeatable).",
+    )
     prov.add_argument(
         "--superlink-host",
         action="append",
@@ -122,16 +204,39 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--port", type=int, default=9092, help="The SuperLink's port (default 9092).")
     prov.set_defaults(func=_provision)
 
-    site = sub.add_parser("site", help="Partner site: check a site bundle, or start its SuperNode.")
+    site = sub.add_parser(
+        "site", help="Partner site: make its keys, approve the roster, check its directory, start its SuperNode."
+    )
     site_sub = site.add_subparsers(dest="site_command", required=True)
-    check = site_sub.add_parser("check", help="Check the bundle: files, key permissions, node config, roster.")
-    check.add_argument("bundle", help="The site bundle directory.")
+    init = site_sub.add_parser(
+        "init", help="Make this site's private keys and the request (public keys only) for the coordinator."
+    )
+    init.add_argument("--site-id", required=True, help="This site's id, as agreed with the coordinator.")
+    init.add_argument("--out", required=True, help="This site's directory (created with mode 0700).")
+    init.set_defaults(func=_site_init)
+    approve = site_sub.add_parser(
+        "approve-roster",
+        help="Show the coordinator's roster and its fingerprint, check this site's entry, and pin it.",
+    )
+    approve.add_argument("--site-dir", required=True, help="This site's directory (from site init).")
+    approve.add_argument("roster", help="The coordinator's bundle directory for this site, or a roster.json.")
+    approve.add_argument(
+        "--fingerprint", default=None, help="The roster fingerprint the coordinator told you; refused if different."
+    )
+    approve.add_argument("--yes", action="store_true", help="Approve without asking (you compared the fingerprint).")
+    approve.set_defaults(func=_site_approve_roster)
+    check = site_sub.add_parser(
+        "check", help="Check the site directory: files, key permissions, node config, approved roster."
+    )
+    check.add_argument("bundle", help="The site directory.")
     check.set_defaults(func=_site_check)
     start = site_sub.add_parser(
-        "start", help="Check the bundle, then run flower-supernode for it (Flower phone-home off)."
+        "start", help="Check the site directory, then run flower-supernode for it (Flower phone-home off)."
     )
-    start.add_argument("bundle", help="The site bundle directory.")
-    start.add_argument("--superlink", required=True, help="The SuperLink's host:port.")
+    start.add_argument("bundle", help="The site directory.")
+    start.add_argument(
+        "--superlink", default=None, help="The SuperLink's host:port (default: the bundle's connection.toml)."
+    )
     start.add_argument("--runtime-port", type=int, default=9094, help="Local port of the SuperNode's own API.")
     start.set_defaults(func=_site_start)
 

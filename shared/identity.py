@@ -1,26 +1,41 @@
-"""Long-term site identities: Ed25519 keys and the roster of every site's public key.
+"""Long-term site identities: Ed25519 keys, the roster of every site's public keys, and each site's pin.
 
-A site's identity key signs its secure-aggregation public keys and its ledger entries. The roster maps a
-site id to its identity public key; clients get it out of band (at provisioning; in simulation, made at
-start-up by :func:`provision_simulation`), never from the server in the same round.
+A site's identity key signs its secure-aggregation public keys and its ledger entries. The roster maps a site
+id to its identity public key (and, in a deployment, to the public key its SuperNode authenticates with). A
+site makes its own keys (``privatune site init``, see ``shared/enrolment.py``); the coordinator only collects
+public keys into the roster. A site uses a roster only after its operator approved it: the approval stores the
+roster's fingerprint (SHA-256 of its canonical JSON) in the site's directory, and :func:`load_site_roster`,
+the one way a site loads its roster, refuses a roster whose fingerprint is not that pin. In simulation one
+party plays every role, and :func:`provision_simulation` pins every simulated site's roster itself.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+if TYPE_CHECKING:
+    from shared.site import Site
 
 IDENTITY_KEY_FILE = "identity_ed25519.pem"
 ROSTER_FILE = "roster.json"
+ROSTER_PIN_FILE = "roster-pin.json"
+ROSTER_IDENTITY = "identity"
+ROSTER_NODE_AUTH = "node-auth"
+APPROVE_COMMAND = "privatune site approve-roster"
 
 
 class IdentityError(ValueError):
-    """A key or roster file is missing, malformed or inconsistent."""
+    """A key, roster or roster pin is missing, malformed or inconsistent."""
 
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
@@ -51,19 +66,48 @@ def public_key_hex(key: Ed25519PublicKey) -> str:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
-def public_key_from_hex(value: str, *, where: str = "public key") -> Ed25519PublicKey:
+def public_key_from_hex(value: object, *, where: str = "public key") -> Ed25519PublicKey:
     try:
-        raw = bytes.fromhex(value)
+        raw = bytes.fromhex(value)  # type: ignore[arg-type]
         return Ed25519PublicKey.from_public_bytes(raw)
     except (ValueError, TypeError) as e:
         raise IdentityError(f"{where} is not a 32-byte hex Ed25519 public key: {value!r}") from e
 
 
+def check_node_auth_public_key(value: object, *, where: str = "node-auth public key") -> str:
+    """A SuperNode authentication public key as Flower 1.41 takes it: EC P-384, one OpenSSH line. Returns it
+    normalised (key type and base64, no comment)."""
+    if not isinstance(value, str):
+        raise IdentityError(f"{where} must be an OpenSSH public key string, got {value!r}")
+    try:
+        key = serialization.load_ssh_public_key(value.strip().encode())
+    except (ValueError, TypeError, IndexError) as e:
+        raise IdentityError(f"{where} is not an OpenSSH public key: {value[:60]!r}") from e
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        raise IdentityError(f"{where} must be an EC NIST P-384 key (ecdsa-sha2-nistp384), got {value[:60]!r}")
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def format_fingerprint(hex_digest: str) -> str:
+    """A fingerprint as two people read it to each other: groups of four hex digits."""
+    return " ".join(hex_digest[i : i + 4] for i in range(0, len(hex_digest), 4))
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 @dataclass(frozen=True)
 class Roster:
-    """Site id -> Ed25519 identity public key, as distributed out of band."""
+    """Site id -> Ed25519 identity public key (and, for deployed sites, node-auth public key), distributed out
+    of band and approved by every site's operator."""
 
     keys: dict[str, Ed25519PublicKey]
+    node_auth: dict[str, str] = field(default_factory=dict)  # site id -> OpenSSH EC P-384 public key
 
     def public_key(self, site_id: str) -> Ed25519PublicKey:
         try:
@@ -71,20 +115,161 @@ class Roster:
         except KeyError as e:
             raise IdentityError(f"site {site_id!r} is not in the roster") from e
 
+    def check_entry(self, site_id: str, *, identity: Ed25519PublicKey, node_auth: str | None = None) -> None:
+        """This site's own entry holds its own keys (a coordinator cannot swap them in without it noticing)."""
+        if public_key_hex(self.public_key(site_id)) != public_key_hex(identity):
+            raise IdentityError(
+                f"the roster's identity key for site {site_id!r} is {public_key_hex(self.keys[site_id])}, not this "
+                f"site's own key {public_key_hex(identity)}"
+            )
+        if node_auth is not None and site_id in self.node_auth and self.node_auth[site_id] != node_auth:
+            raise IdentityError(
+                f"the roster's node-auth key for site {site_id!r} is not this site's own node-auth public key"
+            )
+
+    def to_obj(self) -> dict[str, Any]:
+        """The roster file's content: ``{site: identity hex}``, or ``{site: {identity, node-auth}}`` for a site
+        with a node-auth key."""
+        out: dict[str, Any] = {}
+        for site, key in sorted(self.keys.items()):
+            if site in self.node_auth:
+                out[site] = {ROSTER_IDENTITY: public_key_hex(key), ROSTER_NODE_AUTH: self.node_auth[site]}
+            else:
+                out[site] = public_key_hex(key)
+        return out
+
     def to_json(self) -> str:
-        return json.dumps({k: public_key_hex(v) for k, v in sorted(self.keys.items())}, indent=2)
+        return json.dumps(self.to_obj(), indent=2, sort_keys=True) + "\n"
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the roster's canonical JSON: equal exactly when every site and key is equal."""
+        return sha256_hex(canonical_json(self.to_obj()))
+
+    def describe(self) -> list[str]:
+        """One line per site, with its keys, for an operator to read before approving."""
+        lines = []
+        for site, key in sorted(self.keys.items()):
+            auth = f"  node-auth {self.node_auth[site]}" if site in self.node_auth else ""
+            lines.append(f"{site}: identity {public_key_hex(key)}{auth}")
+        return lines
+
+    @classmethod
+    def from_obj(cls, raw: object, *, where: str) -> Roster:
+        if not isinstance(raw, dict) or not raw:
+            raise IdentityError(f"{where} must be a non-empty JSON object of site id -> public key")
+        keys: dict[str, Ed25519PublicKey] = {}
+        node_auth: dict[str, str] = {}
+        for site, value in raw.items():
+            entry = f"{where} entry {site!r}"
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - {ROSTER_IDENTITY, ROSTER_NODE_AUTH})
+                if unknown or ROSTER_IDENTITY not in value:
+                    raise IdentityError(
+                        f"{entry} must have {ROSTER_IDENTITY!r} (and optionally {ROSTER_NODE_AUTH!r}), "
+                        f"got keys {sorted(value)}"
+                    )
+                keys[site] = public_key_from_hex(value[ROSTER_IDENTITY], where=entry)
+                if ROSTER_NODE_AUTH in value:
+                    node_auth[site] = check_node_auth_public_key(value[ROSTER_NODE_AUTH], where=entry)
+            else:
+                keys[site] = public_key_from_hex(value, where=entry)
+        return cls(keys, node_auth)
 
     @classmethod
     def load(cls, path: Path) -> Roster:
+        """Parse a roster file. A site never calls this directly: it uses :func:`load_site_roster`."""
         try:
             raw = json.loads(Path(path).read_text())
         except FileNotFoundError as e:
             raise IdentityError(f"roster not found: {path}") from e
         except json.JSONDecodeError as e:
             raise IdentityError(f"roster {path} is not valid JSON: {e}") from e
-        if not isinstance(raw, dict) or not raw:
-            raise IdentityError(f"roster {path} must be a non-empty JSON object of site id -> public key")
-        return cls({str(k): public_key_from_hex(v, where=f"roster {path} entry {k!r}") for k, v in raw.items()})
+        return cls.from_obj(raw, where=f"roster {path}")
+
+
+@dataclass(frozen=True)
+class RosterPin:
+    """What a site's operator approved: the roster's fingerprint, for this site, at this time."""
+
+    site_id: str
+    fingerprint: str
+    sites: tuple[str, ...]
+    approved_at: str
+
+    def to_json(self) -> str:
+        obj = {
+            "site-id": self.site_id,
+            "fingerprint": self.fingerprint,
+            "sites": list(self.sites),
+            "approved-at": self.approved_at,
+        }
+        return json.dumps(obj, indent=2) + "\n"
+
+    @classmethod
+    def load(cls, path: Path) -> RosterPin:
+        try:
+            raw = json.loads(Path(path).read_text())
+            pin = cls(
+                site_id=str(raw["site-id"]),
+                fingerprint=str(raw["fingerprint"]),
+                sites=tuple(str(s) for s in raw["sites"]),
+                approved_at=str(raw["approved-at"]),
+            )
+        except FileNotFoundError as e:
+            raise IdentityError(f"roster pin not found: {path}") from e
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise IdentityError(f"roster pin {path} is malformed ({e!r}); approve the roster again") from e
+        if len(pin.fingerprint) != 64 or any(c not in "0123456789abcdef" for c in pin.fingerprint):
+            raise IdentityError(f"roster pin {path}: fingerprint must be 64 hex digits, got {pin.fingerprint!r}")
+        return pin
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pin_roster(site_dir: Path, site_id: str, roster: Roster) -> RosterPin:
+    """Record ``roster`` as the one this site uses (its operator approved it, or the simulation made it)."""
+    pin = RosterPin(
+        site_id=site_id,
+        fingerprint=roster.fingerprint(),
+        sites=tuple(sorted(roster.keys)),
+        approved_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+    _write_atomic(Path(site_dir) / ROSTER_PIN_FILE, pin.to_json())
+    return pin
+
+
+def load_pinned_roster(roster_path: Path, *, site_dir: Path, site_id: str) -> Roster:
+    """The roster at ``roster_path``, if it is the one site ``site_id`` approved (pin in ``site_dir``)."""
+    roster_path, site_dir = Path(roster_path), Path(site_dir)
+    pin_path = site_dir / ROSTER_PIN_FILE
+    approve = f"{APPROVE_COMMAND} --site-dir {site_dir} {roster_path}"
+    if not pin_path.is_file():
+        raise IdentityError(
+            f"site {site_id!r} has not approved a roster (no {pin_path}); check the roster's fingerprint with "
+            f"the coordinator, then run: {approve}"
+        )
+    pin = RosterPin.load(pin_path)
+    if pin.site_id != site_id:
+        raise IdentityError(f"roster pin {pin_path} belongs to site {pin.site_id!r}, not {site_id!r}")
+    roster = Roster.load(roster_path)
+    actual = roster.fingerprint()
+    if actual != pin.fingerprint:
+        raise IdentityError(
+            f"roster {roster_path} has fingerprint {actual}, but site {site_id!r} approved {pin.fingerprint} "
+            f"({pin_path}, {pin.approved_at}): the roster changed and is refused until the site's operator checks "
+            f"it and runs: {approve}"
+        )
+    return roster
+
+
+def load_site_roster(site: Site) -> Roster:
+    """The one way a site loads its roster: the file its config names, refused unless its operator approved it."""
+    return load_pinned_roster(site.roster_path, site_dir=site.site_dir, site_id=site.site_id)
 
 
 def site_id_for_partition(partition_id: int) -> str:
@@ -93,12 +278,14 @@ def site_id_for_partition(partition_id: int) -> str:
 
 
 def provision_simulation(sim_dir: Path, num_sites: int) -> Roster:
-    """Create (or reuse) one identity key per simulated site under ``sim_dir`` and the roster of them all.
+    """Create (or reuse) one identity key per simulated site under ``sim_dir``, the roster of them all, and
+    every simulated site's pin of that roster.
 
     Idempotent: existing keys are kept, so a restarted simulation keeps its sites' identities and ledgers.
     The roster never shrinks: a site that has a key under ``sim_dir`` stays in it when a later run has fewer
-    sites, so the attestations of earlier runs still verify. In a deployment this is done by the coordinator's
-    provisioning, never by the server at run time.
+    sites, so the attestations of earlier runs still verify. Here one party plays every role, so it also
+    approves the roster for every site. In a deployment each site makes its own keys (``privatune site init``)
+    and approves the roster itself (``privatune site approve-roster``).
     """
     sim_dir = Path(sim_dir)
     keys: dict[str, Ed25519PublicKey] = {}
@@ -114,8 +301,7 @@ def provision_simulation(sim_dir: Path, num_sites: int) -> Roster:
     for key_path in sorted((sim_dir / "sites").glob(f"*/{IDENTITY_KEY_FILE}")):
         keys.setdefault(key_path.parent.name, load_private_key(key_path).public_key())
     roster = Roster(keys)
-    roster_path = sim_dir / ROSTER_FILE
-    tmp = roster_path.with_suffix(".tmp")
-    tmp.write_text(roster.to_json())
-    os.replace(tmp, roster_path)
+    _write_atomic(sim_dir / ROSTER_FILE, roster.to_json())
+    for site in keys:
+        pin_roster(sim_dir / "sites" / site, site, roster)
     return roster

@@ -1,17 +1,21 @@
-"""Provisioning of a deployed federation: a CA, the SuperLink's TLS certificate, and one bundle per site.
+"""Provisioning of a deployed federation: the coordinator's CA and SuperLink certificate, the roster of the
+sites' public keys, and one bundle per site, made from the sites' own requests.
 
-``privatune provision --out DIR --sites a,b,c --superlink-host link.example.org`` writes::
+Each site makes its own keys (``privatune site init``, see ``shared/enrolment.py``) and sends the coordinator
+only a signed request with its public keys (``shared/site_request.py``). Then
+``privatune provision --out DIR --site-request hospital-a.json ... --superlink-host link.example.org`` writes::
 
-    DIR/coordinator/   ca.pem ca.key superlink.pem superlink.key roster.json node-keys/<site>.pub
-                       flwr-config.toml (a Flower CLI connection to the SuperLink, TLS-verified by ca.pem)
-    DIR/sites/<site>/  ca.pem roster.json node-config.toml
-                       node_auth_key node_auth_key.pub   (Flower SuperNode authentication, EC P-384, OpenSSH)
-                       identity_ed25519.pem              (signs secure-aggregation keys and ledger entries)
+    DIR/coordinator/   ca.pem ca.key superlink.pem superlink.key roster.json
+                       requests/<site>.json   (the accepted requests, re-verified on every run)
+                       node-keys/<site>.pub   (what the coordinator registers with ``flwr supernode register``)
+                       flwr-config.toml       (a Flower CLI connection to the SuperLink, TLS-verified by ca.pem)
+    DIR/bundles/<site>/ roster.json ca.pem connection.toml   (public files only: what the site needs from us)
 
-Each private key is created with mode 0600 inside the one directory it belongs to, and is never copied.
-Re-running with more sites keeps every existing key and certificate, adds the new bundles, and rewrites the
-roster everywhere (every site must hold the same roster). ``node-keys/<site>.pub`` is what the coordinator
-registers with ``flwr supernode register``.
+The coordinator never makes, sees or holds a site's private key; its own two private keys (CA, SuperLink TLS)
+are created with mode 0600 and never copied. A site uses the roster only after its operator approved it
+(``privatune site approve-roster``), so a roster the coordinator changes later (a site added, a key swapped) is
+refused by every site until that site's operator approves it again. Re-running with more requests keeps every
+existing key, certificate and accepted request, and rewrites the roster and every bundle.
 """
 
 from __future__ import annotations
@@ -19,18 +23,25 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, Roster, load_private_key, write_private_key
+from shared.identity import (
+    ROSTER_FILE,
+    IdentityError,
+    Roster,
+    load_private_key,
+    load_site_roster,
+    public_key_from_hex,
+)
+from shared.site_request import SiteRequest, SiteRequestError
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -41,10 +52,11 @@ NODE_AUTH_PUB = "node_auth_key.pub"
 NODE_CONFIG_FILE = "node-config.toml"
 FLWR_CONFIG_FILE = "flwr-config.toml"
 NODE_KEYS_DIR = "node-keys"
+REQUESTS_DIR = "requests"
+BUNDLES_DIR = "bundles"
+CONNECTION_FILE = "connection.toml"
 DEFAULT_PORT = 9092
 CERT_DAYS = 825
-
-_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class ProvisionError(ValueError):
@@ -56,16 +68,10 @@ class Federation:
     """Where ``provision`` put things."""
 
     coordinator_dir: Path
-    site_dirs: dict[str, Path]
+    bundle_dirs: dict[str, Path]  # site id -> its bundle (public files only)
     superlink_address: str
-
-
-def check_site_id(site_id: str) -> str:
-    if not _SITE_ID.match(site_id):
-        raise ProvisionError(
-            f"site id must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit, got {site_id!r}"
-        )
-    return site_id
+    roster_fingerprint: str
+    request_fingerprints: dict[str, str]  # site id -> its request's fingerprint
 
 
 def _write_new_private(path: Path, data: bytes) -> None:
@@ -232,19 +238,111 @@ def _load_ca(coord: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
     return key, cert
 
 
-def provision(out: Path, site_ids: list[str], *, superlink_hosts: list[str], port: int = DEFAULT_PORT) -> Federation:
-    """Create (or extend) the coordinator's files and one bundle per site under ``out``. Idempotent."""
-    if not site_ids:
-        raise ProvisionError("provision needs at least one site id (--sites a,b,c)")
-    for s in site_ids:
-        check_site_id(s)
-    if len(set(site_ids)) != len(site_ids):
-        raise ProvisionError(f"site ids must be distinct, got {site_ids}")
+def _request_paths(sources: Sequence[Path]) -> list[Path]:
+    """Request files: each source is one, or a directory whose ``*.json`` files all are."""
+    paths: list[Path] = []
+    for source in sources:
+        source = Path(source).expanduser()
+        if source.is_dir():
+            found = sorted(source.glob("*.json"))
+            if not found:
+                raise ProvisionError(f"no site request (*.json) in directory {source}")
+            paths.extend(found)
+        else:
+            paths.append(source)
+    return paths
+
+
+def _load_request(path: Path) -> SiteRequest:
+    try:
+        return SiteRequest.load(path)
+    except SiteRequestError as e:
+        raise ProvisionError(str(e)) from e
+
+
+def _check_distinct(requests: dict[str, SiteRequest], where: dict[str, Path]) -> None:
+    """No two sites share an identity key or a node-auth key."""
+    for attr, what in (("identity_public_key", "identity key"), ("node_auth_public_key", "node-auth key")):
+        owner: dict[str, str] = {}
+        for site_id, request in requests.items():
+            key = getattr(request, attr)
+            if key in owner:
+                raise ProvisionError(
+                    f"sites {owner[key]!r} ({where[owner[key]]}) and {site_id!r} ({where[site_id]}) have the same "
+                    f"{what}: every site makes its own keys (privatune site init)"
+                )
+            owner[key] = site_id
+
+
+def _accepted_requests(coord: Path) -> tuple[dict[str, SiteRequest], dict[str, Path]]:
+    """The requests an earlier ``provision`` accepted (kept under ``coordinator/requests/``), verified again."""
+    accepted: dict[str, SiteRequest] = {}
+    where: dict[str, Path] = {}
+    for path in sorted((coord / REQUESTS_DIR).glob("*.json")):
+        request = _load_request(path)
+        if path.stem != request.site_id:
+            raise ProvisionError(f"accepted request {path} is for site {request.site_id!r}, not {path.stem!r}")
+        accepted[request.site_id], where[request.site_id] = request, path
+    return accepted, where
+
+
+def _same_keys(a: SiteRequest, b: SiteRequest) -> bool:
+    return (a.identity_public_key, a.node_auth_public_key) == (b.identity_public_key, b.node_auth_public_key)
+
+
+def merge_requests(coord: Path, sources: Sequence[Path]) -> tuple[dict[str, SiteRequest], list[SiteRequest]]:
+    """Every site's request (accepted before, plus the new ones), and the new ones; nothing is written.
+
+    Refused: a request that does not verify, two requests for one site, a site already enrolled with other
+    keys (a site's keys are never replaced by provisioning), two sites with one key."""
+    sites, where = _accepted_requests(coord)
+    new: list[SiteRequest] = []
+    new_where: dict[str, Path] = {}
+    for path in _request_paths(sources):
+        request = _load_request(path)
+        if request.site_id in new_where:
+            raise ProvisionError(f"two requests for site {request.site_id!r}: {new_where[request.site_id]} and {path}")
+        new_where[request.site_id] = path
+        if request.site_id in sites:
+            if not _same_keys(sites[request.site_id], request):
+                raise ProvisionError(
+                    f"site {request.site_id!r} is already enrolled ({where[request.site_id]}) with other keys; "
+                    f"{path} would replace them, which provisioning never does"
+                )
+            continue
+        sites[request.site_id], where[request.site_id] = request, path
+        new.append(request)
+    _check_distinct(sites, where)
+    if not sites:
+        raise ProvisionError("provision needs at least one site request (--site-request FILE or DIR)")
+    return sites, new
+
+
+def roster_of(requests: dict[str, SiteRequest]) -> Roster:
+    return Roster(
+        {s: public_key_from_hex(r.identity_public_key) for s, r in requests.items()},
+        {s: r.node_auth_public_key for s, r in requests.items()},
+    )
+
+
+def connection_config(superlink_address: str) -> str:
+    """The site's side of the connection: where its SuperNode reaches the SuperLink."""
+    return f'superlink = "{superlink_address}"\n'
+
+
+def provision(
+    out: Path, requests: Sequence[Path], *, superlink_hosts: list[str], port: int = DEFAULT_PORT
+) -> Federation:
+    """Create (or extend) the coordinator's files and one bundle per site under ``out``, from the sites' requests.
+
+    No site private key is made or seen here. Idempotent: a request already accepted is a no-op."""
     if not 0 < port < 65536:
         raise ProvisionError(f"port must be in 1..65535, got {port}")
+    if not superlink_hosts:
+        raise ProvisionError("the SuperLink certificate needs at least one host name or IP address")
     out = Path(out).expanduser().resolve()
     coord = out / "coordinator"
-    sites_root = out / "sites"
+    sites, _ = merge_requests(coord, requests)  # every check before anything is written
 
     if (coord / CA_KEY).exists():
         ca_key, ca_cert = _load_ca(coord)
@@ -259,37 +357,24 @@ def provision(out: Path, site_ids: list[str], *, superlink_hosts: list[str], por
     address = f"{superlink_hosts[0]}:{port}"
     _write_public(coord / FLWR_CONFIG_FILE, flwr_connection_config(address, coord / CA_CERT).encode())
 
-    existing = sorted(p.name for p in sites_root.iterdir() if p.is_dir()) if sites_root.is_dir() else []
-    all_sites = list(dict.fromkeys([*existing, *site_ids]))
-    identities = {}
-    for site_id in all_sites:
-        site_dir = sites_root / site_id
-        id_path = site_dir / IDENTITY_KEY_FILE
-        if id_path.exists():
-            identities[site_id] = load_private_key(check_private_key_file(id_path, what="identity key")).public_key()
-        else:
-            key = Ed25519PrivateKey.generate()
-            write_private_key(id_path, key)
-            identities[site_id] = key.public_key()
-        if not (site_dir / NODE_AUTH_KEY).exists():
-            private, public = make_node_auth_key()
-            _write_new_private(site_dir / NODE_AUTH_KEY, private)
-            _write_public(site_dir / NODE_AUTH_PUB, public)
-        _write_public(coord / NODE_KEYS_DIR / f"{site_id}.pub", (site_dir / NODE_AUTH_PUB).read_bytes())
-        _write_public(site_dir / CA_CERT, (coord / CA_CERT).read_bytes())
-        if not (site_dir / NODE_CONFIG_FILE).exists():
-            _write_public(site_dir / NODE_CONFIG_FILE, node_config_template(site_id, site_dir).encode())
-
-    roster = Roster(identities).to_json().encode()
-    _write_public(coord / ROSTER_FILE, roster)
-    for site_id in all_sites:
-        _write_public(sites_root / site_id / ROSTER_FILE, roster)
-    return Federation(coord, {s: sites_root / s for s in all_sites}, address)
+    roster = roster_of(sites)
+    for site_id, request in sites.items():
+        _write_public(coord / REQUESTS_DIR / f"{site_id}.json", request.to_json().encode())
+        _write_public(coord / NODE_KEYS_DIR / f"{site_id}.pub", (request.node_auth_public_key + "\n").encode())
+    _write_public(coord / ROSTER_FILE, roster.to_json().encode())
+    bundles = {}
+    for site_id in sorted(sites):
+        bundle = out / BUNDLES_DIR / site_id
+        _write_public(bundle / ROSTER_FILE, roster.to_json().encode())
+        _write_public(bundle / CA_CERT, (coord / CA_CERT).read_bytes())
+        _write_public(bundle / CONNECTION_FILE, connection_config(address).encode())
+        bundles[site_id] = bundle
+    return Federation(coord, bundles, address, roster.fingerprint(), {s: r.fingerprint() for s, r in sites.items()})
 
 
 def check_bundle(site_dir: Path) -> Path:
-    """Check a site bundle before the SuperNode starts: every file present, private keys 0600, valid keys, and
-    a node config whose settings are complete and whose site is in the roster."""
+    """Check a site's directory before the SuperNode starts: every file present, private keys 0600, valid keys,
+    a complete node config, a roster this site's operator approved (pinned), and this site's own keys in it."""
     import tomllib
 
     from client.site_policy import check_node_config
@@ -297,10 +382,13 @@ def check_bundle(site_dir: Path) -> Path:
 
     site_dir = Path(site_dir).expanduser().resolve()
     if not site_dir.is_dir():
-        raise ProvisionError(f"site bundle not found: {site_dir}")
+        raise ProvisionError(f"site directory not found: {site_dir}")
     for name in (CA_CERT, ROSTER_FILE, NODE_CONFIG_FILE):
         if not (site_dir / name).is_file():
-            raise ProvisionError(f"site bundle {site_dir} lacks {name}")
+            raise ProvisionError(
+                f"site directory {site_dir} lacks {name} (privatune site init makes node-config.toml; "
+                f"privatune site approve-roster --site-dir {site_dir} <coordinator's bundle> installs the rest)"
+            )
     try:
         x509.load_pem_x509_certificate((site_dir / CA_CERT).read_bytes())
     except ValueError as e:
@@ -323,12 +411,13 @@ def check_bundle(site_dir: Path) -> Path:
         raise ProvisionError(f"{config_path}: {e}") from e
     if site.simulated:
         raise ProvisionError(f"{config_path} must set site-id (a deployed site)")
-    load_private_key(check_private_key_file(site.identity_key_path, what="identity key"))
-    roster = Roster.load(site.roster_path)
-    if site.site_id not in roster.keys:
-        raise ProvisionError(f"{config_path}: site-id {site.site_id!r} is not in the roster {site.roster_path}")
-    if roster.keys[site.site_id] != load_private_key(site.identity_key_path).public_key():
-        raise ProvisionError(f"identity key {site.identity_key_path} is not the roster's key for {site.site_id!r}")
+    identity = load_private_key(check_private_key_file(site.identity_key_path, what="identity key"))
+    node_auth = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    try:
+        roster = load_site_roster(site)  # refused unless this site's operator approved this very roster
+        roster.check_entry(site.site_id, identity=identity.public_key(), node_auth=node_auth.decode())
+    except IdentityError as e:
+        raise ProvisionError(f"{config_path}: {e}") from e
     if site.data_path is None or not site.data_path.is_file():
         raise ProvisionError(f"{config_path}: data-path {site.data_path} does not exist (edit data-path)")
     return site_dir

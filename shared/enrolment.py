@@ -1,0 +1,213 @@
+"""A site's side of enrolment: it makes its own keys, and approves the roster it will trust.
+
+``privatune site init --site-id hospital-a --out DIR`` makes, inside ``DIR`` (mode 0700)::
+
+    identity_ed25519.pem           Ed25519 identity key (signs secure-aggregation keys, ledger entries)  0600
+    node_auth_key, node_auth_key.pub   SuperNode authentication (EC P-384, OpenSSH)                      0600
+    site-request.json              public keys + proof of possession, for the coordinator (public)
+    node-config.toml               the site's own settings (a template to edit)
+
+and prints the request's fingerprint for the two operators to compare by phone or e-mail. No private key ever
+leaves ``DIR``. ``privatune site approve-roster --site-dir DIR BUNDLE`` shows the coordinator's roster (its
+fingerprint, every site and key, what changed since the roster approved before), checks that this site's own
+entry holds this site's own keys, and, once the operator agrees, installs the roster (and the bundle's CA
+certificate and connection file) and pins its fingerprint (:func:`shared.identity.pin_roster`). From then on
+the site's client refuses any other roster (:func:`shared.identity.load_site_roster`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shared.identity import (
+    IDENTITY_KEY_FILE,
+    ROSTER_FILE,
+    ROSTER_PIN_FILE,
+    IdentityError,
+    Roster,
+    RosterPin,
+    load_private_key,
+    pin_roster,
+    write_private_key,
+)
+from shared.provision import (
+    CA_CERT,
+    CONNECTION_FILE,
+    NODE_AUTH_KEY,
+    NODE_AUTH_PUB,
+    NODE_CONFIG_FILE,
+    _write_new_private,
+    _write_public,
+    check_private_key_file,
+    make_node_auth_key,
+    node_config_template,
+)
+from shared.site_request import REQUEST_FILE, SiteRequest, check_site_id
+
+
+class EnrolmentError(ValueError):
+    """A site's keys, request or the roster it is asked to approve is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """What ``site init`` left in a site's directory."""
+
+    site_dir: Path
+    request_path: Path
+    request: SiteRequest
+
+
+def _load_node_auth_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_ssh_private_key(
+            check_private_key_file(path, what="node authentication key").read_bytes(), None
+        )
+    except ValueError as e:
+        raise EnrolmentError(f"node authentication key {path} is not an OpenSSH private key: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
+        raise EnrolmentError(f"node authentication key {path} must be an EC (NIST P-384) key")
+    return key
+
+
+def init_site(site_id: str, site_dir: Path) -> SiteKeys:
+    """Make this site's private keys (0600, in a 0700 directory) and its request; keep keys that exist."""
+    check_site_id(site_id)
+    site_dir = Path(site_dir).expanduser().resolve()
+    site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    request_path = site_dir / REQUEST_FILE
+    if request_path.is_file():
+        earlier = SiteRequest.load(request_path)
+        if earlier.site_id != site_id:
+            raise EnrolmentError(f"{site_dir} already belongs to site {earlier.site_id!r}, not {site_id!r}")
+    identity_path = site_dir / IDENTITY_KEY_FILE
+    if identity_path.exists():
+        identity = load_private_key(check_private_key_file(identity_path, what="identity key"))
+    else:
+        identity = Ed25519PrivateKey.generate()
+        write_private_key(identity_path, identity)
+    if not (site_dir / NODE_AUTH_KEY).exists():
+        private, public = make_node_auth_key()
+        _write_new_private(site_dir / NODE_AUTH_KEY, private)
+        _write_public(site_dir / NODE_AUTH_PUB, public)
+    node_auth = _load_node_auth_key(site_dir / NODE_AUTH_KEY)
+    request = SiteRequest.make(site_id, identity_key=identity, node_auth_key=node_auth)
+    _write_public(request_path, request.to_json().encode())
+    if not (site_dir / NODE_CONFIG_FILE).exists():
+        _write_public(site_dir / NODE_CONFIG_FILE, node_config_template(site_id, site_dir).encode())
+    return SiteKeys(site_dir, request_path, request)
+
+
+def own_request(site_dir: Path) -> SiteRequest:
+    """This site's request, checked against the private keys in ``site_dir`` (so it names this site's keys)."""
+    site_dir = Path(site_dir).expanduser().resolve()
+    request = SiteRequest.load(site_dir / REQUEST_FILE)
+    identity = load_private_key(check_private_key_file(site_dir / IDENTITY_KEY_FILE, what="identity key"))
+    node_auth = _load_node_auth_key(site_dir / NODE_AUTH_KEY)
+    mine = SiteRequest.make(request.site_id, identity_key=identity, node_auth_key=node_auth)
+    if (mine.identity_public_key, mine.node_auth_public_key) != (
+        request.identity_public_key,
+        request.node_auth_public_key,
+    ):
+        raise EnrolmentError(
+            f"{site_dir / REQUEST_FILE} does not hold the public keys of the private keys in {site_dir}"
+        )
+    return request
+
+
+@dataclass(frozen=True)
+class RosterReview:
+    """A roster offered to a site, as its operator reads it before approving."""
+
+    site_dir: Path
+    site_id: str
+    roster: Roster
+    source: Path  # the roster file
+    bundle_dir: Path | None  # the coordinator's bundle it came in, if given as a directory
+    previous: RosterPin | None
+    changes: list[str]  # against the roster approved before (empty: first approval, or identical)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.roster.fingerprint()
+
+    @property
+    def unchanged(self) -> bool:
+        return self.previous is not None and self.previous.fingerprint == self.fingerprint
+
+
+def _changes(before: Roster, after: Roster) -> list[str]:
+    out = []
+    for site in sorted(set(before.keys) | set(after.keys)):
+        if site not in after.keys:
+            out.append(f"REMOVED {site}")
+        elif site not in before.keys:
+            out.append(f"ADDED {site}")
+        elif before.to_obj()[site] != after.to_obj()[site]:
+            out.append(f"KEY CHANGED for {site}")
+    return out
+
+
+def review_roster(site_dir: Path, source: Path, *, expected_fingerprint: str | None = None) -> RosterReview:
+    """Read the roster offered in ``source`` (a roster file, or the coordinator's bundle directory) and check
+    it for this site: it parses, it is the fingerprint the operator was told (if given), and this site's own
+    entry holds this site's own keys. Nothing is written."""
+    site_dir = Path(site_dir).expanduser().resolve()
+    source = Path(source).expanduser().resolve()
+    bundle_dir = source if source.is_dir() else None
+    roster_path = source / ROSTER_FILE if bundle_dir else source
+    request = own_request(site_dir)
+    try:
+        roster = Roster.load(roster_path)
+    except IdentityError as e:
+        raise EnrolmentError(str(e)) from e
+    if expected_fingerprint is not None:
+        expected = "".join(expected_fingerprint.split()).lower()
+        if expected != roster.fingerprint():
+            raise EnrolmentError(
+                f"roster {roster_path} has fingerprint {roster.fingerprint()}, not the {expected} you were given: "
+                "do not approve it; ask the coordinator"
+            )
+    try:
+        roster.check_entry(
+            request.site_id,
+            identity=load_private_key(site_dir / IDENTITY_KEY_FILE).public_key(),
+            node_auth=request.node_auth_public_key,
+        )
+    except IdentityError as e:
+        raise EnrolmentError(f"roster {roster_path} cannot be approved by {request.site_id!r}: {e}") from e
+    if request.site_id not in roster.node_auth:
+        raise EnrolmentError(
+            f"roster {roster_path} has no node-auth key for {request.site_id!r}: "
+            "it was not made from this site's request"
+        )
+    previous = RosterPin.load(site_dir / ROSTER_PIN_FILE) if (site_dir / ROSTER_PIN_FILE).is_file() else None
+    changes: list[str] = []
+    if previous is not None and (site_dir / ROSTER_FILE).is_file():
+        before = Roster.load(site_dir / ROSTER_FILE)
+        if before.fingerprint() == previous.fingerprint:
+            changes = _changes(before, roster)
+    return RosterReview(site_dir, request.site_id, roster, roster_path, bundle_dir, previous, changes)
+
+
+def approve_roster(review: RosterReview) -> RosterPin:
+    """Install the reviewed roster (and, from a bundle, its CA certificate and connection file) and pin it.
+
+    The roster is written before the pin: a crash in between leaves a roster that does not match the pin, which
+    the site refuses, never a pin of a roster it does not hold."""
+    site_dir = review.site_dir
+    if review.bundle_dir is not None:
+        for name in (CA_CERT, CONNECTION_FILE):
+            if (review.bundle_dir / name).is_file() and review.bundle_dir != site_dir:
+                tmp = site_dir / f"{name}.tmp"
+                shutil.copyfile(review.bundle_dir / name, tmp)
+                os.replace(tmp, site_dir / name)
+    _write_public(site_dir / ROSTER_FILE, review.roster.to_json().encode())
+    return pin_roster(site_dir, review.site_id, review.roster)
