@@ -104,7 +104,7 @@ def _site_approve_roster(args: argparse.Namespace) -> int:
         return 0
     if review.previous is not None:
         print(f"it REPLACES the roster approved at {review.previous.approved_at}:")
-        for change in review.changes or ["(the previous roster file is gone or altered: compare every key)"]:
+        for change in review.changes:
             print(f"  {change}")
     if not args.yes:
         if not sys.stdin.isatty():

@@ -132,7 +132,7 @@ class RosterReview:
     source: Path  # the roster file
     bundle_dir: Path | None  # the coordinator's bundle it came in, if given as a directory
     previous: RosterPin | None
-    changes: list[str]  # against the roster approved before (empty: first approval, or identical)
+    changes: list[str]  # against the roster approved before (kept in the pin); empty: first approval, or identical
 
     @property
     def fingerprint(self) -> str:
@@ -189,11 +189,7 @@ def review_roster(site_dir: Path, source: Path, *, expected_fingerprint: str | N
             "it was not made from this site's request"
         )
     previous = RosterPin.load(site_dir / ROSTER_PIN_FILE) if (site_dir / ROSTER_PIN_FILE).is_file() else None
-    changes: list[str] = []
-    if previous is not None and (site_dir / ROSTER_FILE).is_file():
-        before = Roster.load(site_dir / ROSTER_FILE)
-        if before.fingerprint() == previous.fingerprint:
-            changes = _changes(before, roster)
+    changes = _changes(previous.roster, roster) if previous is not None else []
     return RosterReview(site_dir, request.site_id, roster, roster_path, bundle_dir, previous, changes)
 
 

@@ -189,19 +189,26 @@ class Roster:
 
 @dataclass(frozen=True)
 class RosterPin:
-    """What a site's operator approved: the roster's fingerprint, for this site, at this time."""
+    """What a site's operator approved: the roster itself and its fingerprint, for this site, at this time."""
 
     site_id: str
-    fingerprint: str
-    sites: tuple[str, ...]
+    roster: Roster
     approved_at: str
+
+    @property
+    def fingerprint(self) -> str:
+        return self.roster.fingerprint()
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(sorted(self.roster.keys))
 
     def to_json(self) -> str:
         obj = {
             "site-id": self.site_id,
             "fingerprint": self.fingerprint,
-            "sites": list(self.sites),
             "approved-at": self.approved_at,
+            "roster": self.roster.to_obj(),
         }
         return json.dumps(obj, indent=2) + "\n"
 
@@ -211,16 +218,19 @@ class RosterPin:
             raw = json.loads(Path(path).read_text())
             pin = cls(
                 site_id=str(raw["site-id"]),
-                fingerprint=str(raw["fingerprint"]),
-                sites=tuple(str(s) for s in raw["sites"]),
+                roster=Roster.from_obj(raw["roster"], where=f"roster pin {path}"),
                 approved_at=str(raw["approved-at"]),
             )
+            recorded = raw["fingerprint"]
         except FileNotFoundError as e:
             raise IdentityError(f"roster pin not found: {path}") from e
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise IdentityError(f"roster pin {path} is malformed ({e!r}); approve the roster again") from e
-        if len(pin.fingerprint) != 64 or any(c not in "0123456789abcdef" for c in pin.fingerprint):
-            raise IdentityError(f"roster pin {path}: fingerprint must be 64 hex digits, got {pin.fingerprint!r}")
+        if recorded != pin.fingerprint:
+            raise IdentityError(
+                f"roster pin {path} records fingerprint {recorded!r} but holds a roster of fingerprint "
+                f"{pin.fingerprint}: it was altered; approve the roster again"
+            )
         return pin
 
 
@@ -232,11 +242,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def pin_roster(site_dir: Path, site_id: str, roster: Roster) -> RosterPin:
-    """Record ``roster`` as the one this site uses (its operator approved it, or the simulation made it)."""
+    """Record ``roster`` (and its fingerprint) as the one this site uses: its operator approved it, or, in a
+    simulation, the party playing every role made it."""
     pin = RosterPin(
         site_id=site_id,
-        fingerprint=roster.fingerprint(),
-        sites=tuple(sorted(roster.keys)),
+        roster=roster,
         approved_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
     _write_atomic(Path(site_dir) / ROSTER_PIN_FILE, pin.to_json())

@@ -1,8 +1,38 @@
-"""Simulated sites' identities: one key per site, kept across runs, and a roster that never shrinks."""
+"""Identities and the roster a site trusts: simulated sites' keys kept across runs, the roster's fingerprint,
+and the pin that makes a site refuse any roster its operator did not approve."""
 
 from __future__ import annotations
 
-from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, Roster, load_private_key, provision_simulation
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from shared.identity import (
+    IDENTITY_KEY_FILE,
+    ROSTER_FILE,
+    ROSTER_PIN_FILE,
+    IdentityError,
+    Roster,
+    RosterPin,
+    load_pinned_roster,
+    load_private_key,
+    load_site_roster,
+    pin_roster,
+    provision_simulation,
+    write_private_key,
+)
+from shared.site import site_from_node_config
+
+
+def _roster(n: int) -> tuple[Roster, dict[str, Ed25519PrivateKey]]:
+    keys = {f"s{i}": Ed25519PrivateKey.generate() for i in range(n)}
+    return Roster({s: k.public_key() for s, k in keys.items()}), keys
+
+
+# --- simulation ---------------------------------------------------------------------------------------------
 
 
 def test_a_later_run_with_fewer_sites_keeps_every_earlier_site_in_the_roster(tmp_path):
@@ -23,3 +53,170 @@ def test_provisioning_again_keeps_the_keys_and_adds_new_sites(tmp_path):
 
     assert sorted(second.keys) == ["site-0", "site-1", "site-2", "site-3"]
     assert all(second.public_key(s) == first.public_key(s) for s in first.keys)
+
+
+def test_a_simulated_site_loads_its_roster_with_no_extra_step(tmp_path):
+    provision_simulation(tmp_path, 2)
+    grown = provision_simulation(tmp_path, 3)  # the simulation re-pins the grown roster for every site
+    site = site_from_node_config({"partition-id": 0, "num-partitions": 3}, sim_dir=tmp_path)
+
+    assert load_site_roster(site).fingerprint() == grown.fingerprint()
+    assert RosterPin.load(tmp_path / "sites" / "site-2" / ROSTER_PIN_FILE).fingerprint == grown.fingerprint()
+
+
+def test_a_simulated_roster_changed_behind_the_simulations_back_is_refused(tmp_path):
+    roster = provision_simulation(tmp_path, 2)
+    (tmp_path / ROSTER_FILE).write_text(
+        Roster({**roster.keys, "site-9": Ed25519PrivateKey.generate().public_key()}).to_json()
+    )
+    site = site_from_node_config({"partition-id": 0, "num-partitions": 2}, sim_dir=tmp_path)
+
+    with pytest.raises(IdentityError, match="the roster changed"):
+        load_site_roster(site)
+
+
+# --- the roster's fingerprint -------------------------------------------------------------------------------
+
+
+def test_the_fingerprint_ignores_layout_and_changes_with_any_key(tmp_path):
+    roster, _ = _roster(3)
+    (tmp_path / "compact.json").write_text(json.dumps(dict(reversed(roster.to_obj().items()))))
+
+    assert Roster.load(tmp_path / "compact.json").fingerprint() == roster.fingerprint()
+    assert (
+        Roster({**roster.keys, "s1": Ed25519PrivateKey.generate().public_key()}).fingerprint() != roster.fingerprint()
+    )
+    assert Roster({k: v for k, v in roster.keys.items() if k != "s2"}).fingerprint() != roster.fingerprint()
+
+
+def test_a_roster_entry_with_a_node_auth_key_that_is_not_p384_is_refused(tmp_path):
+    roster, _ = _roster(1)
+    (tmp_path / "r.json").write_text(
+        json.dumps({"s0": {"identity": roster.to_obj()["s0"], "node-auth": "ssh-ed25519 AAAA"}})
+    )
+
+    with pytest.raises(IdentityError, match="entry 's0' is not an OpenSSH public key"):
+        Roster.load(tmp_path / "r.json")
+
+
+def test_a_roster_entry_with_an_unknown_field_is_refused(tmp_path):
+    roster, _ = _roster(1)
+    (tmp_path / "r.json").write_text(json.dumps({"s0": {"identity": roster.to_obj()["s0"], "extra": "x"}}))
+
+    with pytest.raises(IdentityError, match=r"entry 's0' must have 'identity'.*got keys \['extra', 'identity'\]"):
+        Roster.load(tmp_path / "r.json")
+
+
+# --- the pin ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def pinned(tmp_path: Path) -> tuple[Path, Roster]:
+    roster, _ = _roster(3)
+    (tmp_path / ROSTER_FILE).write_text(roster.to_json())
+    pin_roster(tmp_path, "s0", roster)
+    return tmp_path, roster
+
+
+def test_the_approved_roster_loads(pinned):
+    site_dir, roster = pinned
+
+    assert (
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0").fingerprint()
+        == roster.fingerprint()
+    )
+
+
+def test_an_unpinned_roster_is_refused_with_the_approve_command(tmp_path):
+    roster, _ = _roster(2)
+    (tmp_path / ROSTER_FILE).write_text(roster.to_json())
+
+    with pytest.raises(
+        IdentityError,
+        match=rf"site 's0' has not approved a roster .*privatune site approve-roster --site-dir {tmp_path} ",
+    ):
+        load_pinned_roster(tmp_path / ROSTER_FILE, site_dir=tmp_path, site_id="s0")
+
+
+def test_a_roster_with_an_added_identity_is_refused_naming_both_fingerprints(pinned):
+    site_dir, roster = pinned
+    grown = Roster({**roster.keys, "coordinator-own": Ed25519PrivateKey.generate().public_key()})
+    (site_dir / ROSTER_FILE).write_text(grown.to_json())
+
+    with pytest.raises(IdentityError) as e:
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0")
+    assert f"fingerprint {grown.fingerprint()}, but site 's0' approved {roster.fingerprint()}" in str(e.value)
+    assert f"privatune site approve-roster --site-dir {site_dir} {site_dir / ROSTER_FILE}" in str(e.value)
+
+
+def test_a_roster_with_a_swapped_key_is_refused(pinned):
+    site_dir, roster = pinned
+    (site_dir / ROSTER_FILE).write_text(
+        Roster({**roster.keys, "s1": Ed25519PrivateKey.generate().public_key()}).to_json()
+    )
+
+    with pytest.raises(IdentityError, match="the roster changed and is refused until the site's operator checks it"):
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0")
+
+
+def test_a_newly_approved_roster_loads(pinned):
+    site_dir, roster = pinned
+    grown = Roster({**roster.keys, "s9": Ed25519PrivateKey.generate().public_key()})
+    (site_dir / ROSTER_FILE).write_text(grown.to_json())
+
+    pin_roster(site_dir, "s0", grown)
+
+    assert (
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0").fingerprint() == grown.fingerprint()
+    )
+
+
+def test_another_sites_pin_is_refused(pinned):
+    site_dir, _ = pinned
+
+    with pytest.raises(IdentityError, match="roster pin .* belongs to site 's0', not 's1'"):
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s1")
+
+
+def test_an_altered_pin_is_refused(pinned):
+    site_dir, _ = pinned
+    raw = json.loads((site_dir / ROSTER_PIN_FILE).read_text())
+    raw["fingerprint"] = "0" * 64
+    (site_dir / ROSTER_PIN_FILE).write_text(json.dumps(raw))
+
+    with pytest.raises(IdentityError, match="records fingerprint '0000.*it was altered"):
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0")
+
+
+def test_a_garbled_pin_is_refused(pinned):
+    site_dir, _ = pinned
+    (site_dir / ROSTER_PIN_FILE).write_text("{}")
+
+    with pytest.raises(IdentityError, match="roster pin .* is malformed"):
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0")
+
+
+# --- the site's client --------------------------------------------------------------------------------------
+
+
+def test_the_secure_aggregation_mod_refuses_a_changed_roster(tmp_path):
+    """Through the client's real mod: a deployed site whose roster file was replaced refuses the round."""
+    from client.secagg_mod import make_secagg_mod
+    from shared.secagg import constants as K
+
+    key = Ed25519PrivateKey.generate()
+    write_private_key(tmp_path / IDENTITY_KEY_FILE, key)
+    approved = Roster({"hospital-a": key.public_key(), "clinic-b": Ed25519PrivateKey.generate().public_key()})
+    (tmp_path / ROSTER_FILE).write_text(approved.to_json())
+    pin_roster(tmp_path, "hospital-a", approved)
+    changed = Roster({**approved.keys, "coordinator-own": Ed25519PrivateKey.generate().public_key()})
+    (tmp_path / ROSTER_FILE).write_text(changed.to_json())
+    node_config = {"site-id": "hospital-a", "site-dir": str(tmp_path), "data-path": str(tmp_path / "d.csv")}
+    mod = make_secagg_mod(lambda ctx: site_from_node_config(ctx.node_config, sim_dir=tmp_path))
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    content = RecordDict({K.SECAGG_RECORD: ConfigRecord({K.KEY_STAGE: K.STAGE_ADVERTISE_KEYS})})
+
+    reply = mod(Message(content, dst_node_id=7, message_type="train"), context, lambda m, c: pytest.fail("no training"))
+
+    assert reply.has_error()
+    assert f"approved {approved.fingerprint()}" in reply.error.reason and "approve-roster" in reply.error.reason

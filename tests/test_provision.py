@@ -1,65 +1,154 @@
-"""privatune provision: CA, SuperLink certificate, site bundles; and the bundle check a site runs before starting."""
+"""Enrolment and provisioning: sites make their own keys and send requests; the coordinator builds the CA, the
+SuperLink certificate, the roster and public-only bundles from them; each site approves (pins) the roster; and
+the check a site runs before starting its SuperNode."""
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.cli import main as cli_main
-from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, Roster
+from shared.enrolment import EnrolmentError, SiteKeys, approve_roster, init_site, review_roster
+from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, ROSTER_PIN_FILE, Roster, RosterPin, load_private_key
 from shared.provision import (
     CA_CERT,
     CA_KEY,
+    CONNECTION_FILE,
     NODE_AUTH_KEY,
     NODE_AUTH_PUB,
     NODE_CONFIG_FILE,
     SUPERLINK_CERT,
     SUPERLINK_KEY,
+    Federation,
     ProvisionError,
     check_bundle,
+    make_node_auth_key,
     provision,
     supernode_command,
 )
+from shared.site_request import REQUEST_FILE, SiteRequest
 
-PRIVATE_FILES = (CA_KEY, SUPERLINK_KEY, NODE_AUTH_KEY, IDENTITY_KEY_FILE)
+SITE_PRIVATE_FILES = (NODE_AUTH_KEY, IDENTITY_KEY_FILE)
 
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _ready_bundle(site_dir: Path) -> Path:
-    """Give the bundle the data file its node-config template points at (what a site does before starting)."""
-    (site_dir / "data.csv").write_text('text,label\n"good film",fresh\n')
-    return site_dir
+def _node_auth_key(site_dir: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_ssh_private_key((site_dir / NODE_AUTH_KEY).read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
 
 
 @pytest.fixture()
-def fed(tmp_path: Path):
-    return provision(tmp_path / "fed", ["hospital-a", "clinic-b"], superlink_hosts=["link.example.org"], port=9092)
+def sites(tmp_path: Path) -> dict[str, SiteKeys]:
+    """Two sites, each with its own directory, as ``privatune site init`` leaves them."""
+    return {s: init_site(s, tmp_path / "sites" / s) for s in ("hospital-a", "clinic-b")}
 
 
-def test_private_keys_are_0600_and_each_lives_in_one_place_only(fed, tmp_path):
-    privates = [p for p in (tmp_path / "fed").rglob("*") if p.name in PRIVATE_FILES]
+@pytest.fixture()
+def fed(tmp_path: Path, sites: dict[str, SiteKeys]) -> Federation:
+    requests = [k.request_path for k in sites.values()]
+    return provision(tmp_path / "fed", requests, superlink_hosts=["link.example.org"], port=9092)
 
-    assert sorted(p.relative_to(tmp_path / "fed").as_posix() for p in privates) == [
-        "coordinator/ca.key",
-        "coordinator/superlink.key",
-        "sites/clinic-b/identity_ed25519.pem",
-        "sites/clinic-b/node_auth_key",
-        "sites/hospital-a/identity_ed25519.pem",
-        "sites/hospital-a/node_auth_key",
+
+def _approve(site: SiteKeys, bundle: Path) -> RosterPin:
+    return approve_roster(review_roster(site.site_dir, bundle))
+
+
+def _ready(site: SiteKeys, fed: Federation) -> Path:
+    """What a site does before starting: approve its bundle's roster, and put its data where its config says."""
+    _approve(site, fed.bundle_dirs[site.request.site_id])
+    (site.site_dir / "data.csv").write_text('text,label\n"good film",fresh\n')
+    return site.site_dir
+
+
+def _secrets(site_dir: Path) -> list[bytes]:
+    """Every encoding of a site's two private keys that could end up in a file."""
+    identity = load_private_key(site_dir / IDENTITY_KEY_FILE)
+    raw = identity.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    scalar = _node_auth_key(site_dir).private_numbers().private_value.to_bytes(48, "big")
+    return [
+        (site_dir / IDENTITY_KEY_FILE).read_bytes(),
+        (site_dir / NODE_AUTH_KEY).read_bytes(),
+        raw,
+        raw.hex().encode(),
+        scalar,
+        scalar.hex().encode(),
     ]
-    assert all(_mode(p) == 0o600 for p in privates)
-    contents = [p.read_bytes() for p in privates]
-    assert len(set(contents)) == len(contents)
-    everything_else = [p.read_bytes() for p in (tmp_path / "fed").rglob("*") if p.is_file() and p not in privates]
-    assert not any(c in other for c in contents for other in everything_else)
+
+
+# --- a site's own keys --------------------------------------------------------------------------------------
+
+
+def test_site_init_makes_0600_private_keys_in_a_0700_directory(sites):
+    site_dir = sites["hospital-a"].site_dir
+
+    assert _mode(site_dir) == 0o700
+    assert all(_mode(site_dir / name) == 0o600 for name in SITE_PRIVATE_FILES)
+    assert isinstance(load_private_key(site_dir / IDENTITY_KEY_FILE), Ed25519PrivateKey)
+    assert _node_auth_key(site_dir).curve.name == "secp384r1"
+
+
+def test_site_request_holds_only_public_keys_and_verifies(sites):
+    site = sites["hospital-a"]
+    text = site.request_path.read_text()
+
+    request = SiteRequest.load(site.request_path)
+    assert request.site_id == "hospital-a" and request.fingerprint() == site.request.fingerprint()
+    assert not any(secret in text.encode() for secret in _secrets(site.site_dir))
+    assert "PRIVATE" not in text
+
+
+def test_site_init_again_keeps_the_keys(sites, tmp_path):
+    site = sites["hospital-a"]
+    before = {n: (site.site_dir / n).read_bytes() for n in SITE_PRIVATE_FILES}
+
+    again = init_site("hospital-a", site.site_dir)
+
+    assert {n: (site.site_dir / n).read_bytes() for n in SITE_PRIVATE_FILES} == before
+    assert again.request.fingerprint() == site.request.fingerprint()
+
+
+def test_site_init_refuses_a_directory_of_another_site(sites):
+    with pytest.raises(EnrolmentError, match="already belongs to site 'hospital-a', not 'clinic-b'"):
+        init_site("clinic-b", sites["hospital-a"].site_dir)
+
+
+def test_site_init_refuses_a_bad_site_id(tmp_path):
+    with pytest.raises(ValueError, match="site id must be 1-63 letters"):
+        init_site("bad id!", tmp_path / "x")
+
+
+# --- the coordinator's provisioning -------------------------------------------------------------------------
+
+
+def test_coordinator_files_hold_no_private_key_of_any_site(fed, sites, tmp_path):
+    secrets = [s for site in sites.values() for s in _secrets(site.site_dir)]
+    files = [p for p in (tmp_path / "fed").rglob("*") if p.is_file()]
+
+    assert files and not [p for p in files if any(s in p.read_bytes() for s in secrets)]
+    assert not [p for p in files if p.name in SITE_PRIVATE_FILES]
+    holding_private_keys = {
+        p.relative_to(tmp_path / "fed").as_posix() for p in files if b"PRIVATE KEY" in p.read_bytes()
+    }
+    assert holding_private_keys == {"coordinator/ca.key", "coordinator/superlink.key"}
+
+
+def test_coordinator_private_keys_are_0600_and_bundles_are_public_files_only(fed):
+    assert _mode(fed.coordinator_dir / CA_KEY) == _mode(fed.coordinator_dir / SUPERLINK_KEY) == 0o600
+    for bundle in fed.bundle_dirs.values():
+        assert sorted(p.name for p in bundle.iterdir()) == sorted([CA_CERT, CONNECTION_FILE, ROSTER_FILE])
 
 
 def test_superlink_certificate_is_signed_by_the_ca_for_its_hosts_and_loopback(fed):
@@ -73,40 +162,285 @@ def test_superlink_certificate_is_signed_by_the_ca_for_its_hosts_and_loopback(fe
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
-def test_node_auth_key_pair_is_what_flower_supernode_authentication_takes(fed):
+def test_registered_node_key_is_the_sites_own_in_the_form_flower_takes(fed, sites):
     from flwr.cli.supernode.register import try_load_public_key
 
-    site = fed.site_dirs["hospital-a"]
-    private = serialization.load_ssh_private_key((site / NODE_AUTH_KEY).read_bytes(), password=None)
     registered = try_load_public_key(fed.coordinator_dir / "node-keys" / "hospital-a.pub")
 
-    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
-    assert registered == private.public_key().public_bytes(
+    assert registered == _node_auth_key(sites["hospital-a"].site_dir).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    assert (site / NODE_AUTH_PUB).read_bytes() == (fed.coordinator_dir / "node-keys" / "hospital-a.pub").read_bytes()
 
 
-def test_every_bundle_holds_the_same_roster_of_every_site(fed):
-    rosters = [Roster.load(d / ROSTER_FILE) for d in fed.site_dirs.values()]
+def test_every_bundle_holds_the_roster_of_every_sites_own_keys(fed, sites):
+    roster = Roster.load(fed.coordinator_dir / ROSTER_FILE)
 
-    assert all(r.to_json() == Roster.load(fed.coordinator_dir / ROSTER_FILE).to_json() for r in rosters)
-    assert sorted(rosters[0].keys) == ["clinic-b", "hospital-a"]
-    assert (fed.site_dirs["clinic-b"] / CA_CERT).read_bytes() == (fed.coordinator_dir / CA_CERT).read_bytes()
+    assert roster.fingerprint() == fed.roster_fingerprint
+    assert all(Roster.load(b / ROSTER_FILE).fingerprint() == fed.roster_fingerprint for b in fed.bundle_dirs.values())
+    for site_id, site in sites.items():
+        assert roster.keys[site_id] == load_private_key(site.site_dir / IDENTITY_KEY_FILE).public_key()
+        assert roster.node_auth[site_id] == (site.site_dir / NODE_AUTH_PUB).read_text().strip()
+    assert fed.request_fingerprints == {s: k.request.fingerprint() for s, k in sites.items()}
 
 
-def test_rerun_adds_a_site_keeps_every_key_and_updates_every_roster(fed, tmp_path):
-    before = {p: p.read_bytes() for p in (tmp_path / "fed").rglob("*") if p.name in PRIVATE_FILES}
+def test_rerun_adds_a_site_keeps_every_key_and_updates_every_roster(fed, sites, tmp_path):
+    before = {p: p.read_bytes() for p in fed.coordinator_dir.glob("*.key")}
+    lab = init_site("lab-c", tmp_path / "sites" / "lab-c")
 
-    again = provision(tmp_path / "fed", ["lab-c"], superlink_hosts=["link.example.org"])
+    again = provision(tmp_path / "fed", [lab.request_path], superlink_hosts=["link.example.org"])
 
     assert all(p.read_bytes() == data for p, data in before.items())
-    assert sorted(again.site_dirs) == ["clinic-b", "hospital-a", "lab-c"]
-    assert sorted(Roster.load(again.site_dirs["hospital-a"] / ROSTER_FILE).keys) == ["clinic-b", "hospital-a", "lab-c"]
+    assert sorted(again.bundle_dirs) == ["clinic-b", "hospital-a", "lab-c"]
+    assert sorted(Roster.load(again.bundle_dirs["hospital-a"] / ROSTER_FILE).keys) == [
+        "clinic-b",
+        "hospital-a",
+        "lab-c",
+    ]
+    assert again.roster_fingerprint != fed.roster_fingerprint
 
 
-def test_checked_bundle_gives_the_supernode_command(fed):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_the_same_request_again_changes_nothing(fed, sites, tmp_path):
+    init_site("hospital-a", sites["hospital-a"].site_dir)  # a fresh request (new signatures) for the same keys
+
+    again = provision(tmp_path / "fed", [sites["hospital-a"].request_path], superlink_hosts=["link.example.org"])
+
+    assert again.roster_fingerprint == fed.roster_fingerprint
+
+
+def _forged_request(path: Path, **changes: str) -> Path:
+    raw = json.loads(path.read_text())
+    raw.update(changes)
+    forged = path.with_name("forged.json")
+    forged.write_text(json.dumps(raw))
+    return forged
+
+
+def test_a_request_with_another_identity_key_is_refused(sites, tmp_path):
+    """Whoever does not hold a key cannot enrol it: here clinic-b's public key under hospital-a's signatures."""
+    forged = _forged_request(
+        sites["hospital-a"].request_path, **{"identity-public-key": sites["clinic-b"].request.identity_public_key}
+    )
+
+    with pytest.raises(
+        ProvisionError, match=r"forged.json: the identity signature of site 'hospital-a' does not verify"
+    ):
+        provision(tmp_path / "fed", [forged], superlink_hosts=["h"])
+
+
+def test_a_request_whose_site_id_was_changed_is_refused(sites, tmp_path):
+    forged = _forged_request(sites["hospital-a"].request_path, **{"site-id": "clinic-z"})
+
+    with pytest.raises(ProvisionError, match="the identity signature of site 'clinic-z' does not verify"):
+        provision(tmp_path / "fed", [forged], superlink_hosts=["h"])
+
+
+def test_a_request_with_another_node_auth_key_is_refused(sites, tmp_path):
+    _, other = make_node_auth_key()
+    forged = _forged_request(sites["hospital-a"].request_path, **{"node-auth-public-key": other.decode().strip()})
+
+    with pytest.raises(ProvisionError, match="the identity signature of site 'hospital-a' does not verify"):
+        provision(tmp_path / "fed", [forged], superlink_hosts=["h"])
+
+
+def test_a_request_whose_node_auth_signature_is_not_the_keys_is_refused(sites, tmp_path):
+    forged = _forged_request(
+        sites["hospital-a"].request_path, **{"node-auth-signature": sites["clinic-b"].request.node_auth_signature}
+    )
+
+    with pytest.raises(ProvisionError, match="the node-auth signature of site 'hospital-a' does not verify"):
+        provision(tmp_path / "fed", [forged], superlink_hosts=["h"])
+
+
+def test_two_requests_for_one_site_are_refused(sites, tmp_path):
+    twin = init_site("hospital-a", tmp_path / "elsewhere" / "hospital-a")
+
+    with pytest.raises(ProvisionError, match="two requests for site 'hospital-a': .*hospital-a/site-request.json and"):
+        provision(tmp_path / "fed", [sites["hospital-a"].request_path, twin.request_path], superlink_hosts=["h"])
+
+
+def test_two_sites_with_one_identity_key_are_refused(sites, tmp_path):
+    copy = SiteRequest.make(
+        "clinic-c",
+        identity_key=load_private_key(sites["hospital-a"].site_dir / IDENTITY_KEY_FILE),
+        node_auth_key=serialization.load_ssh_private_key(make_node_auth_key()[0], None),  # type: ignore[arg-type]
+    )
+    (tmp_path / "c.json").write_text(copy.to_json())
+
+    with pytest.raises(ProvisionError, match="sites 'hospital-a' .* and 'clinic-c' .* have the same identity key"):
+        provision(tmp_path / "fed", [sites["hospital-a"].request_path, tmp_path / "c.json"], superlink_hosts=["h"])
+
+
+def test_two_sites_with_one_node_auth_key_are_refused(sites, tmp_path):
+    copy = SiteRequest.make(
+        "clinic-c",
+        identity_key=Ed25519PrivateKey.generate(),
+        node_auth_key=_node_auth_key(sites["hospital-a"].site_dir),
+    )
+    (tmp_path / "c.json").write_text(copy.to_json())
+
+    with pytest.raises(ProvisionError, match="sites 'hospital-a' .* and 'clinic-c' .* have the same node-auth key"):
+        provision(tmp_path / "fed", [sites["hospital-a"].request_path, tmp_path / "c.json"], superlink_hosts=["h"])
+
+
+def test_an_enrolled_site_cannot_be_given_other_keys(fed, tmp_path):
+    impostor = init_site("hospital-a", tmp_path / "impostor")
+
+    with pytest.raises(ProvisionError, match="site 'hospital-a' is already enrolled .* with other keys"):
+        provision(tmp_path / "fed", [impostor.request_path], superlink_hosts=["link.example.org"])
+    assert Roster.load(fed.coordinator_dir / ROSTER_FILE).fingerprint() == fed.roster_fingerprint
+
+
+def test_a_request_with_a_bad_site_id_is_refused(tmp_path):
+    identity, auth = Ed25519PrivateKey.generate(), ec.generate_private_key(ec.SECP384R1())
+    good = SiteRequest.make("a", identity_key=identity, node_auth_key=auth)
+    auth_pub = good.node_auth_public_key
+    payload = SiteRequest.payload_of("bad id!", good.identity_public_key, auth_pub)
+    bad = {
+        **good.to_obj(),
+        "site-id": "bad id!",
+        "identity-signature": identity.sign(payload).hex(),
+        "node-auth-signature": auth.sign(payload, ec.ECDSA(hashes.SHA384())).hex(),
+    }
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+
+    with pytest.raises(ProvisionError, match=r"bad.json: site id must be 1-63 letters.*got 'bad id!'"):
+        provision(tmp_path / "fed", [tmp_path / "bad.json"], superlink_hosts=["h"])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "is not valid JSON"),
+        ('{"kind": "x"}', "site request lacks"),
+        ("[1, 2]", "must be a JSON object"),
+    ],
+)
+def test_a_malformed_request_is_refused(tmp_path, content, message):
+    (tmp_path / "r.json").write_text(content)
+
+    with pytest.raises(ProvisionError, match=message):
+        provision(tmp_path / "fed", [tmp_path / "r.json"], superlink_hosts=["h"])
+
+
+def test_nothing_is_written_when_one_request_is_bad(sites, tmp_path):
+    forged = _forged_request(sites["clinic-b"].request_path, **{"site-id": "clinic-z"})
+
+    with pytest.raises(ProvisionError):
+        provision(tmp_path / "fed", [sites["hospital-a"].request_path, forged], superlink_hosts=["h"])
+    assert not (tmp_path / "fed").exists()
+
+
+@pytest.mark.parametrize(
+    ("hosts", "port", "message"),
+    [
+        (["h"], 70000, "port must be in 1..65535, got 70000"),
+        ([], 9092, "at least one host"),
+    ],
+)
+def test_bad_provision_input_is_refused(sites, tmp_path, hosts, port, message):
+    with pytest.raises(ProvisionError, match=message):
+        provision(tmp_path / "fed", [sites["hospital-a"].request_path], superlink_hosts=hosts, port=port)
+
+
+def test_provision_without_any_request_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+
+    with pytest.raises(ProvisionError, match=r"no site request \(\*.json\) in directory"):
+        provision(tmp_path / "fed", [tmp_path / "empty"], superlink_hosts=["h"])
+    with pytest.raises(ProvisionError, match="at least one site request"):
+        provision(tmp_path / "fed", [], superlink_hosts=["h"])
+
+
+# --- the roster a site approves -----------------------------------------------------------------------------
+
+
+def test_an_unapproved_roster_is_refused_by_the_site_check(fed, sites):
+    site = sites["hospital-a"]
+    for name in (ROSTER_FILE, CA_CERT):  # the bundle copied in by hand, not approved
+        (site.site_dir / name).write_bytes((fed.bundle_dirs["hospital-a"] / name).read_bytes())
+    (site.site_dir / "data.csv").write_text("text,label\n")
+
+    with pytest.raises(ProvisionError, match="site 'hospital-a' has not approved a roster .* approve-roster"):
+        check_bundle(site.site_dir)
+
+
+def test_an_approved_roster_passes_the_site_check(fed, sites):
+    site_dir = _ready(sites["hospital-a"], fed)
+
+    assert check_bundle(site_dir) == site_dir
+    assert RosterPin.load(site_dir / ROSTER_PIN_FILE).fingerprint == fed.roster_fingerprint
+
+
+def test_a_roster_with_an_added_identity_is_refused_until_approved(fed, sites, tmp_path):
+    site_dir = _ready(sites["hospital-a"], fed)
+    intruder = init_site("coordinator-own", tmp_path / "intruder")  # the coordinator enrols a site of its own
+    grown = provision(tmp_path / "fed", [intruder.request_path], superlink_hosts=["link.example.org"])
+    (site_dir / ROSTER_FILE).write_bytes((grown.bundle_dirs["hospital-a"] / ROSTER_FILE).read_bytes())
+
+    with pytest.raises(
+        ProvisionError,
+        match=rf"fingerprint {grown.roster_fingerprint}, but site 'hospital-a' approved {fed.roster_fingerprint}",
+    ):
+        check_bundle(site_dir)
+
+    review = review_roster(site_dir, grown.bundle_dirs["hospital-a"])
+    assert review.changes == ["ADDED coordinator-own"]
+    approve_roster(review)
+    assert check_bundle(site_dir) == site_dir
+
+
+def test_a_roster_with_another_sites_key_swapped_is_refused_until_approved(fed, sites):
+    site_dir = _ready(sites["hospital-a"], fed)
+    roster = Roster.load(site_dir / ROSTER_FILE)
+    swapped = Roster({**roster.keys, "clinic-b": Ed25519PrivateKey.generate().public_key()}, roster.node_auth)
+    (site_dir / ROSTER_FILE).write_text(swapped.to_json())
+
+    with pytest.raises(ProvisionError, match="the roster changed and is refused until the site's operator checks it"):
+        check_bundle(site_dir)
+    assert review_roster(site_dir, site_dir / ROSTER_FILE).changes == ["KEY CHANGED for clinic-b"]
+
+
+def test_a_roster_with_this_sites_own_key_swapped_cannot_be_approved(fed, sites, tmp_path):
+    site_dir = sites["hospital-a"].site_dir
+    roster = Roster.load(fed.bundle_dirs["hospital-a"] / ROSTER_FILE)
+    swapped = Roster({**roster.keys, "hospital-a": Ed25519PrivateKey.generate().public_key()}, roster.node_auth)
+    (tmp_path / "swapped.json").write_text(swapped.to_json())
+
+    with pytest.raises(
+        EnrolmentError, match="roster's identity key for site 'hospital-a' is .*, not this site's own key"
+    ):
+        review_roster(site_dir, tmp_path / "swapped.json")
+    assert not (site_dir / ROSTER_PIN_FILE).exists()
+
+
+def test_a_roster_without_this_site_cannot_be_approved(fed, sites, tmp_path):
+    roster = Roster.load(fed.bundle_dirs["hospital-a"] / ROSTER_FILE)
+    (tmp_path / "r.json").write_text(Roster({"clinic-b": roster.keys["clinic-b"]}, roster.node_auth).to_json())
+
+    with pytest.raises(EnrolmentError, match="site 'hospital-a' is not in the roster"):
+        review_roster(sites["hospital-a"].site_dir, tmp_path / "r.json")
+
+
+def test_a_roster_whose_fingerprint_is_not_the_one_told_cannot_be_approved(fed, sites):
+    with pytest.raises(EnrolmentError, match="not the 0000.* you were given: do not approve it"):
+        review_roster(sites["hospital-a"].site_dir, fed.bundle_dirs["hospital-a"], expected_fingerprint="0000 " * 16)
+
+
+def test_approval_installs_the_bundles_ca_and_connection(fed, sites):
+    site_dir = sites["hospital-a"].site_dir
+
+    pin = _approve(sites["hospital-a"], fed.bundle_dirs["hospital-a"])
+
+    assert (site_dir / CA_CERT).read_bytes() == (fed.coordinator_dir / CA_CERT).read_bytes()
+    assert (site_dir / CONNECTION_FILE).read_text() == 'superlink = "link.example.org:9092"\n'
+    assert pin.site_id == "hospital-a" and pin.sites == ("clinic-b", "hospital-a")
+
+
+# --- the site check and the SuperNode command ---------------------------------------------------------------
+
+
+def test_checked_site_gives_the_supernode_command(fed, sites):
+    site = _ready(sites["hospital-a"], fed)
 
     command = supernode_command(site, "link.example.org:9092", runtime_port=9200)
 
@@ -115,52 +449,47 @@ def test_checked_bundle_gives_the_supernode_command(fed):
     assert str(site / NODE_CONFIG_FILE) in command and "--max-retries" not in command
 
 
-@pytest.mark.parametrize(
-    ("site_ids", "hosts", "port", "message"),
-    [
-        ([], ["h"], 9092, "at least one site id"),
-        (["a", "a"], ["h"], 9092, "distinct"),
-        (["bad id!"], ["h"], 9092, "site id must be"),
-        (["a"], ["h"], 70000, "port must be in 1..65535, got 70000"),
-        (["a"], [], 9092, "at least one host"),
-    ],
-)
-def test_bad_provision_input_is_refused(tmp_path, site_ids, hosts, port, message):
-    with pytest.raises(ProvisionError, match=message):
-        provision(tmp_path / "fed", site_ids, superlink_hosts=hosts, port=port)
-
-
-def test_bundle_without_the_node_auth_key_is_refused(fed):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_site_without_the_node_auth_key_is_refused(fed, sites):
+    site = _ready(sites["hospital-a"], fed)
     (site / NODE_AUTH_KEY).unlink()
 
     with pytest.raises(ProvisionError, match="node authentication key not found: .*node_auth_key"):
         check_bundle(site)
 
 
-def test_bundle_with_a_group_readable_private_key_is_refused(fed):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_site_with_a_group_readable_private_key_is_refused(fed, sites):
+    site = _ready(sites["hospital-a"], fed)
     (site / IDENTITY_KEY_FILE).chmod(0o640)
 
     with pytest.raises(ProvisionError, match="identity key .* has mode 0640; it must be 0600"):
         check_bundle(site)
 
 
-def test_bundle_with_a_garbled_node_auth_key_is_refused(fed):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_site_with_a_garbled_node_auth_key_is_refused(fed, sites):
+    site = _ready(sites["hospital-a"], fed)
     (site / NODE_AUTH_KEY).write_bytes(b"not a key")
 
     with pytest.raises(ProvisionError, match="is not an OpenSSH private key"):
         check_bundle(site)
 
 
-def test_bundle_whose_data_file_is_missing_is_refused(fed):
+def test_site_whose_node_auth_key_is_not_the_rosters_is_refused(fed, sites):
+    site = _ready(sites["hospital-a"], fed)
+    (site / NODE_AUTH_KEY).write_bytes(make_node_auth_key()[0])
+
+    with pytest.raises(ProvisionError, match="roster's node-auth key for site 'hospital-a' is not this site's own"):
+        check_bundle(site)
+
+
+def test_site_whose_data_file_is_missing_is_refused(fed, sites):
+    _approve(sites["hospital-a"], fed.bundle_dirs["hospital-a"])
+
     with pytest.raises(ProvisionError, match="data-path .*data.csv does not exist"):
-        check_bundle(fed.site_dirs["hospital-a"])
+        check_bundle(sites["hospital-a"].site_dir)
 
 
-def test_node_config_with_an_unknown_key_is_refused(fed):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_node_config_with_an_unknown_key_is_refused(fed, sites):
+    site = _ready(sites["hospital-a"], fed)
     with open(site / NODE_CONFIG_FILE, "a") as f:
         f.write("max-epsilom = 3.0\n")
 
@@ -168,16 +497,16 @@ def test_node_config_with_an_unknown_key_is_refused(fed):
         check_bundle(site)
 
 
-def test_node_config_that_is_not_toml_is_refused(fed):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_node_config_that_is_not_toml_is_refused(fed, sites):
+    site = _ready(sites["hospital-a"], fed)
     (site / NODE_CONFIG_FILE).write_text("site-id = \n")
 
     with pytest.raises(ProvisionError, match="node-config.toml is not valid TOML"):
         check_bundle(site)
 
 
-def test_node_config_with_a_negative_budget_is_refused(fed):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_node_config_with_a_negative_budget_is_refused(fed, sites):
+    site = _ready(sites["hospital-a"], fed)
     text = (site / NODE_CONFIG_FILE).read_text().replace("max-epsilon = 8.0", "max-epsilon = -1.0")
     (site / NODE_CONFIG_FILE).write_text(text)
 
@@ -185,30 +514,76 @@ def test_node_config_with_a_negative_budget_is_refused(fed):
         check_bundle(site)
 
 
-def test_identity_key_not_in_the_roster_is_refused(fed):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
-    other = fed.site_dirs["clinic-b"]
-    (site / ROSTER_FILE).write_text(Roster({"clinic-b": Roster.load(other / ROSTER_FILE).keys["clinic-b"]}).to_json())
-
-    with pytest.raises(ProvisionError, match="site-id 'hospital-a' is not in the roster"):
-        check_bundle(site)
+# --- the command line ---------------------------------------------------------------------------------------
 
 
-def test_cli_provision_then_site_check(tmp_path, capsys):
-    assert cli_main(["provision", "--out", str(tmp_path / "f"), "--sites", "a,b", "--superlink-host", "127.0.0.1"]) == 0
-    _ready_bundle(tmp_path / "f" / "sites" / "a")
+def test_cli_init_provision_approve_check(tmp_path, capsys):
+    for s in ("a", "b"):
+        assert cli_main(["site", "init", "--site-id", s, "--out", str(tmp_path / s)]) == 0
+    init_out = capsys.readouterr().out
+    fingerprint = SiteRequest.load(tmp_path / "a" / REQUEST_FILE).fingerprint()
+    assert (
+        f"request fingerprint (read it to the coordinator's operator): {fingerprint[:4]} {fingerprint[4:8]}" in init_out
+    )
 
-    assert cli_main(["site", "check", str(tmp_path / "f" / "sites" / "a")]) == 0
-    assert cli_main(["site", "check", str(tmp_path / "f" / "sites" / "nope")]) == 2
-    assert "site bundle not found" in capsys.readouterr().err
+    requests = [
+        "--site-request",
+        str(tmp_path / "a" / REQUEST_FILE),
+        "--site-request",
+        str(tmp_path / "b" / REQUEST_FILE),
+    ]
+    assert cli_main(["provision", "--out", str(tmp_path / "f"), *requests, "--superlink-host", "127.0.0.1"]) == 0
+    provision_out = capsys.readouterr().out
+    roster_fingerprint = Roster.load(tmp_path / "f" / "coordinator" / ROSTER_FILE).fingerprint()
+    assert (
+        f"  a: {fingerprint[:4]} " in provision_out
+        and f"roster fingerprint: {roster_fingerprint[:4]} " in provision_out
+    )
+
+    bundle = str(tmp_path / "f" / "bundles" / "a")
+    approve = ["site", "approve-roster", "--site-dir", str(tmp_path / "a"), bundle]
+    assert cli_main([*approve, "--fingerprint", roster_fingerprint, "--yes"]) == 0
+    (tmp_path / "a" / "data.csv").write_text("text,label\n")
+    assert cli_main(["site", "check", str(tmp_path / "a")]) == 0
+    assert f"roster pinned: {roster_fingerprint[:4]} " in capsys.readouterr().out
+    assert cli_main(["site", "check", str(tmp_path / "nope")]) == 2
+    assert "site directory not found" in capsys.readouterr().err
 
 
-def test_site_start_execs_the_supernode_with_flowers_phone_home_off(fed, monkeypatch):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_cli_approval_needs_the_operator(fed, sites, monkeypatch, capsys):
+    site_dir = sites["hospital-a"].site_dir
+    approve = ["site", "approve-roster", "--site-dir", str(site_dir), str(fed.bundle_dirs["hospital-a"])]
+
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert cli_main(approve) == 2
+    assert "approving a roster needs its operator" in capsys.readouterr().err
+
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "no")
+    assert cli_main(approve) == 1
+    assert not (site_dir / ROSTER_PIN_FILE).exists()
+
+    monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+    assert cli_main(approve) == 0
+    assert RosterPin.load(site_dir / ROSTER_PIN_FILE).fingerprint == fed.roster_fingerprint
+
+
+def test_cli_provision_refuses_a_forged_request(sites, tmp_path, capsys):
+    forged = _forged_request(sites["hospital-a"].request_path, **{"site-id": "clinic-z"})
+
+    assert (
+        cli_main(["provision", "--out", str(tmp_path / "f"), "--site-request", str(forged), "--superlink-host", "h"])
+        == 2
+    )
+    assert "does not verify" in capsys.readouterr().err
+
+
+def test_site_start_execs_the_supernode_with_flowers_phone_home_off(fed, sites, monkeypatch):
+    site = _ready(sites["hospital-a"], fed)
     calls = []
     monkeypatch.setattr("os.execvpe", lambda file, args, env: calls.append((file, args, env)))
 
-    cli_main(["site", "start", str(site), "--superlink", "link.example.org:9092"])
+    cli_main(["site", "start", str(site)])  # the SuperLink's address from the bundle's connection.toml
 
     ((file, args, env),) = calls
     assert file == "flower-supernode" and args[args.index("--superlink") + 1] == "link.example.org:9092"
@@ -219,10 +594,20 @@ def test_site_start_execs_the_supernode_with_flowers_phone_home_off(fed, monkeyp
     )
 
 
-def test_site_start_refuses_a_bundle_with_an_open_key(fed, monkeypatch, capsys):
-    site = _ready_bundle(fed.site_dirs["hospital-a"])
+def test_site_start_refuses_a_site_with_an_open_key(fed, sites, monkeypatch, capsys):
+    site = _ready(sites["hospital-a"], fed)
     (site / NODE_AUTH_KEY).chmod(0o644)
     monkeypatch.setattr("os.execvpe", lambda *a: pytest.fail("must not start"))
 
     assert cli_main(["site", "start", str(site), "--superlink", "h:1"]) == 2
     assert "has mode 0644; it must be 0600" in capsys.readouterr().err
+
+
+def test_site_start_refuses_a_changed_roster(fed, sites, monkeypatch, capsys):
+    site = _ready(sites["hospital-a"], fed)
+    roster = Roster.load(site / ROSTER_FILE)
+    (site / ROSTER_FILE).write_text(Roster({**roster.keys, "x": Ed25519PrivateKey.generate().public_key()}).to_json())
+    monkeypatch.setattr("os.execvpe", lambda *a: pytest.fail("must not start"))
+
+    assert cli_main(["site", "start", str(site)]) == 2
+    assert "the roster changed" in capsys.readouterr().err
