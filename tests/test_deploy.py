@@ -1,5 +1,7 @@
 """Flower's deployment engine on loopback with real TLS and SuperNode authentication: one SuperLink and three
-SuperNodes as separate processes, provisioned by ``privatune provision``, each site with its own node config.
+SuperNodes as separate processes. Enrolled as in a real deployment: each site makes its own keys
+(``site init``), the coordinator provisions from the sites' requests only, each site approves (pins) the
+roster from its bundle; each site has its own node config.
 
 Every process is started in its own session and its whole process group is killed in teardown (Flower's
 SuperLink and SuperNodes each start a SuperExec child, which starts the app processes).
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.enrolment import approve_roster, init_site, review_roster
 from shared.provision import (
     FLWR_CONFIG_FILE,
     NODE_CONFIG_FILE,
@@ -216,8 +219,13 @@ def run_dirs(fed: Federation) -> set[Path]:
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("deploy")
     port = free_port()
-    made = provision(root / "fed", list(SITES), superlink_hosts=["127.0.0.1"], port=port)
-    for i, site_dir in enumerate(made.site_dirs.values()):
+    enrolled = {site: init_site(site, root / "sites" / site) for site in SITES}  # at each site: its own keys
+    requests = [enrolled[site].request_path for site in SITES]  # all the coordinator gets: public keys
+    made = provision(root / "fed", requests, superlink_hosts=["127.0.0.1"], port=port)
+    site_dirs = {site: enrolled[site].site_dir for site in SITES}
+    for site, site_dir in site_dirs.items():  # at each site: its operator approves the roster in its bundle
+        approve_roster(review_roster(site_dir, made.bundle_dirs[site], expected_fingerprint=made.roster_fingerprint))
+    for i, site_dir in enumerate(site_dirs.values()):
         write_csv(site_dir / "data.csv", make_rows(48, seed=10 + i))
         config = (site_dir / NODE_CONFIG_FILE).read_text().replace("max-epsilon = 8.0", "max-epsilon = 100.0")
         (site_dir / NODE_CONFIG_FILE).write_text(config + "allow-reproducible-noise = true\n")
@@ -225,7 +233,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     flwr_home = root / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text((made.coordinator_dir / FLWR_CONFIG_FILE).read_text())
-    federation = Federation(root, made.coordinator_dir, dict(made.site_dirs), port, flwr_home, root / "state.db")
+    federation = Federation(root, made.coordinator_dir, site_dirs, port, flwr_home, root / "state.db")
     try:
         federation.start_superlink()
         for site in SITES:
@@ -270,6 +278,19 @@ def _refused(fed: Federation, proc: Proc, timeout: float = 120) -> str:
     return proc.text()
 
 
+def _raw_supernode(fed: Federation, bundle: Path) -> list[str]:
+    """flower-supernode for ``bundle`` without ``privatune site start``'s checks (which would refuse it first)."""
+    return [
+        "flower-supernode",
+        "--superlink", fed.address,
+        "--root-certificates", str(bundle / "ca.pem"),
+        "--auth-supernode-private-key", str(bundle / "node_auth_key"),
+        "--node-config", str(bundle / NODE_CONFIG_FILE),
+        "--port", str(free_port()),
+        "--max-retries", "2",
+    ]  # fmt: skip
+
+
 def test_unregistered_node_is_refused(fed, tmp_path):
     from shared.provision import NODE_AUTH_KEY, NODE_AUTH_PUB, make_node_auth_key
 
@@ -278,13 +299,14 @@ def test_unregistered_node_is_refused(fed, tmp_path):
     (bundle / NODE_AUTH_KEY).write_bytes(private)
     (bundle / NODE_AUTH_PUB).write_bytes(public)
 
-    log = _refused(fed, fed.start_supernode("intruder", bundle=bundle, extra=["--max-retries", "2"]))
+    log = _refused(fed, fed.start("intruder", _raw_supernode(fed, bundle)))
 
     assert "Failed to activate SuperNode" in log
 
 
 def test_node_trusting_another_ca_is_refused(fed, tmp_path):
-    other = provision(tmp_path / "other", ["x"], superlink_hosts=["127.0.0.1"], port=fed.port)
+    x = init_site("x", tmp_path / "x")
+    other = provision(tmp_path / "other", [x.request_path], superlink_hosts=["127.0.0.1"], port=fed.port)
     bundle = _bundle_copy(fed, "hospital-a", tmp_path / "other-ca")
     (bundle / "ca.pem").write_bytes((other.coordinator_dir / "ca.pem").read_bytes())
 
@@ -304,17 +326,8 @@ def test_node_with_a_key_of_the_wrong_type_is_refused(fed, tmp_path):
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     (bundle / "node_auth_key").write_bytes(key)
-    command = [
-        "flower-supernode",
-        "--superlink", fed.address,
-        "--root-certificates", str(bundle / "ca.pem"),
-        "--auth-supernode-private-key", str(bundle / "node_auth_key"),
-        "--node-config", str(bundle / NODE_CONFIG_FILE),
-        "--port", str(free_port()),
-        "--max-retries", "2",
-    ]  # fmt: skip
 
-    log = _refused(fed, fed.start("wrong-key", command))
+    log = _refused(fed, fed.start("wrong-key", _raw_supernode(fed, bundle)))
 
     assert "Unable to parse the private key file" in log
 
