@@ -100,7 +100,8 @@ def _site_approve_roster(args: argparse.Namespace) -> int:
         print(f"  {line}")
     print(f"roster fingerprint: {format_fingerprint(review.fingerprint)}")
     if review.unchanged:
-        print("this is the roster already approved; nothing to do")
+        approve_roster(review)  # the same roster: only the bundle's CA certificate and address are (re)installed
+        print("this is the roster already approved; the bundle's other files are installed")
         return 0
     if review.previous is not None:
         print(f"it REPLACES the roster approved at {review.previous.approved_at}:")

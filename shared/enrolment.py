@@ -87,6 +87,11 @@ def init_site(site_id: str, site_dir: Path) -> SiteKeys:
         earlier = SiteRequest.load(request_path)
         if earlier.site_id != site_id:
             raise EnrolmentError(f"{site_dir} already belongs to site {earlier.site_id!r}, not {site_id!r}")
+    elif any((site_dir / name).exists() for name in (IDENTITY_KEY_FILE, NODE_AUTH_KEY)):
+        raise EnrolmentError(
+            f"{site_dir} holds private keys that site init did not make (a bundle from a coordinator that made "
+            "them?): whoever made them may hold a copy; run site init with a new --out directory"
+        )
     identity_path = site_dir / IDENTITY_KEY_FILE
     if identity_path.exists():
         identity = load_private_key(check_private_key_file(identity_path, what="identity key"))

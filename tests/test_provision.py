@@ -125,6 +125,15 @@ def test_site_init_refuses_a_directory_of_another_site(sites):
         init_site("clinic-b", sites["hospital-a"].site_dir)
 
 
+def test_site_init_refuses_keys_it_did_not_make(tmp_path):
+    """A bundle whose keys a coordinator made (as provision did before) is not adopted as the site's own."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / NODE_AUTH_KEY).write_bytes(make_node_auth_key()[0])
+
+    with pytest.raises(EnrolmentError, match="holds private keys that site init did not make"):
+        init_site("hospital-a", tmp_path / "old")
+
+
 def test_site_init_refuses_a_bad_site_id(tmp_path):
     with pytest.raises(ValueError, match="site id must be 1-63 letters"):
         init_site("bad id!", tmp_path / "x")
@@ -566,6 +575,15 @@ def test_cli_approval_needs_the_operator(fed, sites, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt: "yes")
     assert cli_main(approve) == 0
     assert RosterPin.load(site_dir / ROSTER_PIN_FILE).fingerprint == fed.roster_fingerprint
+
+
+def test_cli_approving_the_approved_roster_again_asks_nothing(fed, sites, monkeypatch, capsys):
+    site_dir = sites["hospital-a"].site_dir
+    _approve(sites["hospital-a"], fed.bundle_dirs["hospital-a"])
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+
+    assert cli_main(["site", "approve-roster", "--site-dir", str(site_dir), str(fed.bundle_dirs["hospital-a"])]) == 0
+    assert "this is the roster already approved" in capsys.readouterr().out
 
 
 def test_cli_provision_refuses_a_forged_request(sites, tmp_path, capsys):
