@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -81,7 +82,7 @@ def check_node_auth_public_key(value: object, *, where: str = "node-auth public 
         raise IdentityError(f"{where} must be an OpenSSH public key string, got {value!r}")
     try:
         key = serialization.load_ssh_public_key(value.strip().encode())
-    except (ValueError, TypeError, IndexError) as e:
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as e:
         raise IdentityError(f"{where} is not an OpenSSH public key: {value[:60]!r}") from e
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise IdentityError(f"{where} must be an EC NIST P-384 key (ecdsa-sha2-nistp384), got {value[:60]!r}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from shared.identity import (
@@ -89,13 +90,22 @@ def test_the_fingerprint_ignores_layout_and_changes_with_any_key(tmp_path):
     assert Roster({k: v for k, v in roster.keys.items() if k != "s2"}).fingerprint() != roster.fingerprint()
 
 
-def test_a_roster_entry_with_a_node_auth_key_that_is_not_p384_is_refused(tmp_path):
-    roster, _ = _roster(1)
-    (tmp_path / "r.json").write_text(
-        json.dumps({"s0": {"identity": roster.to_obj()["s0"], "node-auth": "ssh-ed25519 AAAA"}})
-    )
+_ED25519_SSH = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
 
-    with pytest.raises(IdentityError, match="entry 's0' is not an OpenSSH public key"):
+
+@pytest.mark.parametrize(
+    ("node_auth", "message"),
+    [
+        ("ssh-ed25519 AAAA", "is not an OpenSSH public key"),
+        ("ssh-foo AAAAB3NzaC1mb28=", "is not an OpenSSH public key"),  # a key type cryptography does not know
+        (_ED25519_SSH, "must be an EC NIST P-384 key"),
+    ],
+)
+def test_a_roster_entry_with_a_node_auth_key_that_is_not_p384_is_refused(tmp_path, node_auth, message):
+    roster, _ = _roster(1)
+    (tmp_path / "r.json").write_text(json.dumps({"s0": {"identity": roster.to_obj()["s0"], "node-auth": node_auth}}))
+
+    with pytest.raises(IdentityError, match=f"entry 's0' {message}"):
         Roster.load(tmp_path / "r.json")
 
 
