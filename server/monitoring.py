@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -62,8 +62,11 @@ def _attested_budget(attestation: Mapping[str, Any]) -> float | None:
 class RunMonitor:
     """The run's metrics in their own registry; served on ``port`` when it is not 0."""
 
-    def __init__(self, run_id: str, *, port: int = 0, host: str = METRICS_HOST) -> None:
+    def __init__(
+        self, run_id: str, *, port: int = 0, host: str = METRICS_HOST, clock: Callable[[], float] = time.time
+    ) -> None:
         self.registry = CollectorRegistry()
+        self._clock = clock
         r = self.registry
         Gauge("privatune_run_info", "The run being monitored.", ["run_id"], registry=r).labels(run_id=run_id).set(1)
         self.round = Gauge("privatune_round", "The last round recorded in the run ledger (0: centering).", registry=r)
@@ -96,7 +99,7 @@ class RunMonitor:
         for state in SITE_STATES:  # every series exists from the start, so rate() and increase() see the first one
             self.round_sites.labels(state=state).set(0)
             self.sites_total.labels(state=state)
-        self.round_time.set(time.time())
+        self.round_time.set(self._clock())
         self.endpoint = MetricsEndpoint(self.registry, port=port, host=host) if port else None
         if self.endpoint is not None:
             logger.info("run metrics (Prometheus) on http://%s:%d/metrics", self.endpoint.host, self.endpoint.port)
@@ -114,7 +117,7 @@ class RunMonitor:
             self.sites_total.labels(state=state).inc(count)
         self.round.set(int(record["round"]))
         self.round_seconds.set(float(seconds))
-        self.round_time.set(time.time())
+        self.round_time.set(self._clock())
         self.rounds_total.inc()
         aborted = bool(record.get("aborted"))
         self.round_aborted.set(1 if aborted else 0)
