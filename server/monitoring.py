@@ -30,7 +30,10 @@ class MetricsEndpoint:
     def __init__(self, registry: CollectorRegistry, *, port: int, host: str = METRICS_HOST) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"metrics port must be in 0..65535 (0: any free port), got {port!r}")
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e}") from e
         self.host, self.port = host, int(self._server.server_port)
 
     def close(self) -> None:

@@ -104,6 +104,17 @@ def test_metrics_are_served_over_http_on_the_port_and_the_port_is_freed_on_close
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2.0)
 
 
+def test_a_port_in_use_is_a_clear_error():
+    from prometheus_client import CollectorRegistry
+
+    endpoint = MetricsEndpoint(CollectorRegistry(), port=0)
+    try:
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{endpoint.port}"):
+            RunMonitor("77", port=endpoint.port)
+    finally:
+        endpoint.close()
+
+
 def test_port_zero_serves_nothing():
     monitor = RunMonitor("77", port=0)
     assert monitor.endpoint is None

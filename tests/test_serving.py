@@ -280,6 +280,18 @@ def test_with_a_certificate_the_service_speaks_only_tls(classifier, keys, tmp_pa
     assert response.status_code == 200
 
 
+def test_a_certificate_that_is_not_one_is_refused_before_listening(classifier, keys, tmp_path):
+    key_file, _ = keys
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    app = create_app(classifier, KeyStore(key_file), limits=ServeLimits())
+    with pytest.raises(ValueError, match="cannot be loaded"), running(app, tls_cert=cert, tls_key=key):
+        pass
+    with pytest.raises(ValueError, match="TLS needs both a certificate"), running(app, tls_cert=cert):
+        pass
+
+
 def test_service_predictions_equal_the_privatune_predict_command(classifier, adapter, keys):
     key_file, token = keys
     service, _ = start(classifier, key_file)
@@ -389,3 +401,19 @@ def test_the_load_benchmark_is_bounded_and_reports_throughput_and_p99(adapter, t
     assert 0 < result.percentile_ms(50) <= result.percentile_ms(99) <= result.percentile_ms(100)
     assert "requests/s" in result.summary() and "p99" in result.summary()
     assert timed.seconds < 10.0 and 0 < timed.requests < 10**6  # stopped by time, not by count
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_shipped_minilm_adapter_is_served_as_predict_answers(tmp_path):
+    from simulations.benchmark_serving import untrained_adapter
+
+    adapter_dir = untrained_adapter(tmp_path)  # the default run config's adapter on builtin:all-minilm-l6-v2
+    classifier = load_classifier(adapter_dir)
+    key_file = tmp_path / "keys.json"
+    token = create_key(key_file, "ops")
+    app = create_app(classifier, KeyStore(key_file), limits=ServeLimits())
+    with running(app) as url:
+        served = httpx.post(url + PREDICT_PATH, json={"texts": TEXTS}, headers=bearer(token)).json()
+    assert read_card(adapter_dir).base_model == "builtin:all-minilm-l6-v2"
+    assert served == {"predictions": classifier.predict(TEXTS)}

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -66,6 +67,10 @@ def make_server(app: Any, *, tls_cert: Path | None = None, tls_key: Path | None 
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
     )
+    try:
+        config.load()  # here, so that a bad certificate is an error before anything listens
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"TLS certificate {tls_cert} and key {tls_key} cannot be loaded: {e}") from e
     return uvicorn.Server(config)
 
 
