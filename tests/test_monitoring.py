@@ -172,3 +172,27 @@ def test_a_simulated_run_serves_its_metrics_while_it_runs(tiny_config):
     assert 'privatune_round_sites{state="survived"} 3.0' in last
     with pytest.raises(httpx.ConnectError):  # closed when the run ended
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2.0)
+
+
+def test_a_run_resumes_with_another_metrics_port_or_from_a_checkpoint_made_before_the_key_existed():
+    import numpy as np
+
+    from server.checkpoint import Checkpoint, check_resumable
+    from shared.config import RunConfig
+
+    config = RunConfig(num_server_rounds=4).to_flower()
+    arrays = {"a": np.ones(2, np.float32)}
+    older = {k: v for k, v in config.items() if k != "metrics-port"}
+    rng = np.random.default_rng(0).bit_generator.state
+    for saved in (config, older):
+        ckpt = Checkpoint(
+            run_id="101",
+            lineage=[],
+            server_round=2,
+            config=saved,
+            rng_state=rng,
+            history={"rounds": []},
+            run_ledger_head=None,
+            arrays=arrays,
+        )
+        check_resumable(ckpt, {**config, "metrics-port": 9100}, dict(arrays))  # monitoring changes nothing
