@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.aggregation import INSECURE_WARNING, aggregate_plain
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
+from server.monitoring import RunMonitor
 from server.optimizer import ServerOptimizer
 from server.outputs import METRICS_FILE, save_adapter, write_json_atomic
 from server.round_result import RoundAggregate
@@ -278,6 +279,7 @@ def main(grid: Grid, context: Context) -> None:
         sim_dir = cfg.simulation_dir(run_id)
         roster = provision_simulation(sim_dir, len(nodes))
     run_ledger = RunLedger(run_dir / RUN_LEDGER_FILE, run_id, roster=roster)
+    monitor = RunMonitor(run_id, port=cfg.metrics_port)  # Prometheus metrics (metrics-port; 0 = not served)
 
     model = build_model(cfg, num_labels=len(data.label_names))
     tokenizer = load_tokenizer(cfg.model_path)
@@ -329,6 +331,7 @@ def main(grid: Grid, context: Context) -> None:
             metrics=baseline,
             secure_aggregation=cfg.secure_aggregation,
         )
+        monitor.record_round(run_ledger.records()[-1], seconds=record["seconds"])
     logger.info("round 0 | test acc %.4f f1 %.4f (before training)", baseline["accuracy"], baseline["macro_f1"])
     rng = np.random.default_rng([cfg.seed, 0x5A3])
     server_opt = ServerOptimizer(kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate, tau=cfg.server_tau)
@@ -413,6 +416,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         write_json_atomic(run_dir / METRICS_FILE, history)
         records = run_ledger.records()
+        monitor.record_round(records[-1], seconds=seconds)
         save_checkpoint(
             run_dir,
             Checkpoint(
@@ -463,4 +467,5 @@ def main(grid: Grid, context: Context) -> None:
     if scorer is not None:
         scorer.finish(model, run_dir, run_id=run_id, seed=cfg.seed, delta=cfg.delta)
     write_json_atomic(run_dir / METRICS_FILE, history)
+    monitor.close()
     logger.info("adapter saved to %s; metrics in %s", adapter_dir, run_dir / METRICS_FILE)

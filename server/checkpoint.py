@@ -29,7 +29,7 @@ import numpy as np
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_VERSION = 1
 # Run-config keys that may differ between the interrupted run and its resumption
-RESUMABLE_CHANGES = frozenset({"resume", "output-dir"})
+RESUMABLE_CHANGES = frozenset({"resume", "output-dir", "metrics-port"})  # metrics-port: monitoring only
 
 
 class CheckpointError(ValueError):

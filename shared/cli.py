@@ -1,4 +1,5 @@
-"""``privatune``: what Flower's own CLI does not do: simulate with good defaults, provision sites, audit."""
+"""``privatune``: what Flower's own CLI does not do: simulate with good defaults, provision sites, audit,
+serve the tuned model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from server.serving.cli import add_serving_commands
 from shared.config import ConfigError, RunConfig
 
 
@@ -241,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--runtime-port", type=int, default=9094, help="Local port of the SuperNode's own API.")
     start.set_defaults(func=_site_start)
 
+    add_serving_commands(sub)  # predict, serve, serve-keys (server/serving/cli.py)
     # "privatune audit ..." is handed whole to the audit's own parser (see main)
     sub.add_parser("audit", help="Verify ledgers, recompute every epsilon, write the audit report (audit --help).")
     return parser

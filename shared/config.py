@@ -118,6 +118,10 @@ class RunConfig:
         default="",
         metadata=_help("Simulated sites' keys and ledgers; '' = a fresh one inside the run's output dir."),
     )
+    # monitoring
+    metrics_port: int = field(
+        default=0, metadata=_help("Serve the run's Prometheus metrics on 127.0.0.1:<port> (0 = off; docs/serving.md).")
+    )
 
     def __post_init__(self) -> None:
         def need(cond: bool, key: str, value: Any, what: str) -> None:
@@ -186,6 +190,7 @@ class RunConfig:
             self.secagg_on_abort,
             "'skip' or 'stop'",
         )
+        need(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "in 0..65535 (0 = off)")
         need(self.canaries >= 0, "canaries", self.canaries, ">= 0")
         if self.canaries and self.roster_path:
             raise ConfigError(

@@ -72,3 +72,16 @@ def test_docs_configuration_table_is_the_dataclass():
 def test_cls_pooling_and_an_exact_mean_are_fine_once_asked_for_explicitly():
     assert RunConfig.from_flower({"classifier-pooling": "cls", "center-features": False}).classifier_pooling == "cls"
     assert RunConfig.from_flower({"dp": False, "center-noise-multiplier": 0.0}).center_noise_multiplier == 0.0
+
+
+@pytest.mark.parametrize("port", [-1, 65536])
+def test_metrics_port_must_be_a_port_or_zero(port):
+    with pytest.raises(ConfigError, match=f"metrics-port must be in 0..65535 \\(0 = off\\), got {port}"):
+        RunConfig.from_flower({"metrics-port": port})
+
+
+def test_metrics_port_is_off_by_default_and_takes_an_integer():
+    assert RunConfig().metrics_port == 0
+    assert RunConfig.from_flower({"metrics-port": 9100}).metrics_port == 9100
+    with pytest.raises(ConfigError, match="metrics-port must be an integer, got '9100'"):
+        RunConfig.from_flower({"metrics-port": "9100"})

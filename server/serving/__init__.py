@@ -1,0 +1,1 @@
+"""``privatune serve``: the tuned classifier as an HTTP service behind API keys (docs/serving.md)."""
