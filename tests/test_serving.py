@@ -172,8 +172,11 @@ def test_health_and_openapi_docs_need_no_key_and_document_the_bearer_scheme(clas
         health = httpx.get(url + "/health")
         schema = httpx.get(url + "/openapi.json").json()
         docs = httpx.get(url + "/docs")
+        script = httpx.get(url + "/docs-static/swagger-ui-bundle.js")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert "http://" not in docs.text and "https://" not in docs.text  # the page needs no CDN: served offline
+    assert script.status_code == 200 and len(script.content) > 100_000
     assert PREDICT_PATH in schema["paths"]
     assert any(s.get("scheme") == "bearer" for s in schema["components"]["securitySchemes"].values())
 

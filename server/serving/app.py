@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,7 +29,9 @@ from server.serving.ratelimit import RateLimiter
 PREDICT_PATH = "/v1/predict"
 HEALTH_PATH = "/health"
 PROTECTED_PATHS = frozenset({PREDICT_PATH})
-ENDPOINTS = (PREDICT_PATH, HEALTH_PATH, "/docs", "/openapi.json")
+DOCS_PATH = "/docs"
+DOCS_STATIC_PATH = "/docs-static"
+ENDPOINTS = (PREDICT_PATH, HEALTH_PATH, DOCS_PATH, "/openapi.json")
 
 access_log = logging.getLogger("privatune.access")
 logger = logging.getLogger("privatune")
@@ -234,6 +236,25 @@ def _key_name(
     return str(name)
 
 
+def _add_offline_docs(app: FastAPI) -> None:
+    """``GET /docs``: Swagger UI from the ``swagger-ui-bundle`` package, so the page needs no network."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_STATIC_PATH, StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{DOCS_STATIC_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC_PATH}/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )
+
+
 def create_app(
     predictor: Predictor,
     keys: KeyStore,
@@ -249,8 +270,11 @@ def create_app(
         title="PrivaTune inference",
         description="The tuned classifier of a PrivaTune run. Every predict request needs an API key.",
         version="1",
+        docs_url=None,  # FastAPI's own page loads Swagger UI from a CDN: served from the installed bundle below
+        redoc_url=None,
     )
     app.state.metrics = metrics
+    _add_offline_docs(app)
 
     @app.post(
         PREDICT_PATH,
