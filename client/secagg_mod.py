@@ -34,7 +34,6 @@ from shared.secagg import constants as K
 from shared.secagg.client import ClientRoundState, SecAggClient
 from shared.secagg.encoding import EncodingError
 from shared.secagg.errors import SecAggError, SecAggProtocolError
-from shared.secagg.settings import ClientPolicy
 from shared.secagg.messages import (
     ConsistencyRequest,
     MaskedInputRequest,
@@ -44,6 +43,7 @@ from shared.secagg.messages import (
     masked_input_reply_config,
     stage_of,
 )
+from shared.secagg.settings import ClientPolicy
 from shared.site import Site, SiteConfigError
 
 logger = logging.getLogger("privatune.secagg")
