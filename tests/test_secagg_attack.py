@@ -2,11 +2,17 @@
 
 Twelve sites, default degree k = 8 and threshold t = 6, real ``SecAggClient`` state machines behind the real
 ``client/secagg_mod.py``, real Flower ``Message`` objects serialised through protobuf. The adversarial server
-is written here: it relays to the target T the encrypted shares of only t - 1 of its neighbours P_T, so T
-masks with those only; it tells T and P_T that everyone survived, so they reveal T's self-mask seed shares,
-and tells every other holder that as many members of P_T dropped as keep it at >= t alive, so they reveal
-those members' mask-key shares. No honest site gives both share kinds for one peer, yet the server gets
-seed_T and the mask key of every peer T masked with, and strips every mask off T's masked input.
+is written here. The attack of the issue: relay to the target T the encrypted shares of only t - 1 of its
+neighbours P_T, so T masks with those only; tell T and P_T that everyone survived, so they reveal T's
+self-mask seed shares, and tell every other holder that as many members of P_T dropped as keep it at >= t
+alive, so they reveal those members' mask-key shares. Before the fix the server recovered T's exact update
+(max error one fixed-point unit; commit "tests/test_secagg_attack.py: issue 10 item 1 reproduced").
+
+Now: T refuses to mask with fewer than t neighbours' shares; with t of them, the different survivor sets
+shown to different clients never gather the quorum of signatures a client needs before it reveals a share,
+and no single survivor set lets the server alone rebuild both T's seed and its pairwise keys. The last tests
+pin the fewest colluding sites the analysis (``shared/secagg/analysis.py``) says the server needs, by
+running the attack that works with that many and failing with one fewer.
 """
 
 from __future__ import annotations
@@ -22,8 +28,20 @@ from shared import constants as C
 from shared.secagg import constants as K
 from shared.secagg import masks, shamir
 from shared.secagg.encoding import FixedPoint
-from shared.secagg.messages import EncryptedShares, KeyAdvert, RoundParams, UnmaskShares
-from shared.secagg.settings import SecAggSettings
+from shared.secagg.client import SecAggClient
+from shared.secagg.inprocess import make_clients
+from shared.secagg.messages import (
+    ConsistencyRequest,
+    EncryptedShares,
+    KeyAdvert,
+    MaskedInputRequest,
+    RoundParams,
+    ShareKeysRequest,
+    SurvivorSignature,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from shared.secagg.settings import SecAggSettings, consistency_quorum
 from tests.test_secagg_flower import _copy, federation, make_app
 
 N_SITES = 12
@@ -36,7 +54,8 @@ class Adversary:
         self.contexts, self.updates = federation(tmp_path, n)
         self.app = make_app(tmp_path, self.updates)
         self.ids = sorted(self.contexts)
-        self.errors: dict[int, str] = {}
+        self.errors: dict[int, str] = {}  # each node's last refusal
+        self.reasons: list[str] = []  # every refusal
 
     def send(self, nid: int, cfg: dict[str, Any], *, with_train: bool = False, server_round: int = 1) -> Message:
         content = RecordDict({K.SECAGG_RECORD: ConfigRecord(cfg)})
@@ -47,6 +66,7 @@ class Adversary:
         reply = _copy(self.app(msg, self.contexts[nid]))
         if reply.has_error():
             self.errors[nid] = reply.error.reason
+            self.reasons.append(reply.error.reason)
         return reply
 
 
@@ -95,9 +115,11 @@ def _max_flow_assignment(
     return assign
 
 
-def _plan(graph: dict[int, frozenset[int]], target: int, t: int) -> tuple[tuple[int, ...], dict[int, set[int]]]:
-    """A set P_T of t - 1 neighbours of T and, per holder, the members of P_T it is told dropped."""
-    for peers in itertools.combinations(sorted(graph[target]), t - 1):
+def _plan(
+    graph: dict[int, frozenset[int]], target: int, t: int, size: int
+) -> tuple[tuple[int, ...], dict[int, set[int]]]:
+    """A set P_T of ``size`` neighbours of T and, per holder, the members of P_T it is told dropped."""
+    for peers in itertools.combinations(sorted(graph[target]), size):
         p_t = set(peers)
         holders = {}
         for h in graph:
@@ -111,66 +133,137 @@ def _plan(graph: dict[int, frozenset[int]], target: int, t: int) -> tuple[tuple[
     raise AssertionError("no plan")
 
 
-def test_the_server_alone_recovers_one_sites_exact_update_with_default_settings(tmp_path: Path) -> None:
-    adv = Adversary(tmp_path, N_SITES)
-    settings = SecAggSettings(clip_norm=1.0, max_clients=N_SITES)
+
+
+def _record(reply: Message) -> dict[str, Any]:
+    return dict(reply.content.config_records[K.SECAGG_RECORD])
+
+
+def _setup(adv: Adversary) -> tuple[RoundParams, dict[int, KeyAdvert], dict[int, frozenset[int]], dict[int, Any]]:
+    """Stages 1 and 2 as the protocol demands (every advert relayed to everyone): nothing to gain there."""
+    settings = SecAggSettings(clip_norm=1.0, max_clients=len(adv.ids))
     params = RoundParams.for_round(settings, run_id="77", server_round=1, node_ids=adv.ids)
-    assert (params.degree, params.threshold) == (8, 6)  # the defaults at n = 12
-    k, t = params.degree, params.threshold
-    graph = params.neighbours()
-    target = adv.ids[0]
+    adverts = {n: KeyAdvert.from_config(_record(adv.send(n, params.to_config()))) for n in adv.ids}
+    graph = params.neighbours(adv.ids, params.advert_digest(adverts.values()))
+    everyone = ShareKeysRequest(run_id="77", server_round=1, adverts=tuple(adverts[v] for v in adv.ids))
+    shares = {n: EncryptedShares.from_config(_record(adv.send(n, everyone.to_config()))) for n in adv.ids}
+    return params, adverts, graph, {n: dict(zip(s.dst_node_ids, s.ciphertexts, strict=True)) for n, s in shares.items()}
 
-    # 1. advertise-keys
-    adverts = {
-        n: KeyAdvert.from_config(dict(adv.send(n, params.to_config()).content[K.SECAGG_RECORD])) for n in adv.ids
-    }
-    # 2. share-keys: each node gets its neighbours' signed adverts (all honest so far)
-    from shared.secagg.messages import ShareKeysRequest
 
-    shares: dict[int, EncryptedShares] = {}
-    for n in adv.ids:
-        req = ShareKeysRequest(run_id="77", server_round=1, adverts=tuple(adverts[v] for v in sorted(graph[n])))
-        shares[n] = EncryptedShares.from_config(dict(adv.send(n, req.to_config()).content[K.SECAGG_RECORD]))
-    # 3. masked input: T gets the shares of only t - 1 peers P_T; everybody else gets all of theirs
-    p_t, told_dropped = _plan(graph, target, t)
-    from shared.secagg.messages import MaskedInputRequest
-
-    masked: dict[int, np.ndarray] = {}
+def _masked_inputs(
+    adv: Adversary, graph: dict[int, frozenset[int]], cts: dict[int, Any], target: int, p_t: tuple[int, ...]
+) -> dict[int, np.ndarray]:
+    """Stage 3: T gets the shares of P_T only, everybody else all of theirs; the server keeps every vector."""
+    masked = {}
     for n in adv.ids:
         srcs = sorted(v for v in graph[n] if v in p_t or n != target)
-        cts = tuple(dict(zip(shares[v].dst_node_ids, shares[v].ciphertexts, strict=True))[n] for v in srcs)
-        req = MaskedInputRequest(run_id="77", server_round=1, src_node_ids=tuple(srcs), ciphertexts=cts)
+        req = MaskedInputRequest(run_id="77", server_round=1, src_node_ids=tuple(srcs),
+                                 ciphertexts=tuple(cts[v][n] for v in srcs))  # fmt: skip
         reply = adv.send(n, req.to_config(), with_train=True)
-        masked[n] = reply.content.array_records[K.MASKED_RECORD][K.MASKED_ARRAY].numpy().copy()
-    # 4. unmask: T and P_T hear that all survived; every other holder that some of P_T dropped
-    from shared.secagg.messages import UnmaskRequest
+        if not reply.has_error():
+            masked[n] = reply.content.array_records[K.MASKED_RECORD][K.MASKED_ARRAY].numpy().copy()
+    return masked
 
-    seed_shares: list[shamir.Share] = []
-    key_shares: dict[int, list[shamir.Share]] = {v: [] for v in p_t}
+
+def test_the_target_refuses_to_mask_with_fewer_than_t_neighbours_shares(tmp_path: Path) -> None:
+    adv = Adversary(tmp_path, N_SITES)
+    params, _, graph, cts = _setup(adv)
+    assert (params.degree, params.threshold) == (8, 6)  # the defaults at n = 12
+    target = adv.ids[0]
+    p_t, _ = _plan(graph, target, params.threshold, params.threshold - 1)  # the issue's attack: t - 1 peers
+    masked = _masked_inputs(adv, graph, cts, target, p_t)
+    assert target not in masked  # T sends nothing: there is nothing of it to unmask
+    assert adv.errors == {
+        target: f"node {target} refuses the secure-aggregation round: node {target}: shares arrived from only 5 "
+        "neighbours; this site masks with at least t = 6"
+    }
+
+
+def test_different_survivor_sets_for_different_holders_fail_the_consistency_check(tmp_path: Path) -> None:
+    """The issue's attack with the t peers T now demands: each holder is shown the survivor set that makes
+    it reveal what the server needs; each signs what it is shown, but no set reaches the quorum."""
+    adv = Adversary(tmp_path, N_SITES)
+    params, adverts, graph, cts = _setup(adv)
+    t, target = params.threshold, adv.ids[0]
+    quorum = consistency_quorum(N_SITES, t)
+    assert quorum == 8
+    p_t = tuple(sorted(graph[target]))[:t]
+    masked = _masked_inputs(adv, graph, cts, target, p_t)
+    assert sorted(masked) == adv.ids and adv.errors == {}
+
+    # 4. consistency check: T and P_T see everyone alive (they would reveal T's seed shares); every other
+    # holder sees as many of P_T dropped as keep it at >= t alive (it would reveal their mask-key shares)
+    views: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     for n in adv.ids:
-        book = (set(p_t) | {target}) if n == target else graph[n] | {n}
-        dropped = told_dropped.get(n, set())
-        req = UnmaskRequest(run_id="77", server_round=1, survivors=tuple(sorted(book - dropped)),
-                            dropped=tuple(sorted(dropped)))  # fmt: skip
-        reply = UnmaskShares.from_config(dict(adv.send(n, req.to_config()).content[K.SECAGG_RECORD]))
-        for owner, raw in zip(reply.seed_owner_ids, reply.seed_shares, strict=True):
-            if owner == target:
-                seed_shares.append(shamir.Share.from_bytes(raw))
-        for owner, raw in zip(reply.key_owner_ids, reply.key_shares, strict=True):
-            key_shares[owner].append(shamir.Share.from_bytes(raw))
-    assert adv.errors == {}  # no honest site noticed anything
+        dropped = () if n in (target, *p_t) else tuple(sorted(graph[n] & set(p_t))[: len(graph[n]) + 1 - t])
+        views[n] = (tuple(sorted(set(adv.ids) - set(dropped))), dropped)
+    signatures: dict[tuple, dict[int, bytes]] = {}
+    for n in adv.ids:
+        req = ConsistencyRequest(run_id="77", server_round=1, survivors=views[n][0], dropped=views[n][1])
+        reply = adv.send(n, req.to_config())
+        if not reply.has_error():
+            signatures.setdefault(views[n], {})[n] = SurvivorSignature.from_config(_record(reply)).signature
+    assert len(signatures) >= 2 and max(len(s) for s in signatures.values()) < quorum  # no set has a quorum
 
-    # The server rebuilds seed_T and every pairwise key of T, and strips T's masks
-    seed = shamir.combine(seed_shares, threshold=t)
+    # 5. unmask: each holder gets its own set with the signatures on it, then with every signature there is
+    revealed: list[UnmaskShares] = []
+    everything = [(nid, sig) for sigs in signatures.values() for nid, sig in sigs.items()]
+    for n in adv.ids:
+        if n not in signatures.get(views[n], {}):
+            continue
+        for relayed in (sorted(signatures[views[n]].items()), everything):
+            req = UnmaskRequest(run_id="77", server_round=1, survivors=views[n][0], dropped=views[n][1],
+                                signer_ids=tuple(i for i, _ in relayed),
+                                signatures=tuple(s for _, s in relayed))  # fmt: skip
+            reply = adv.send(n, req.to_config())
+            if not reply.has_error():
+                revealed.append(UnmaskShares.from_config(_record(reply)))
+    assert revealed == []  # not one share of anything
+    reasons = adv.reasons
+    assert any("valid signatures on the survivor set, below the quorum 8 of 12 nodes" in r for r in reasons)
+    assert any("is not its site's signature of this survivor set" in r for r in reasons)
+    assert _recover(params, adverts, masked, target, seed_shares=[], pairwise={}) is None
+
+
+def test_no_single_survivor_set_lets_the_server_alone_unmask_the_target(tmp_path: Path) -> None:
+    """One consistent (U, D) with T in U and its t peers P_T in D: the honest sites that would reveal T's
+    seed are too few, and the set is below the quorum anyway: nobody signs it."""
+    adv = Adversary(tmp_path, N_SITES)
+    params, adverts, graph, cts = _setup(adv)
+    t, target = params.threshold, adv.ids[0]
+    p_t = tuple(sorted(graph[target]))[:t]
+    masked = _masked_inputs(adv, graph, cts, target, p_t)
+    u_set, d_set = tuple(sorted(set(adv.ids) - set(p_t))), p_t
+    req = ConsistencyRequest(run_id="77", server_round=1, survivors=u_set, dropped=d_set)
+    signed = [n for n in u_set if not adv.send(n, req.to_config()).has_error()]
+    assert signed == []
+    assert all("a survivor set of 6 is below the 8 this site needs" in adv.errors[n] for n in u_set)
+    # Even if they had all signed, T's seed needs t = 6 shares and only T's 2 other neighbours and T are in U
+    assert len((graph[target] | {target}) & set(u_set)) == 3 < t
+    assert _recover(params, adverts, masked, target, seed_shares=[], pairwise={}) is None
+
+
+def _recover(
+    params: RoundParams,
+    adverts: dict[int, KeyAdvert],
+    masked: dict[int, np.ndarray],
+    target: int,
+    *,
+    seed_shares: list[shamir.Share],
+    pairwise: dict[int, bytes],
+    peers: tuple[int, ...] = (),
+) -> np.ndarray | None:
+    """T's update, if the server holds t seed shares of T and the pairwise key with every peer T masked with
+    (``pairwise[v]``: the private mask key of v or of T, as rebuilt or handed over by a colluder)."""
+    if len(seed_shares) < params.threshold or any(v not in pairwise for v in peers) or not peers:
+        return None
+    seed = shamir.combine(seed_shares, threshold=params.threshold)
     y = masked[target].copy()
     masks.apply(y, masks.self_mask(seed, params_digest=params.digest, node_id=target, length=y.size), -1)
-    for v in p_t:
-        c_v = shamir.combine(key_shares[v], threshold=t)
+    for v in peers:
         stream = masks.pairwise_mask(
-            c_v, adverts[target].mask_public_key, params_digest=params.digest, u=target, v=v, length=y.size
+            pairwise[v], adverts[target].mask_public_key, params_digest=params.digest, u=target, v=v, length=y.size
         )
         masks.apply(y, stream, -masks.pairwise_sign(target, v))
-    fp = FixedPoint.for_sum(clip_norm=1.0, max_weight=1.0, max_clients=N_SITES)
-    recovered = fp.decode_sum(y, count=1)
-    assert k == 8 and len(p_t) == t - 1
-    assert np.max(np.abs(recovered - adv.updates[target])) <= fp.resolution  # T's exact update
+    fp = FixedPoint.for_sum(clip_norm=1.0, max_weight=1.0, max_clients=params.max_clients)
+    return fp.decode_sum(y, count=1)
