@@ -67,14 +67,11 @@ def _server_unmasks_target(
                     if len(u_set) < max(q, min_cohort):
                         continue
 
-                    def passes(h: int, u_set: set[int] = u_set, d_set: set[int] = d_set) -> bool:
-                        return (
-                            h in u_set
-                            and book[h] - {h} <= u_set | d_set
-                            and len(book[h] & u_set) >= t
-                        )
-
-                    revealers = {h for h in honest + [target] if passes(h)}
+                    revealers = {
+                        h
+                        for h in [*honest, target]
+                        if h in u_set and book[h] - {h} <= u_set | d_set and len(book[h] & u_set) >= t
+                    }
                     if len(revealers) + len(colluders) < q:
                         continue  # fewer than q signatures on the set: nobody reveals
                     if target_status == "U":

@@ -18,17 +18,25 @@ running the attack that works with that many and failing with one fewer.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from shared import constants as C
+from shared.identity import IDENTITY_KEY_FILE, load_private_key
 from shared.secagg import constants as K
 from shared.secagg import masks, shamir
-from shared.secagg.encoding import FixedPoint
+from shared.secagg.analysis import exposure
 from shared.secagg.client import SecAggClient
+from shared.secagg.crypto import sign, x25519_public
+from shared.secagg.encoding import FixedPoint
+from shared.secagg.errors import SecAggProtocolError
 from shared.secagg.inprocess import make_clients
 from shared.secagg.messages import (
     ConsistencyRequest,
@@ -40,6 +48,7 @@ from shared.secagg.messages import (
     SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
+    survivor_set_payload,
 )
 from shared.secagg.settings import SecAggSettings, consistency_quorum
 from tests.test_secagg_flower import _copy, federation, make_app
@@ -131,8 +140,6 @@ def _plan(
         if assignment is not None:
             return peers, assignment
     raise AssertionError("no plan")
-
-
 
 
 def _record(reply: Message) -> dict[str, Any]:
@@ -267,3 +274,155 @@ def _recover(
         masks.apply(y, stream, -masks.pairwise_sign(target, v))
     fp = FixedPoint.for_sum(clip_norm=1.0, max_weight=1.0, max_clients=params.max_clients)
     return fp.decode_sum(y, count=1)
+
+
+# --- the analysis's numbers against the real clients: the attack works with that many colluders, not fewer ---
+
+
+@dataclass
+class Round:
+    """An honest round up to the masked inputs, with the server's relays chosen by the test."""
+
+    params: RoundParams
+    clients: dict[int, SecAggClient]
+    adverts: dict[int, KeyAdvert]
+    graph: dict[int, frozenset[int]]
+    masked: dict[int, np.ndarray]
+    updates: dict[int, np.ndarray]
+    identity: dict[int, Ed25519PrivateKey]
+
+    @property
+    def ids(self) -> list[int]:
+        return sorted(self.clients)
+
+
+def _round(tmp_path: Path, n: int, peers_of_target: Callable[[dict[int, frozenset[int]]], tuple[int, ...]]) -> Round:
+    ids = list(range(101, 101 + n))
+    clients, _ = make_clients(tmp_path, ids)
+    identity = {
+        nid: load_private_key(tmp_path / "sites" / f"site-{i}" / IDENTITY_KEY_FILE) for i, nid in enumerate(ids)
+    }
+    params = RoundParams.for_round(SecAggSettings(clip_norm=1.0, max_clients=n), run_id="r", server_round=1,
+                                   node_ids=ids)  # fmt: skip
+    adverts = {nid: c.advertise_keys(params) for nid, c in clients.items()}
+    everyone = ShareKeysRequest(run_id="r", server_round=1, adverts=tuple(adverts[v] for v in ids))
+    shares = {nid: clients[nid].share_keys(everyone) for nid in ids}
+    cts = {nid: dict(zip(s.dst_node_ids, s.ciphertexts, strict=True)) for nid, s in shares.items()}
+    graph = params.neighbours(ids, params.advert_digest(adverts.values()))
+    target, p_t = ids[0], peers_of_target(graph)
+    rng = np.random.default_rng(n)
+    updates, masked = {}, {}
+    for nid in ids:
+        u = rng.normal(size=64)
+        updates[nid] = (u / np.linalg.norm(u) * 0.8).astype(np.float32)
+        srcs = sorted(p_t if nid == target else graph[nid])
+        clients[nid].receive_shares(MaskedInputRequest(run_id="r", server_round=1, src_node_ids=tuple(srcs),
+                                                       ciphertexts=tuple(cts[v][nid] for v in srcs)))  # fmt: skip
+        masked[nid] = clients[nid].mask_input(updates[nid])
+    return Round(params, clients, adverts, graph, masked, updates, identity)
+
+
+def _collude_and_unmask(
+    r: Round, views: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]], colluders: list[int]
+) -> tuple[list[shamir.Share], dict[int, list[shamir.Share]], list[str]]:
+    """Each view (U, D) is shown to its honest group; honest clients sign it, colluders sign every view;
+    each honest client gets its view with all signatures on it. Returns T's seed shares, the key shares of
+    every node and the refusals (colluders hand over every share they hold)."""
+    target, refusals = r.ids[0], []
+    seed_shares: list[shamir.Share] = []
+    key_shares: dict[int, list[shamir.Share]] = {v: [] for v in r.ids}
+    for (u_set, d_set), group in views.items():
+        req = ConsistencyRequest(run_id="r", server_round=1, survivors=u_set, dropped=d_set)
+        digest = r.clients[group[0]].state.advert_digest
+        payload = survivor_set_payload(params_digest=r.params.digest, advert_digest=digest, survivors=u_set,
+                                       dropped=d_set)  # fmt: skip
+        sigs = {c: sign(r.identity[c], payload) for c in colluders}
+        for h in group:
+            try:
+                sigs[h] = r.clients[h].sign_survivors(req).signature
+            except SecAggProtocolError as e:
+                refusals.append(str(e))
+        signers = tuple(sorted(sigs))
+        unmask = UnmaskRequest(run_id="r", server_round=1, survivors=u_set, dropped=d_set, signer_ids=signers,
+                               signatures=tuple(sigs[s] for s in signers))  # fmt: skip
+        for h in group:
+            try:
+                reply = r.clients[h].unmask(unmask)
+            except SecAggProtocolError as e:
+                refusals.append(str(e))
+                continue
+            seed_shares += [shamir.Share.from_bytes(b) for o, b in zip(reply.seed_owner_ids, reply.seed_shares,
+                                                                       strict=True) if o == target]  # fmt: skip
+            for o, b in zip(reply.key_owner_ids, reply.key_shares, strict=True):
+                key_shares[o].append(shamir.Share.from_bytes(b))
+    for c in colluders:
+        state = r.clients[c].state
+        held = dict(zip(state.peer_ids, zip(state.peer_seed_shares, state.peer_key_shares, strict=True), strict=True))
+        if target in held:
+            seed_shares.append(shamir.Share.from_bytes(held[target][0]))
+        for o, (_, key) in held.items():
+            key_shares[o].append(shamir.Share.from_bytes(key))
+    return seed_shares, key_shares, refusals
+
+
+def _attack_result(r: Round, p_t: tuple[int, ...], colluders: list[int], seed_shares, key_shares):  # type: ignore[no-untyped-def]
+    """T's update as the server rebuilds it, or None: a colluder's own key, or a dropped peer's rebuilt key."""
+    t = r.params.threshold
+    pairwise = {c: r.clients[c].state.mask_private for c in colluders if c in p_t}
+    for v in set(p_t) - set(colluders):
+        if len(key_shares[v]) >= t:
+            key = shamir.combine(key_shares[v][:t], threshold=t)
+            if x25519_public(key) == r.adverts[v].mask_public_key:
+                pairwise[v] = key
+    target = r.ids[0]
+    return _recover(r.params, r.adverts, r.masked, target, seed_shares=seed_shares[:t] if len(seed_shares) >= t
+                    else seed_shares, pairwise=pairwise, peers=p_t)  # fmt: skip
+
+
+@pytest.mark.parametrize("num_colluders", [2, 1])
+def test_at_n6_two_colluders_and_two_survivor_sets_unmask_a_site_one_cannot(tmp_path: Path, num_colluders: int) -> None:
+    """The table's 2 at n = 6 (complete graph, t = q = 4): the quorum path, exactly as the analysis builds it."""
+    assert exposure(6).server_with_sites == 2
+    r = _round(tmp_path, 6, lambda g: tuple(sorted(g[101])))
+    target, colluders = r.ids[0], r.ids[1 : 1 + num_colluders]
+    honest = [h for h in r.ids[1:] if h not in colluders]
+    group_a, group_b = [target, honest[0]], honest[1:]  # A: T and one peer; B: the other honest peers
+    view_a = (tuple(sorted(set(r.ids) - set(group_b))), tuple(sorted(group_b)))  # B's members "dropped"
+    view_b = (tuple(sorted(set(r.ids) - {honest[0]})), (honest[0],))  # A's peer "dropped"
+    seeds, keys, refusals = _collude_and_unmask(r, {view_a: group_a, view_b: group_b}, colluders)
+    recovered = _attack_result(r, tuple(sorted(r.graph[target])), colluders, seeds, keys)
+    if num_colluders == 2:
+        assert refusals == []
+        assert recovered is not None and np.max(np.abs(recovered - r.updates[target])) <= 2.0**-20
+    else:
+        assert recovered is None
+        # T's group cannot gather 4 signatures (nor even a set of 4 survivors): it refuses to sign and reveal
+        assert any(f"node {target}: a survivor set of 3 is below the 4 this site needs" in e for e in refusals)
+        assert any(f"node {target}: " in e and "stage out of order" in e for e in refusals)
+
+
+@pytest.mark.parametrize("num_colluders", [4, 3])
+def test_at_n12_four_colluders_around_a_site_unmask_it_three_cannot(tmp_path: Path, num_colluders: int) -> None:
+    """The table's 4 at n = 12 (k = 8, t = 6, q = 8): one survivor set for all, colluders next to T."""
+    assert exposure(12).server_with_sites == 4
+    t = 6
+    chosen: dict[str, tuple[int, ...]] = {}
+
+    def peers(g: dict[int, frozenset[int]]) -> tuple[int, ...]:  # c colluders and t - c honest peers of T
+        ring = sorted(g[101])
+        chosen["colluders"] = tuple(ring[:num_colluders])
+        return tuple(ring[:t])
+
+    r = _round(tmp_path, 12, peers)
+    target, colluders = r.ids[0], list(chosen["colluders"])
+    p_t = tuple(sorted(r.graph[target]))[:t]
+    dropped = tuple(sorted(set(p_t) - set(colluders)))  # T's honest peers "dropped"
+    view = (tuple(sorted(set(r.ids) - set(dropped))), dropped)
+    honest = [h for h in view[0] if h not in colluders]
+    seeds, keys, refusals = _collude_and_unmask(r, {view: honest}, colluders)
+    assert any(f"node {target}: only {num_colluders + 1} of its neighbourhood survived" in e for e in refusals)
+    recovered = _attack_result(r, p_t, colluders, seeds, keys)
+    if num_colluders == 4:
+        assert recovered is not None and np.max(np.abs(recovered - r.updates[target])) <= 2.0**-20
+    else:
+        assert recovered is None and len(seeds) == t - 1  # T's other 2 neighbours and the 3 colluders

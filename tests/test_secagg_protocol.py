@@ -10,9 +10,7 @@ import pytest
 from scipy import stats
 
 from shared.secagg import constants as K
-from shared.secagg import graph
 from shared.secagg.client import PHASE_MASKED, SecAggClient
-from shared.secagg.crypto import bind
 from shared.secagg.errors import SecAggAbort, SecAggMessageError, SecAggProtocolError
 from shared.secagg.inprocess import make_clients, run_round
 from shared.secagg.messages import (
@@ -50,11 +48,6 @@ def setup_round(
     s = SecAggSettings(clip_norm=1.0, max_clients=100, **settings)  # type: ignore[arg-type]
     params = RoundParams.for_round(s, run_id=run_id, server_round=server_round, node_ids=ids)
     return SecAggServer(params, roster=roster), clients, updates_for(ids)
-
-
-def ring_of(server: SecAggServer) -> list[int]:
-    """The ring order of the round's graph (known once the adverts are in: it is seeded by their digest)."""
-    return graph.ring_order(sorted(server._adverts), seed=bind(K.DOMAIN, K.LABEL_GRAPH, server._advert_digest))
 
 
 def plain_sum(updates: dict[int, np.ndarray], nodes: tuple[int, ...]) -> np.ndarray:
@@ -163,7 +156,7 @@ def test_a_quarter_dropping_in_a_sparse_graph_still_sums_right(tmp_path: Path, s
     server, clients, updates = setup_round(tmp_path, 24, degree=8, threshold=6)  # m = 9, q = 16
 
     def every_fourth(s: SecAggServer) -> set[int]:  # each neighbourhood of 9 ring neighbours loses <= 3
-        return set(ring_of(s)[::4]) if s._advert_digest else set(sorted(updates)[::4])
+        return set(s.ring()[::4]) if s.advert_digest else set(sorted(updates)[::4])
 
     run_round(server, clients, updates.__getitem__, drop={stage: every_fourth})
     assert_sum_ok(server, updates)
@@ -213,8 +206,8 @@ def test_too_few_keys_advertised_abort_the_round(tmp_path: Path) -> None:
 def test_one_thin_neighbourhood_aborts_the_round_even_if_most_survive(tmp_path: Path) -> None:
     server, clients, updates = setup_round(tmp_path, 24, degree=8, threshold=6)
     with pytest.raises(SecAggAbort, match="neighbourhood has 5 survivors, below threshold 6"):
-        run_round(server, clients, updates.__getitem__, drop={K.STAGE_MASKED_INPUT: lambda s: set(ring_of(s)[:4])})
-    ring = ring_of(server)
+        run_round(server, clients, updates.__getitem__, drop={K.STAGE_MASKED_INPUT: lambda s: set(s.ring()[:4])})
+    ring = server.ring()
     assert all(clients[n].state.phase == PHASE_MASKED for n in ring[4:])  # nobody was asked to sign or unmask
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from shared.secagg import constants as K
 from shared.secagg.crypto import bind, sha256
 from shared.secagg.errors import SecAggMessageError
-from shared.secagg.graph import GraphError, effective_degree, neighbours
+from shared.secagg.graph import GraphError, effective_degree, neighbours, ring_order
 from shared.secagg.settings import SecAggSettings, check_threshold
 
 Config = dict[str, Any]
@@ -193,7 +193,15 @@ class RoundParams:
         advert set is that small), ring order seeded by the advert-set digest."""
         ids = sorted(advert_node_ids)
         degree = effective_degree(len(ids), self.degree)
-        return neighbours(ids, degree=degree, seed=bind(K.DOMAIN, K.LABEL_GRAPH, advert_digest))
+        return neighbours(ids, degree=degree, seed=self.graph_seed(advert_digest))
+
+    def ring(self, advert_node_ids: Iterable[int], advert_digest: bytes) -> list[int]:
+        """The nodes in the ring order of :meth:`neighbours` (each is joined to the ``degree/2`` on each side)."""
+        return ring_order(sorted(advert_node_ids), seed=self.graph_seed(advert_digest))
+
+    @staticmethod
+    def graph_seed(advert_digest: bytes) -> bytes:
+        return bind(K.DOMAIN, K.LABEL_GRAPH, advert_digest)
 
     def share_x(self, node_id: int) -> int:
         """The Shamir x-coordinate of ``node_id``'s shares: its 1-based position among the sampled nodes."""

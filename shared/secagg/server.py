@@ -175,6 +175,17 @@ class SecAggServer:
                 return str(e)
         return None
 
+    @property
+    def advert_digest(self) -> bytes:
+        """The digest of the round's advert set (empty before the adverts are in)."""
+        return self._advert_digest
+
+    def ring(self) -> list[int]:
+        """The ring order of the round's neighbour graph (after the adverts: it is seeded by their digest)."""
+        if not self._advert_digest:
+            raise SecAggProtocolError("the neighbour graph is only known once the adverts are in")
+        return self.params.ring(self._adverts, self._advert_digest)
+
     def site_ids(self) -> dict[int, str]:
         """Node id -> the site id it advertised (signed)."""
         return {nid: a.site_id for nid, a in self._adverts.items()}
