@@ -14,7 +14,7 @@ import itertools
 
 import pytest
 
-from shared.secagg.analysis import consistent_path, exposure, threat_rows
+from shared.secagg.analysis import consistent_path, exposure, threat_rows, weakest_round
 from shared.secagg.graph import neighbours
 from shared.secagg.settings import consistency_quorum
 
@@ -105,11 +105,21 @@ def _fewest_colluders(graph: dict[int, frozenset[int]], target: int, t: int) -> 
 
 @pytest.mark.parametrize(
     ("n", "degree", "threshold"),
-    [(5, 4, 4), (6, 5, 4), (7, 6, 5), (8, 4, 4)],  # complete graphs with the default t; a sparse ring
+    [(3, 2, 2), (4, 3, 3), (5, 4, 4), (6, 5, 4), (7, 6, 5), (8, 4, 4)],  # complete graphs, default t; a ring
 )
 def test_the_consistent_path_formula_matches_an_exhaustive_search(n: int, degree: int, threshold: int) -> None:
     graph = neighbours(list(range(1, n + 1)), degree=degree, seed=b"any ring")
-    assert _fewest_colluders(graph, 1, threshold) == consistent_path(degree + 1, threshold)
+    assert _fewest_colluders(graph, 1, threshold) == consistent_path(n, degree + 1, threshold)
+
+
+def test_the_weakest_round_a_site_accepts_is_set_by_its_minimum_cohort() -> None:
+    """The server picks how many sites it samples: the default cohort of 3 admits rounds where 2 colluders
+    suffice (at n = 3 that is also what 2 sites alone learn from the sum); 10 lifts it to 4, 16 to 6."""
+    assert [(w.server_with_sites, w.n, w.exact) for w in (weakest_round(min_cohort=c) for c in (3, 10, 16))] == [
+        (2, 3, True),
+        (4, 12, True),
+        (6, 16, True),
+    ]
 
 
 @pytest.mark.parametrize("n", [4, 5, 6, 7, 8, 9])

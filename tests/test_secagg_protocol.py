@@ -153,7 +153,7 @@ def test_one_dropout_more_than_the_tolerance_aborts(tmp_path: Path, stage: str) 
 
 @pytest.mark.parametrize("stage", K.STAGES)
 def test_a_quarter_dropping_in_a_sparse_graph_still_sums_right(tmp_path: Path, stage: str) -> None:
-    server, clients, updates = setup_round(tmp_path, 24, degree=8, threshold=6)  # m = 9, q = 16
+    server, clients, updates = setup_round(tmp_path, 16)  # k = 8, m = 9, t = 6, q = 11
 
     def every_fourth(s: SecAggServer) -> set[int]:  # each neighbourhood of 9 ring neighbours loses <= 3
         return set(s.ring()[::4]) if s.advert_digest else set(sorted(updates)[::4])
@@ -161,7 +161,7 @@ def test_a_quarter_dropping_in_a_sparse_graph_still_sums_right(tmp_path: Path, s
     run_round(server, clients, updates.__getitem__, drop={stage: every_fourth})
     assert_sum_ok(server, updates)
     late = stage in (K.STAGE_CONSISTENCY_CHECK, K.STAGE_UNMASK)
-    assert len(server.result().survivors) == (24 if late else 18)
+    assert len(server.result().survivors) == (16 if late else 12)
 
 
 def test_a_declining_client_counts_as_dropped_and_is_reported_declined(tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_too_few_keys_advertised_abort_the_round(tmp_path: Path) -> None:
 
 
 def test_one_thin_neighbourhood_aborts_the_round_even_if_most_survive(tmp_path: Path) -> None:
-    server, clients, updates = setup_round(tmp_path, 24, degree=8, threshold=6)
+    server, clients, updates = setup_round(tmp_path, 16)  # k = 8, t = 6
     with pytest.raises(SecAggAbort, match="neighbourhood has 5 survivors, below threshold 6"):
         run_round(server, clients, updates.__getitem__, drop={K.STAGE_MASKED_INPUT: lambda s: set(s.ring()[:4])})
     ring = server.ring()
@@ -349,7 +349,7 @@ def test_a_client_signs_only_one_survivor_set_per_round(tmp_path: Path) -> None:
 
 
 def test_a_client_refuses_to_sign_a_neighbourhood_below_threshold(tmp_path: Path) -> None:
-    server, clients, ids = _advance_to_masked(tmp_path, 12, degree=8)  # m = 9, t = 6, quorum 8
+    server, clients, ids = _advance_to_masked(tmp_path, 12)  # k = 8, m = 9, t = 6, quorum 8
     me = ids[0]
     gone = tuple(sorted(clients[me].state.peer_ids[:4]))
     lying = ConsistencyRequest(run_id="run-a", server_round=1, survivors=tuple(sorted(set(ids) - set(gone))),
@@ -431,6 +431,13 @@ def test_a_client_refuses_a_threshold_below_its_floor(tmp_path: Path) -> None:
     params = _params(10, threshold=5)  # m = 9: 2t > m holds, but t < ceil(2m/3) = 6
     clients, _ = make_clients(tmp_path, params.node_ids)
     with pytest.raises(SecAggProtocolError, match="threshold t = 5 is below this site's floor 6"):
+        clients[params.node_ids[0]].advertise_keys(params)
+
+
+def test_a_client_refuses_a_degree_below_secagg_plus_s(tmp_path: Path) -> None:
+    params = _params(16, degree=4, threshold=4)  # m = 5, t = ceil(10/3): the threshold floor holds
+    clients, _ = make_clients(tmp_path, params.node_ids)
+    with pytest.raises(SecAggProtocolError, match="degree 4 is below 8, the least this site accepts for a round of 16"):
         clients[params.node_ids[0]].advertise_keys(params)
 
 

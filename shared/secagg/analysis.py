@@ -25,9 +25,13 @@ Two ways remain, for a neighbourhood of ``m = k + 1`` holders and threshold ``t`
   In a sparse graph ``2q - n`` is only a lower bound for this path.
 
 The fewest colluders with the server is the smaller of the two (exact whenever the consistent path is the
-smaller or the graph is complete; otherwise a lower bound). The table assumes the colluders sit in T's
-neighbourhood: the graph is seeded by the advert set, which the server alone cannot choose, but a colluding
-site can grind its own advert (it may advertise last), so worst-case placement is the honest assumption.
+smaller or the complete-graph construction meets the bound; otherwise a lower bound). Both must keep a
+survivor set of ``max(q, min cohort)``, which only binds in rounds of a handful of sites. The server also
+chooses how many sites it samples (and may raise, never lower, the degree and threshold): what a site is
+protected by is the weakest round shape it accepts (:func:`weakest_round`), governed by its minimum cohort.
+The numbers assume the colluders sit in T's neighbourhood: the graph is seeded by the advert set, which the
+server alone cannot choose, but a colluding site can grind its own advert (it may advertise last), so
+worst-case placement is the honest assumption.
 
 Sites alone (the server honest) see no masked vector of anyone; they see the released sum of U, so ``c``
 of them learn the rest's sum, one site's update once ``|U| - 1 <= c``: at least ``max(q, min cohort) - 1``.
@@ -51,9 +55,9 @@ class RoundExposure:
     threshold: int  # t
     quorum: int  # q
     consistent_path: int  # colluders in T's neighbourhood that let the server unmask T with one (U, D)
-    quorum_path: int  # colluders needed to show two different survivor sets with a quorum each
+    quorum_path: int  # at least this many colluders to show two different survivor sets with a quorum each
     server_with_sites: int  # the fewest colluding sites with which the server learns one site's update
-    exact: bool  # False: server_with_sites is a lower bound (sparse graph, quorum path the smaller)
+    exact: bool  # False: server_with_sites is only a lower bound
     sites_alone: int  # the fewest colluding sites that learn one site's update without the server
 
     @property
@@ -61,10 +65,33 @@ class RoundExposure:
         return self.degree + 1
 
 
-def consistent_path(closed_neighbourhood: int, threshold: int) -> int:
-    """``min(2t - m + 1, t - 1)``: colluders the server needs in T's neighbourhood with one survivor set."""
+def consistent_path(n: int, closed_neighbourhood: int, threshold: int, *, min_cohort: int = DEFAULT_MIN_COHORT) -> int:
+    """Colluders the server needs in T's neighbourhood with one survivor set for everybody.
+
+    ``min(2t - m + 1, t - 1)``, and at least ``t + max(q, min cohort) - n``: the ``t - c`` honest peers of T
+    are declared dropped, and the survivor set must keep ``max(q, min cohort)`` members.
+    """
     m, t = closed_neighbourhood, threshold
-    return min(2 * t - m + 1, t - 1)
+    floor = t + max(consistency_quorum(n, t), min_cohort) - n
+    return min(max(2 * t - m + 1, floor), max(t - 1, floor))
+
+
+def quorum_construction(n: int, threshold: int, *, min_cohort: int = DEFAULT_MIN_COHORT) -> int:
+    """Colluders with which the two-survivor-set attack works in a complete graph (see the module docstring).
+
+    Honest clients split into T's group (size ``a``) and another (size ``b``); each group's set drops the
+    other group's members (T's peer in the first group for the second set); each set needs ``q`` signers
+    (``a + c``, ``b + c``) and ``max(q, min cohort)`` survivors (``n - b``, ``n - a + 1``).
+    """
+    t = threshold
+    q = consistency_quorum(n, t)
+    need = max(q, min_cohort)
+    for c in range(n):
+        for a in range(1, n - c):
+            b = n - c - a
+            if b >= 1 and a + c >= q and b + c >= q and n - b >= need and n - a + 1 >= need:
+                return c
+    return n - 1
 
 
 def exposure(
@@ -76,18 +103,20 @@ def exposure(
     k = effective_degree(n, degree if degree is not None else default_degree(n))
     t = threshold if threshold is not None else default_threshold(k + 1)
     q = consistency_quorum(n, t)
-    cons = consistent_path(k + 1, t)
-    quorum = max(0, 2 * q - n)
-    complete = k == n - 1
+    cons = consistent_path(n, k + 1, t, min_cohort=min_cohort)
+    # pigeonhole: two sets that both gather q signatures; none if every set must hold every site
+    lower = max(0, 2 * q - n) if max(q, min_cohort) < n else cons
+    achievable = min(cons, quorum_construction(n, t, min_cohort=min_cohort)) if k == n - 1 else cons
+    fewest = min(cons, lower)
     return RoundExposure(
         n=n,
         degree=k,
         threshold=t,
         quorum=q,
         consistent_path=cons,
-        quorum_path=quorum,
-        server_with_sites=min(cons, quorum),
-        exact=complete or cons <= quorum,
+        quorum_path=lower,
+        server_with_sites=fewest,
+        exact=fewest == achievable,
         sites_alone=max(q, min_cohort) - 1,
     )
 
@@ -95,3 +124,11 @@ def exposure(
 def threat_rows(ns: tuple[int, ...] = (6, 9, 10, 12, 16, 40, 64, 100)) -> list[RoundExposure]:
     """The rows of the documented threat table (default degree, threshold and minimum cohort)."""
     return [exposure(n) for n in ns]
+
+
+def weakest_round(*, min_cohort: int = DEFAULT_MIN_COHORT, max_n: int = 1000) -> RoundExposure:
+    """The round shape (the server picks how many sites it samples) that needs the fewest colluders, among
+    those a site accepts: at least ``min_cohort`` sites, degree and threshold at least the defaults (larger
+    ones only need more colluders)."""
+    rounds = [exposure(n, min_cohort=min_cohort) for n in range(max(3, min_cohort), max_n + 1)]
+    return min(rounds, key=lambda r: (r.server_with_sites, r.n))

@@ -4,7 +4,8 @@ One round, five stages (each a method); the state between them is a :class:`Clie
 to and from a flat dict, so a Flower mod can keep it in ``context.state``:
 
 1. ``advertise_keys(params)``: the parameters are checked against the site's own :class:`ClientPolicy`
-   (threshold floor ``t >= ceil(f * (k + 1))``, minimum cohort); fresh X25519 pairs (mask key ``c``,
+   (threshold floor ``t >= ceil(f * (k + 1))``, minimum cohort) and a degree floor (SecAgg+'s
+   ``2 * ceil(log2 n)``: the server may raise the degree, not lower it); fresh X25519 pairs (mask key ``c``,
    share-encryption key ``s``) and a fresh self-mask seed; the public keys and a commitment to the seed are
    signed with the site identity key, over the digest of the round parameters (run id, round, ...).
 2. ``share_keys(request)``: the server relays EVERY advert of the round; each is checked against the roster
@@ -52,6 +53,7 @@ from shared.secagg.crypto import (
 )
 from shared.secagg.encoding import NORM_TOLERANCE, EncodingError, FixedPoint
 from shared.secagg.errors import SecAggMessageError, SecAggProtocolError
+from shared.secagg.graph import effective_degree
 from shared.secagg.messages import (
     ConsistencyRequest,
     EncryptedShares,
@@ -64,7 +66,7 @@ from shared.secagg.messages import (
     UnmaskShares,
     survivor_set_payload,
 )
-from shared.secagg.settings import ClientPolicy, consistency_quorum, threshold_floor
+from shared.secagg.settings import ClientPolicy, consistency_quorum, default_degree, threshold_floor
 
 PHASE_ADVERTISED = "advertised"
 PHASE_SHARED = "shared"
@@ -230,6 +232,12 @@ class SecAggClient:
         """Fresh round keys and seed, signed over the round parameters."""
         if self.node_id not in params.node_ids:
             raise SecAggProtocolError(f"node {self.node_id} is not among the round's sampled nodes")
+        least_degree = effective_degree(len(params.node_ids), default_degree(len(params.node_ids)))
+        if params.degree < least_degree:
+            raise SecAggProtocolError(
+                f"node {self.node_id}: degree {params.degree} is below {least_degree}, the least this site accepts "
+                f"for a round of {len(params.node_ids)} (2 * ceil(log2 n): fewer neighbours, fewer colluders needed)"
+            )
         floor = threshold_floor(params.degree + 1, self.policy.threshold_fraction)
         if params.threshold < floor:
             raise SecAggProtocolError(
