@@ -8,7 +8,11 @@ as dropped for the masks, and reported as declined). The protocol state between 
 ``context.state``; the site's identity key and roster are read from its own files, never from the server.
 
 Any protocol violation (a key not signed by the roster's site, a replay, a stage out of order, an update
-over the clip bound) is answered with an error reply: the site refuses the round and reveals nothing more.
+over the clip bound, a survivor set without a quorum of signatures) is answered with an error reply: the site
+refuses the round and reveals nothing more. The site's own limits come from its node config
+(``secagg-min-cohort``, ``secagg-threshold-fraction``); the round is bound to the Flower run (the parameters'
+run id must be this run's id) and to the train config's round (the masked-input stage's ``server-round``
+must be the round whose keys it set up).
 
 Messages without a ``secagg`` record pass through untouched (plain aggregation), unless the node config sets
 ``require-secagg = true``: then a train message without secure aggregation is refused.
@@ -29,8 +33,9 @@ from shared.identity import IdentityError, load_private_key, load_site_roster
 from shared.secagg import constants as K
 from shared.secagg.client import ClientRoundState, SecAggClient
 from shared.secagg.encoding import EncodingError
-from shared.secagg.errors import SecAggError
+from shared.secagg.errors import SecAggError, SecAggProtocolError
 from shared.secagg.messages import (
+    ConsistencyRequest,
     MaskedInputRequest,
     RoundParams,
     ShareKeysRequest,
@@ -38,6 +43,7 @@ from shared.secagg.messages import (
     masked_input_reply_config,
     stage_of,
 )
+from shared.secagg.settings import ClientPolicy
 from shared.site import Site, SiteConfigError
 
 logger = logging.getLogger("privatune.secagg")
@@ -75,6 +81,7 @@ def _load_client(context: Context, site: Site) -> SecAggClient:
         identity_key=load_private_key(site.identity_key_path),
         roster=load_site_roster(site),
         state=ClientRoundState.from_config(dict(stored)) if stored is not None else None,
+        policy=ClientPolicy(min_cohort=site.secagg_min_cohort, threshold_fraction=site.secagg_threshold_fraction),
     )
 
 
@@ -87,7 +94,31 @@ def _reply(msg: Message, cfg: dict[str, Any]) -> Message:
     return Message(RecordDict({K.SECAGG_RECORD: ConfigRecord(cfg)}), reply_to=msg)
 
 
+def _advertise(context: Context, client: SecAggClient, cfg: dict[str, Any]) -> dict[str, Any]:
+    params = RoundParams.from_config(cfg)
+    if params.run_id != str(context.run_id):
+        raise SecAggProtocolError(
+            f"the round's run id {params.run_id!r} is not this Flower run's id {str(context.run_id)!r}"
+        )
+    return client.advertise_keys(params).to_config()
+
+
+def _train_round(msg: Message) -> int:
+    """The server round the train config names (the masked-input stage must carry the round it set up)."""
+    record = msg.content.config_records.get(C.TRAIN_CONFIG_RECORD)
+    value = None if record is None else record.get(C.KEY_SERVER_ROUND)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SecAggProtocolError(f"the masked-input stage's train config has no integer {C.KEY_SERVER_ROUND!r}")
+    return value
+
+
 def _masked_input(msg: Message, context: Context, call_next: ClientAppCallable, client: SecAggClient) -> Message:
+    train_round = _train_round(msg)
+    if client.state is not None and train_round != client.state.params.server_round:
+        raise SecAggProtocolError(
+            f"the train config's round {train_round} is not the secure-aggregation round "
+            f"{client.state.params.server_round} whose keys this site set up"
+        )
     client.receive_shares(MaskedInputRequest.from_config(dict(msg.content.config_records[K.SECAGG_RECORD])))
     _save(context, client)  # the shares are kept even if training fails: the server may still ask for them
     del msg.content[K.SECAGG_RECORD]
@@ -130,11 +161,13 @@ def make_secagg_mod(site_loader: SiteLoader = _default_site) -> Mod:
             stage = stage_of(cfg)
             client = _load_client(context, site_loader(context))
             if stage == K.STAGE_ADVERTISE_KEYS:
-                reply = _reply(msg, client.advertise_keys(RoundParams.from_config(cfg)).to_config())
+                reply = _reply(msg, _advertise(context, client, cfg))
             elif stage == K.STAGE_SHARE_KEYS:
                 reply = _reply(msg, client.share_keys(ShareKeysRequest.from_config(cfg)).to_config())
             elif stage == K.STAGE_MASKED_INPUT:
                 reply = _masked_input(msg, context, call_next, client)
+            elif stage == K.STAGE_CONSISTENCY_CHECK:
+                reply = _reply(msg, client.sign_survivors(ConsistencyRequest.from_config(cfg)).to_config())
             else:
                 reply = _reply(msg, client.unmask(UnmaskRequest.from_config(cfg)).to_config())
             _save(context, client)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import BUILTIN_DATA, RunConfig
-from shared.secagg.constants import NODE_REQUIRE_SECAGG
+from shared.secagg.constants import NODE_MIN_COHORT, NODE_REQUIRE_SECAGG, NODE_THRESHOLD_FRACTION
 from shared.site import (
     NODE_DATA_PATH,
     NODE_DELTA,
@@ -52,6 +52,8 @@ DEPLOYED_NODE_KEYS = frozenset(
         NODE_ROSTER,
         NODE_REQUIRE_SECAGG,
         NODE_ALLOW_REPRODUCIBLE_NOISE,
+        NODE_MIN_COHORT,
+        NODE_THRESHOLD_FRACTION,
     }
 )
 

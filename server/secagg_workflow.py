@@ -1,8 +1,9 @@
 """Secure aggregation on the Message API: the server side of one SecAgg+ round, over a Flower ``Grid``.
 
-Four exchanges of "train" messages, each carrying a ``ConfigRecord`` under ``secagg`` (see
+Five exchanges of "train" messages, each carrying a ``ConfigRecord`` under ``secagg`` (see
 ``shared/secagg/constants.py``): advertise-keys, share-keys, masked-input (which also carries the usual train
-content, so the client's mod runs local training inside it) and unmask. Each exchange has a timeout; a node
+content, so the client's mod runs local training inside it), consistency-check (the survivors sign the
+survivor set) and unmask. Each exchange has a timeout; a node
 that does not answer in time, answers with an error, or answers with a malformed record is dropped from the
 round. The protocol logic is :class:`shared.secagg.server.SecAggServer`; this module only moves records, and
 hands each masked vector straight to it (the server never sees one client's unmasked update).
@@ -27,6 +28,7 @@ from shared.secagg.messages import (
     EncryptedShares,
     KeyAdvert,
     RoundParams,
+    SurvivorSignature,
     UnmaskShares,
     masked_input_reply_node,
 )
@@ -150,7 +152,15 @@ def aggregate_secure(
         for nid, reply in sorted(replies.items()):
             _collect_masked_input(server, result, nid, reply, dim=settings.dim)
 
-        # 4. unmask
+        # 4. consistency check: every survivor signs the one survivor set the server will unmask
+        requests = {n: _config_content(r.to_config()) for n, r in server.consistency_requests().items()}
+        replies = _exchange(grid, requests, server_round=server_round, timeout=quick, stage=K.STAGE_CONSISTENCY_CHECK)
+        server.receive_signatures(
+            _parse(_stage_records(replies, K.STAGE_CONSISTENCY_CHECK), SurvivorSignature.from_config,
+                   K.STAGE_CONSISTENCY_CHECK)
+        )  # fmt: skip
+
+        # 5. unmask: the signed set and the signatures; each client checks the quorum before revealing
         requests = {n: _config_content(r.to_config()) for n, r in server.unmask_requests().items()}
         replies = _exchange(grid, requests, server_round=server_round, timeout=quick, stage=K.STAGE_UNMASK)
         server.receive_unmask_shares(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, site_id_for_partition
+from shared.secagg.constants import NODE_MIN_COHORT, NODE_THRESHOLD_FRACTION
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 
@@ -37,7 +38,7 @@ class SiteConfigError(ValueError):
 
 
 SITE_SETTINGS_FILE = "site.toml"
-SIMULATED_SITE_KEYS = (NODE_DEVICE, NODE_MAX_EPSILON, NODE_DELTA)
+SIMULATED_SITE_KEYS = (NODE_DEVICE, NODE_MAX_EPSILON, NODE_DELTA, NODE_MIN_COHORT, NODE_THRESHOLD_FRACTION)
 
 
 def read_site_settings(site_dir: Path) -> dict[str, Any]:
@@ -88,6 +89,8 @@ class Site:
     device: str
     max_epsilon: float  # inf: no site budget
     delta: float | None  # None: the run's delta
+    secagg_min_cohort: int = 3  # fewest distinct roster sites in a secure round (secagg-min-cohort)
+    secagg_threshold_fraction: float = 2 / 3  # t >= ceil(f * (k + 1)) (secagg-threshold-fraction)
 
     @property
     def simulated(self) -> bool:
@@ -101,6 +104,22 @@ def _float(node_config: Mapping[str, Any], key: str, default: float | None) -> f
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SiteConfigError(f"node config {key!r} must be a number, got {value!r}")
     return float(value)
+
+
+def _secagg_limits(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The site's own secure-aggregation limits (``secagg-min-cohort``, ``secagg-threshold-fraction``)."""
+    out: dict[str, Any] = {}
+    if NODE_MIN_COHORT in settings:
+        value = settings[NODE_MIN_COHORT]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise SiteConfigError(f"{where} {NODE_MIN_COHORT!r} must be an int >= 2, got {value!r}")
+        out["secagg_min_cohort"] = value
+    if NODE_THRESHOLD_FRACTION in settings:
+        value = settings[NODE_THRESHOLD_FRACTION]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 2 / 3 - 1e-9 <= value <= 1:
+            raise SiteConfigError(f"{where} {NODE_THRESHOLD_FRACTION!r} must be a number in [2/3, 1], got {value!r}")
+        out["secagg_threshold_fraction"] = float(value)
+    return out
 
 
 def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> Site:
@@ -133,6 +152,7 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
             device=device,
             max_epsilon=max_epsilon,
             delta=delta,
+            **_secagg_limits(node_config, "node config"),
         )
 
     if NODE_PARTITION_ID not in node_config:
@@ -167,6 +187,7 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
         device=device,
         max_epsilon=max_epsilon,
         delta=delta,
+        **_secagg_limits({**node_config, **own}, str(site_dir / SITE_SETTINGS_FILE) if own else "node config"),
     )
 
 

@@ -2,9 +2,10 @@
 
     python simulations/benchmark_secagg.py --dim 1000000 --n 10 50 100 --dropout 0 0.3
 
-For each (n, dropout) one round runs with the default degree and threshold. Dropped clients leave after the
-share-keys stage (they never send their masked input): the costliest case for the server, which must rebuild
-their mask keys and regenerate every pairwise mask they shared with a survivor. They are spread evenly over
+For each (n, dropout) one round runs with the default degree and threshold (all five stages, the consistency
+check included). Dropped clients leave after the share-keys stage (they never send their masked input): the
+costliest case for the server, which must rebuild their mask keys and regenerate every pairwise mask they
+shared with a survivor. They are spread evenly over
 the ring so that no neighbourhood falls below the threshold; the abort probability under *random* dropouts
 is estimated separately (graph only, no crypto) and printed in a second table.
 
@@ -27,11 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.secagg import constants as K  # noqa: E402
-from shared.secagg.graph import neighbours, ring_order  # noqa: E402
+from shared.secagg.graph import neighbours  # noqa: E402
 from shared.secagg.inprocess import ARRAY_HEADER_BYTES, Meter, make_clients, run_round  # noqa: E402
 from shared.secagg.messages import RoundParams  # noqa: E402
 from shared.secagg.server import SecAggServer  # noqa: E402
-from shared.secagg.settings import SecAggSettings  # noqa: E402
+from shared.secagg.settings import SecAggSettings, consistency_quorum  # noqa: E402
 
 
 def update_for(nid: int, dim: int, clip: float) -> np.ndarray:
@@ -52,14 +53,20 @@ def bench(n: int, dropout: float, *, dim: int, clip: float, sim_dir: Path) -> di
     settings = SecAggSettings(clip_norm=clip, max_clients=max(n, 2))
     params = RoundParams.for_round(settings, run_id="bench", server_round=1, node_ids=ids)
     server = SecAggServer(params, roster=roster)
-    dropped = spread(ring_order(ids, seed=params.graph_seed), dropout)
+
+    dropped: set[int] = set()
+
+    def leaving(s: SecAggServer) -> set[int]:  # the ring is seeded by the advert set: known after stage 1
+        dropped.update(spread(s.ring(), dropout))
+        return dropped
+
     meter = Meter()
     started = time.perf_counter()
     run_round(
         server,
         clients,
         lambda nid: update_for(nid, dim, clip),
-        drop={K.STAGE_MASKED_INPUT: dropped},
+        drop={K.STAGE_MASKED_INPUT: leaving},
         meter=meter,
     )
     wall = time.perf_counter() - started
@@ -96,17 +103,19 @@ def bench(n: int, dropout: float, *, dim: int, clip: float, sim_dir: Path) -> di
     }
 
 
-def abort_probability(n: int, dropout: float, *, trials: int, threshold: int | None = None, seed: int = 0) -> float:
-    """Chance that independent dropouts (each client with probability ``dropout``, after share-keys) abort."""
-    s = SecAggSettings(clip_norm=1.0, max_clients=max(n, 2), threshold=threshold)
+def abort_probability(n: int, dropout: float, *, trials: int, degree: int | None = None, seed: int = 0) -> float:
+    """Chance that independent dropouts (each client with probability ``dropout``, after share-keys) abort:
+    fewer than ``max(2, t, q)`` survivors, or a neighbourhood below the threshold."""
+    s = SecAggSettings(clip_norm=1.0, max_clients=max(n, 2), degree=degree)
     ids = list(range(1, n + 1))
     k, t = s.degree_for(n), s.threshold_for(n)
+    q = consistency_quorum(n, t)
     graph = neighbours(ids, degree=k, seed=b"abort-estimate")
     rng = np.random.default_rng(seed)
     aborts = 0
     for _ in range(trials):
         alive = {i for i in ids if rng.random() >= dropout}
-        ok = len(alive) >= max(2, t)
+        ok = len(alive) >= max(2, t, q)
         ok = ok and all(len(graph[u] & alive) + 1 >= t for u in alive)
         ok = ok and all(len(graph[v] & alive) >= t for v in set(ids) - alive)
         aborts += not ok
@@ -140,15 +149,19 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['max_error']:.2e} | {r['resolution']:.2e} |",
                 flush=True,
             )
-    print("\nAbort probability with independent random dropouts (default k, t; estimated on the graph alone):\n")
-    print("| n | k | t | 10% dropout | 30% dropout | t_min = floor(m/2)+1 | 10%, t_min | 30%, t_min |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\nAbort probability with independent random dropouts (default t, quorum q; estimated on the graph alone):\n")
+    print("| n | k | t | q | 10% dropout | 30% dropout | k' = 2k | t' | 10%, k' | 30%, k' |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     s = SecAggSettings(clip_norm=1.0)
     for n in args.n:
         k, t = s.degree_for(n), s.threshold_for(n)
-        t_min = (k + 1) // 2 + 1
-        p = [abort_probability(n, d, trials=args.trials, threshold=th) for th in (t, t_min) for d in (0.1, 0.3)]
-        print(f"| {n} | {k} | {t} | {p[0]:.3f} | {p[1]:.3f} | {t_min} | {p[2]:.3f} | {p[3]:.3f} |")
+        wide = SecAggSettings(clip_norm=1.0, degree=2 * k)
+        k2, t2 = wide.degree_for(n), wide.threshold_for(n)
+        p = [abort_probability(n, d, trials=args.trials, degree=dk) for dk in (None, 2 * k) for d in (0.1, 0.3)]
+        print(
+            f"| {n} | {k} | {t} | {consistency_quorum(n, t)} | {p[0]:.3f} | {p[1]:.3f} | {k2} | {t2} "
+            f"| {p[2]:.3f} | {p[3]:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def test_the_running_sum_is_the_only_vector_attribute() -> None:
     assert assigned == {
         "params", "_roster", "_graph", "_stage", "_active", "_abort_reason", "_adverts", "_ciphertexts",
         "_masked_with", "_weights", "_survivors", "_declined", "_dim", "_masked_sum", "_result",
+        "_advert_digest", "_quorum", "_signatures",  # bytes, an int, survivor -> signature bytes
     }  # fmt: skip
     writes = [
         ast.unparse(node)
@@ -134,7 +135,14 @@ def test_a_live_round_never_leaves_an_unmasked_input_on_the_server(tmp_path: Pat
     fp = FixedPoint.for_sum(clip_norm=1.0, max_weight=1.0, max_clients=params.max_clients)
     snapshots: list[tuple[str, list[np.ndarray]]] = []  # (after which call, copies of the vectors held)
 
-    for name in ("receive_adverts", "receive_encrypted_shares", "add_masked_input", "unmask_requests"):
+    for name in (
+        "receive_adverts",
+        "receive_encrypted_shares",
+        "add_masked_input",
+        "consistency_requests",
+        "receive_signatures",
+        "unmask_requests",
+    ):
         original = getattr(server, name)
 
         def checked(*args: object, _original=original, _name=name) -> object:

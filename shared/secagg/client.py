@@ -1,19 +1,27 @@
-"""The client side of SecAgg+ as a pure state machine (no Flower inside).
+"""The client side of SecAgg+ as a pure state machine (no Flower inside), safe against a malicious server.
 
-One round, four stages (each a method); the state between them is a :class:`ClientRoundState` that converts
+One round, five stages (each a method); the state between them is a :class:`ClientRoundState` that converts
 to and from a flat dict, so a Flower mod can keep it in ``context.state``:
 
-1. ``advertise_keys(params)``: fresh X25519 pairs (mask key ``c``, share-encryption key ``s``) and a fresh
-   self-mask seed; the public keys and a commitment to the seed are signed with the site identity key,
-   over the digest of the round parameters (which binds the run id and the round).
-2. ``share_keys(request)``: every relayed neighbour advert is checked against the roster the site got out of
-   band; the seed and ``c`` are Shamir-shared among the neighbours and the client itself, each neighbour's
-   shares encrypted to it with AES-GCM under a key from X25519 on the ``s`` keys.
+1. ``advertise_keys(params)``: the parameters are checked against the site's own :class:`ClientPolicy`
+   (threshold floor ``t >= ceil(f * (k + 1))``, minimum cohort) and a degree floor (SecAgg+'s
+   ``2 * ceil(log2 n)``: the server may raise the degree, not lower it); fresh X25519 pairs (mask key ``c``,
+   share-encryption key ``s``) and a fresh self-mask seed; the public keys and a commitment to the seed are
+   signed with the site identity key, over the digest of the round parameters (run id, round, ...).
+2. ``share_keys(request)``: the server relays EVERY advert of the round; each is checked against the roster
+   the site got out of band (distinct sites, its own advert unchanged, at least ``max(min cohort, t + 1)``).
+   The neighbour graph is derived from the digest of that advert set, so the server cannot choose it. The
+   seed and ``c`` are Shamir-shared among the neighbours and the client itself, each neighbour's shares
+   encrypted to it (AES-GCM, key from X25519 on the ``s`` keys, associated data binding the advert set).
 3. ``receive_shares(request)`` then ``mask_input(update)``: the shares addressed to this client are
-   decrypted and kept; the update is encoded in fixed point and masked with the self mask and one pairwise
-   mask per neighbour whose shares arrived.
-4. ``unmask(request)``: for each neighbour, the seed share if the server says it survived, the mask-key share
-   if it dropped, never both, and only once per round.
+   decrypted and kept (at least ``t`` neighbours' shares, or the client refuses); the update is encoded in
+   fixed point and masked with the self mask and one pairwise mask per neighbour whose shares arrived.
+4. ``sign_survivors(request)``: the consistency check (Bonawitz et al. 2017): the client signs the exact
+   survivor and dropped sets ``(U, D)`` the server will unmask, once per round, only if they contain it and
+   pass its own checks.
+5. ``unmask(request)``: only with valid signatures on the identical ``(U, D)`` from at least
+   ``q = max(t, ceil(2n/3))`` distinct nodes of the advert set (``n`` its size): for each neighbour, the seed
+   share if it is in ``U``, the mask-key share if in ``D``, never both, and only once per round.
 
 Any violation raises :class:`SecAggProtocolError` (or :class:`SecAggMessageError`) and leaves the state as it
 was: the client refuses the round and reveals nothing more.
@@ -45,23 +53,29 @@ from shared.secagg.crypto import (
 )
 from shared.secagg.encoding import NORM_TOLERANCE, EncodingError, FixedPoint
 from shared.secagg.errors import SecAggMessageError, SecAggProtocolError
+from shared.secagg.graph import effective_degree
 from shared.secagg.messages import (
+    ConsistencyRequest,
     EncryptedShares,
     KeyAdvert,
     MaskedInputRequest,
     RoundParams,
     ShareKeysRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
+    survivor_set_payload,
 )
+from shared.secagg.settings import ClientPolicy, consistency_quorum, default_degree, threshold_floor
 
 PHASE_ADVERTISED = "advertised"
 PHASE_SHARED = "shared"
 PHASE_READY = "ready"  # shares received, waiting for the update
 PHASE_MASKED = "masked"
 PHASE_DECLINED = "declined"
+PHASE_SIGNED = "signed"  # signed one survivor set: the only one it will ever unmask for this round
 PHASE_UNMASKED = "unmasked"
-_PHASES = (PHASE_ADVERTISED, PHASE_SHARED, PHASE_READY, PHASE_MASKED, PHASE_DECLINED, PHASE_UNMASKED)
+_PHASES = (PHASE_ADVERTISED, PHASE_SHARED, PHASE_READY, PHASE_MASKED, PHASE_DECLINED, PHASE_SIGNED, PHASE_UNMASKED)
 _PARAM_PREFIX = "params/"
 
 
@@ -101,6 +115,11 @@ class ClientRoundState:
     peer_seed_shares: tuple[bytes, ...] = ()
     peer_key_shares: tuple[bytes, ...] = ()
     weight: float = 1.0
+    advert_digest: bytes = b""  # the round's verified advert set: its digest, nodes and their sites
+    advert_node_ids: tuple[int, ...] = ()
+    advert_site_ids: tuple[str, ...] = ()
+    signed_survivors: tuple[int, ...] = ()  # the (U, D) it signed in the consistency check
+    signed_dropped: tuple[int, ...] = ()
 
     def to_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {_PARAM_PREFIX + k: v for k, v in self.params.to_config().items()}
@@ -121,6 +140,11 @@ class ClientRoundState:
                 "peer-seed-shares": list(self.peer_seed_shares),
                 "peer-key-shares": list(self.peer_key_shares),
                 "weight": float(self.weight),
+                "advert-digest": self.advert_digest,
+                "advert-node-ids": list(self.advert_node_ids),
+                "advert-site-ids": list(self.advert_site_ids),
+                "signed-survivors": list(self.signed_survivors),
+                "signed-dropped": list(self.signed_dropped),
             }
         )
         return out
@@ -148,6 +172,11 @@ class ClientRoundState:
                 peer_seed_shares=tuple(bytes(x) for x in cfg["peer-seed-shares"]),
                 peer_key_shares=tuple(bytes(x) for x in cfg["peer-key-shares"]),
                 weight=float(cfg["weight"]),
+                advert_digest=bytes(cfg["advert-digest"]),
+                advert_node_ids=tuple(int(x) for x in cfg["advert-node-ids"]),
+                advert_site_ids=tuple(str(x) for x in cfg["advert-site-ids"]),
+                signed_survivors=tuple(int(x) for x in cfg["signed-survivors"]),
+                signed_dropped=tuple(int(x) for x in cfg["signed-dropped"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise SecAggMessageError(f"stored secagg client state is malformed: {e!r}") from e
@@ -167,6 +196,7 @@ class SecAggClient:
         identity_key: Ed25519PrivateKey,
         roster: Roster,
         state: ClientRoundState | None = None,
+        policy: ClientPolicy | None = None,
     ) -> None:
         own = roster.public_key(site_id)
         if public_key_hex(own) != public_key_hex(identity_key.public_key()):
@@ -176,6 +206,7 @@ class SecAggClient:
         self._identity_key = identity_key
         self._roster = roster
         self.state = state
+        self.policy = policy if policy is not None else ClientPolicy()
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -201,6 +232,23 @@ class SecAggClient:
         """Fresh round keys and seed, signed over the round parameters."""
         if self.node_id not in params.node_ids:
             raise SecAggProtocolError(f"node {self.node_id} is not among the round's sampled nodes")
+        least_degree = effective_degree(len(params.node_ids), default_degree(len(params.node_ids)))
+        if params.degree < least_degree:
+            raise SecAggProtocolError(
+                f"node {self.node_id}: degree {params.degree} is below {least_degree}, the least this site accepts "
+                f"for a round of {len(params.node_ids)} (2 * ceil(log2 n): fewer neighbours, fewer colluders needed)"
+            )
+        floor = threshold_floor(params.degree + 1, self.policy.threshold_fraction)
+        if params.threshold < floor:
+            raise SecAggProtocolError(
+                f"node {self.node_id}: threshold t = {params.threshold} is below this site's floor {floor} "
+                f"(ceil({self.policy.threshold_fraction:.4g} * m) for m = degree + 1 = {params.degree + 1})"
+            )
+        if len(params.node_ids) < self.policy.min_cohort:
+            raise SecAggProtocolError(
+                f"node {self.node_id}: a round of {len(params.node_ids)} sampled nodes is below this site's "
+                f"minimum cohort of {self.policy.min_cohort}"
+            )
         last = self.state
         if last is not None and last.params.run_id == params.run_id and params.server_round <= last.params.server_round:
             raise SecAggProtocolError(
@@ -236,18 +284,30 @@ class SecAggClient:
     # --- stage 2 ---------------------------------------------------------------------------------
 
     def _check_adverts(self, state: ClientRoundState, adverts: tuple[KeyAdvert, ...]) -> None:
+        """Every advert of the round: a sampled node, signed by its roster site, no duplicates, ours intact."""
         p = state.params
-        mine = p.neighbours()[self.node_id]
         seen_nodes: set[int] = set()
-        seen_sites = {self.site_id}
-        seen_keys = {state.mask_public, state.enc_public}
+        seen_sites: set[str] = set()
+        seen_keys: set[bytes] = set()
+        own = False
         for a in adverts:
-            if a.node_id not in mine:
-                raise SecAggProtocolError(f"node {self.node_id}: relayed advert of node {a.node_id} is not a neighbour")
+            if a.node_id not in p.node_ids:
+                raise SecAggProtocolError(f"node {self.node_id}: relayed advert of node {a.node_id}, not sampled")
             if a.node_id in seen_nodes or a.site_id in seen_sites:
                 raise SecAggProtocolError(
                     f"node {self.node_id}: node {a.node_id} / site {a.site_id!r} appears twice in the round"
                 )
+            if a.node_id == self.node_id:
+                if (a.site_id, a.mask_public_key, a.enc_public_key, a.seed_commitment) != (
+                    self.site_id,
+                    state.mask_public,
+                    state.enc_public,
+                    seed_commitment(state.seed),
+                ):
+                    raise SecAggProtocolError(f"node {self.node_id}: the advert relayed for it is not its own")
+                own = True
+            elif a.site_id == self.site_id:
+                raise SecAggProtocolError(f"node {self.node_id}: node {a.node_id} claims this site's id")
             try:
                 identity = self._roster.public_key(a.site_id)
             except IdentityError as e:
@@ -266,44 +326,61 @@ class SecAggClient:
             seen_nodes.add(a.node_id)
             seen_sites.add(a.site_id)
             seen_keys |= {a.mask_public_key, a.enc_public_key}
+        if not own:
+            raise SecAggProtocolError(f"node {self.node_id}: its own advert is missing from the round's advert set")
+        need = max(self.policy.min_cohort, p.threshold + 1)
+        if len(adverts) < need:
+            raise SecAggProtocolError(
+                f"node {self.node_id}: the round's advert set has {len(adverts)} distinct roster sites; this site "
+                f"needs at least {need} (its minimum cohort {self.policy.min_cohort}, and threshold "
+                f"{p.threshold} + 1)"
+            )
 
     def share_keys(self, request: ShareKeysRequest) -> EncryptedShares:
-        """Verify the neighbours' signed keys, then send each its encrypted shares of seed and mask key."""
+        """Verify the round's signed adverts, derive the graph, send each neighbour its encrypted shares."""
         state = self._expect(PHASE_ADVERTISED, request.run_id, request.server_round)
         p = state.params
         adverts = tuple(sorted(request.adverts, key=lambda a: a.node_id))
         self._check_adverts(state, adverts)
-        if len(adverts) + 1 < p.threshold:
+        advert_digest = p.advert_digest(adverts)
+        mine = p.neighbours([a.node_id for a in adverts], advert_digest)[self.node_id]
+        neighbours = tuple(a for a in adverts if a.node_id in mine)
+        if len(neighbours) < p.threshold:
             raise SecAggProtocolError(
-                f"node {self.node_id}: only {len(adverts)} neighbours advertised keys; a threshold of "
-                f"{p.threshold} needs at least {p.threshold - 1}"
+                f"node {self.node_id}: only {len(neighbours)} neighbours in the round's graph; a threshold of "
+                f"{p.threshold} needs at least {p.threshold}"
             )
-        holders = [a.node_id for a in adverts] + [self.node_id]
+        holders = [a.node_id for a in neighbours] + [self.node_id]
         xs = [p.share_x(h) for h in holders]
         seed_shares = shamir.split(state.seed, threshold=p.threshold, xs=xs)
         key_shares = shamir.split(state.mask_private, threshold=p.threshold, xs=xs)
         ciphertexts = []
-        for a in adverts:
+        for a in neighbours:
             x = p.share_x(a.node_id)
             key = masks.share_key(
                 state.enc_private, a.enc_public_key, params_digest=p.digest, u=self.node_id, v=a.node_id
             )
-            ad = masks.share_associated_data(params_digest=p.digest, src=self.node_id, dst=a.node_id)
+            ad = masks.share_associated_data(
+                params_digest=p.digest, advert_digest=advert_digest, src=self.node_id, dst=a.node_id
+            )
             plaintext = _pack_shares(seed_shares[x].to_bytes(), key_shares[x].to_bytes())
             ciphertexts.append(encrypt(key, plaintext, associated_data=ad))
         own_x = p.share_x(self.node_id)
         self.state = replace(
             state,
             phase=PHASE_SHARED,
-            neighbour_ids=tuple(a.node_id for a in adverts),
-            neighbour_mask_keys=tuple(a.mask_public_key for a in adverts),
-            neighbour_enc_keys=tuple(a.enc_public_key for a in adverts),
+            neighbour_ids=tuple(a.node_id for a in neighbours),
+            neighbour_mask_keys=tuple(a.mask_public_key for a in neighbours),
+            neighbour_enc_keys=tuple(a.enc_public_key for a in neighbours),
             own_seed_share=seed_shares[own_x].to_bytes(),
             own_key_share=key_shares[own_x].to_bytes(),
+            advert_digest=advert_digest,
+            advert_node_ids=tuple(a.node_id for a in adverts),
+            advert_site_ids=tuple(a.site_id for a in adverts),
         )
         return EncryptedShares(
             node_id=self.node_id,
-            dst_node_ids=tuple(a.node_id for a in adverts),
+            dst_node_ids=tuple(a.node_id for a in neighbours),
             ciphertexts=tuple(ciphertexts),
         )
 
@@ -326,7 +403,9 @@ class SecAggClient:
                     f"node {self.node_id}: shares relayed from node {src}, not a verified neighbour"
                 )
             key = masks.share_key(state.enc_private, enc_keys[src], params_digest=p.digest, u=self.node_id, v=src)
-            ad = masks.share_associated_data(params_digest=p.digest, src=src, dst=self.node_id)
+            ad = masks.share_associated_data(
+                params_digest=p.digest, advert_digest=state.advert_digest, src=src, dst=self.node_id
+            )
             try:
                 seed_raw, key_raw = _unpack_shares(decrypt(key, ct, associated_data=ad))
                 seed_share, key_share = shamir.Share.from_bytes(seed_raw), shamir.Share.from_bytes(key_raw)
@@ -339,10 +418,10 @@ class SecAggClient:
             ):
                 raise SecAggProtocolError(f"node {self.node_id}: shares from node {src} are not addressed to it")
             received[src] = (seed_raw, key_raw)
-        if len(received) + 1 < p.threshold:
+        if len(received) < p.threshold:
             raise SecAggProtocolError(
-                f"node {self.node_id}: shares arrived from only {len(received)} neighbours; a threshold of "
-                f"{p.threshold} needs at least {p.threshold - 1}"
+                f"node {self.node_id}: shares arrived from only {len(received)} neighbours; this site masks "
+                f"with at least t = {p.threshold}"
             )
         ids = tuple(sorted(received))
         self.state = replace(
@@ -396,29 +475,101 @@ class SecAggClient:
             raise SecAggProtocolError(f"node {self.node_id}: no secagg round in progress")
         return self.state.params.run_id, self.state.params.server_round
 
-    # --- stage 4 ---------------------------------------------------------------------------------
+    # --- stage 4: consistency check --------------------------------------------------------------
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
-        """Seed shares of surviving neighbours, key shares of dropped ones; once per round, never both."""
-        state = self._expect(PHASE_MASKED, request.run_id, request.server_round)
-        p = state.params
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped:
-            raise SecAggProtocolError(
-                f"node {self.node_id}: nodes {sorted(survivors & dropped)} are listed as both survivor and dropped"
-            )
-        if self.node_id not in survivors:
-            raise SecAggProtocolError(f"node {self.node_id}: the unmask request does not list it as a survivor")
+    def _books(self, state: ClientRoundState) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """Seed shares held (the peers it masked with, and itself) and mask-key shares held (the peers)."""
         seed_book = dict(zip(state.peer_ids, state.peer_seed_shares, strict=True))
         seed_book[self.node_id] = state.own_seed_share
-        key_book = dict(zip(state.peer_ids, state.peer_key_shares, strict=True))
-        alive = sorted(survivors & set(seed_book))
-        if len(alive) < p.threshold:
+        return seed_book, dict(zip(state.peer_ids, state.peer_key_shares, strict=True))
+
+    def _check_sets(self, state: ClientRoundState, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> None:
+        """The checks a survivor set must pass before this client signs it, and again before it unmasks."""
+        p, me = state.params, self.node_id
+        u_set, d_set = set(survivors), set(dropped)
+        if u_set & d_set:
             raise SecAggProtocolError(
-                f"node {self.node_id}: only {len(alive)} of its neighbourhood survived, below the threshold "
-                f"{p.threshold}; the round must abort"
+                f"node {me}: nodes {sorted(u_set & d_set)} are listed as both survivor and dropped"
             )
-        gone = sorted(dropped & set(key_book))
+        if me not in u_set:
+            raise SecAggProtocolError(f"node {me}: the survivor set does not list it as a survivor")
+        outside = sorted((u_set | d_set) - set(state.advert_node_ids))
+        if outside:
+            raise SecAggProtocolError(f"node {me}: nodes {outside} are not in the round's advert set")
+        quorum = consistency_quorum(len(state.advert_node_ids), p.threshold)
+        need = max(quorum, self.policy.min_cohort)
+        if len(u_set) < need:
+            raise SecAggProtocolError(
+                f"node {me}: a survivor set of {len(u_set)} is below the {need} this site needs (quorum "
+                f"{quorum}, minimum cohort {self.policy.min_cohort})"
+            )
+        unaccounted = sorted(set(state.peer_ids) - u_set - d_set)
+        if unaccounted:
+            raise SecAggProtocolError(f"node {me}: the sets do not account for its neighbours {unaccounted}")
+        alive = len((set(state.peer_ids) | {me}) & u_set)
+        if alive < p.threshold:
+            raise SecAggProtocolError(
+                f"node {me}: only {alive} of its neighbourhood survived, below the threshold {p.threshold}; "
+                "the round must abort"
+            )
+
+    def _payload(self, state: ClientRoundState, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> bytes:
+        return survivor_set_payload(
+            params_digest=state.params.digest,
+            advert_digest=state.advert_digest,
+            survivors=survivors,
+            dropped=dropped,
+        )
+
+    def sign_survivors(self, request: ConsistencyRequest) -> SurvivorSignature:
+        """Sign the survivor and dropped sets the server says it will unmask; once per round."""
+        state = self._expect(PHASE_MASKED, request.run_id, request.server_round)
+        self._check_sets(state, request.survivors, request.dropped)
+        signature = sign(self._identity_key, self._payload(state, request.survivors, request.dropped))
+        self.state = replace(
+            state, phase=PHASE_SIGNED, signed_survivors=request.survivors, signed_dropped=request.dropped
+        )
+        return SurvivorSignature(node_id=self.node_id, signature=signature)
+
+    # --- stage 5: unmask -------------------------------------------------------------------------
+
+    def _check_signatures(self, state: ClientRoundState, request: UnmaskRequest) -> None:
+        """At least q valid signatures on the identical (U, D), from distinct nodes of U in the advert set."""
+        me = self.node_id
+        sites = dict(zip(state.advert_node_ids, state.advert_site_ids, strict=True))
+        payload = self._payload(state, request.survivors, request.dropped)
+        signers: set[int] = set()
+        for nid, signature in zip(request.signer_ids, request.signatures, strict=True):
+            if nid in signers or nid not in request.survivors:
+                raise SecAggProtocolError(f"node {me}: signature of node {nid} repeated, or not from a survivor")
+            try:
+                verify(self._roster.public_key(sites[nid]), signature, payload)
+            except (CryptoError, IdentityError) as e:
+                raise SecAggProtocolError(
+                    f"node {me}: the signature relayed for node {nid} is not its site's signature of this "
+                    f"survivor set: {e}"
+                ) from e
+            signers.add(nid)
+        quorum = consistency_quorum(len(state.advert_node_ids), state.params.threshold)
+        if len(signers) < quorum:
+            raise SecAggProtocolError(
+                f"node {me}: only {len(signers)} valid signatures on the survivor set, below the quorum {quorum} "
+                f"of {len(state.advert_node_ids)} nodes; it reveals nothing"
+            )
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        """Seed shares of survivors, key shares of dropped neighbours: only for the set it signed, only with
+        a quorum of signatures on it, once per round, never both kinds for one peer."""
+        state = self._expect(PHASE_SIGNED, request.run_id, request.server_round)
+        if (request.survivors, request.dropped) != (state.signed_survivors, state.signed_dropped):
+            raise SecAggProtocolError(
+                f"node {self.node_id}: the unmask request's survivor set is not the one it signed; it reveals nothing"
+            )
+        self._check_sets(state, request.survivors, request.dropped)
+        self._check_signatures(state, request)
+        seed_book, key_book = self._books(state)
+        alive = sorted(set(request.survivors) & set(seed_book))
+        gone = sorted(set(request.dropped) & set(key_book))
         self.state = replace(state, phase=PHASE_UNMASKED)
         return UnmaskShares(
             node_id=self.node_id,

@@ -10,15 +10,18 @@ MASKED_RECORD = "secagg-masked"  # ArrayRecord: {"masked": uint32 vector}; repla
 MASKED_ARRAY = "masked"
 CLIENT_STATE_RECORD = "secagg-state"  # ConfigRecord in context.state: the client's per-round protocol state
 
-# Node config key: a site that sets it true refuses any train message without secure aggregation
-NODE_REQUIRE_SECAGG = "require-secagg"
+# Node config keys (a site's own settings, never the server's)
+NODE_REQUIRE_SECAGG = "require-secagg"  # true: refuse any train message without secure aggregation
+NODE_MIN_COHORT = "secagg-min-cohort"  # fewest distinct roster sites a round must have (default 3)
+NODE_THRESHOLD_FRACTION = "secagg-threshold-fraction"  # t >= ceil(f * m), f in [2/3, 1] (default 2/3)
 
 # Stages, in protocol order
 STAGE_ADVERTISE_KEYS = "advertise-keys"
 STAGE_SHARE_KEYS = "share-keys"
 STAGE_MASKED_INPUT = "masked-input"
+STAGE_CONSISTENCY_CHECK = "consistency-check"
 STAGE_UNMASK = "unmask"
-STAGES = (STAGE_ADVERTISE_KEYS, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_UNMASK)
+STAGES = (STAGE_ADVERTISE_KEYS, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_CONSISTENCY_CHECK, STAGE_UNMASK)
 
 # Keys common to every stage record
 KEY_STAGE = "stage"
@@ -42,7 +45,7 @@ KEY_ENC_PUBLIC_KEY = "enc-public-key"
 KEY_SEED_COMMITMENT = "seed-commitment"
 KEY_SIGNATURE = "signature"
 
-# share-keys request: the neighbours' adverts, as parallel lists
+# share-keys request: every advert of the round (all sampled nodes that advertised), as parallel lists
 KEY_ADVERT_NODE_IDS = "advert-node-ids"
 KEY_ADVERT_SITE_IDS = "advert-site-ids"
 KEY_ADVERT_MASK_KEYS = "advert-mask-public-keys"
@@ -55,9 +58,11 @@ KEY_PEER_NODE_IDS = "peer-node-ids"  # destinations (reply) or sources (request)
 KEY_CIPHERTEXTS = "ciphertexts"
 KEY_WEIGHT = "weight"  # masked-input request: the weight fixed for this client before the round
 
-# unmask request and reply
+# consistency-check request (survivors, dropped) and reply (signature); unmask request (all four) and reply
 KEY_SURVIVORS = "survivors"
 KEY_DROPPED = "dropped"
+KEY_SIGNER_IDS = "signer-node-ids"
+KEY_SIGNATURES = "signatures"
 KEY_SEED_OWNER_IDS = "seed-owner-ids"
 KEY_SEED_SHARES = "seed-shares"
 KEY_KEY_OWNER_IDS = "key-owner-ids"
@@ -71,3 +76,6 @@ LABEL_SELF_MASK = "self-mask"
 LABEL_SHARE_KEY = "share-encryption-key"
 LABEL_SHARE_AD = "share-ciphertext"
 LABEL_PARAMS = "round-params"
+LABEL_ADVERT_SET = "advert-set"
+LABEL_GRAPH = "graph"
+LABEL_SURVIVOR_SET = "survivor-set"

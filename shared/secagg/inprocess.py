@@ -2,7 +2,8 @@
 
 Every message goes through ``to_config`` / ``from_config``, as it would through a Flower ``ConfigRecord``;
 the masked vector is passed as the array it would be in an ``ArrayRecord``. Dropouts are simulated per stage:
-a node listed under a stage does not reply to that stage (and is gone from then on).
+a node listed under a stage does not reply to that stage (and is gone from then on). A stage's list may be a
+function of the server, called when the stage starts (the neighbour graph is only known after the adverts).
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ from shared.secagg import constants as K
 from shared.secagg.client import SecAggClient
 from shared.secagg.errors import SecAggProtocolError
 from shared.secagg.messages import (
+    ConsistencyRequest,
     EncryptedShares,
     KeyAdvert,
     MaskedInputRequest,
     RoundParams,
     ShareKeysRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
     config_size,
     masked_input_reply_config,
 )
 from shared.secagg.server import SecAggServer
+from shared.secagg.settings import ClientPolicy
 
 ARRAY_HEADER_BYTES = 128  # a .npy header, as Flower's Array serialises a vector
 
@@ -70,6 +74,10 @@ def _decline(c: SecAggClient, req: dict[str, Any]) -> dict[str, Any]:
     return {K.KEY_STAGE: K.STAGE_MASKED_INPUT}
 
 
+def _sign(c: SecAggClient, req: dict[str, Any]) -> dict[str, Any]:
+    return c.sign_survivors(ConsistencyRequest.from_config(req)).to_config()
+
+
 def _unmask(c: SecAggClient, req: dict[str, Any]) -> dict[str, Any]:
     return c.unmask(UnmaskRequest.from_config(req)).to_config()
 
@@ -79,7 +87,7 @@ def run_round(
     clients: Mapping[int, SecAggClient],
     update_for: Callable[[int], np.ndarray],
     *,
-    drop: Mapping[str, Collection[int]] | None = None,
+    drop: Mapping[str, Collection[int] | Callable[[SecAggServer], Collection[int]]] | None = None,
     decline: Collection[int] = (),
     weights: Mapping[int, float] | None = None,
     meter: Meter | None = None,
@@ -95,7 +103,8 @@ def run_round(
     gone: set[int] = set()
 
     def answering(stage: str, targets: Collection[int]) -> list[int]:
-        gone.update(drop.get(stage, ()))
+        leaving = drop.get(stage, ())
+        gone.update(leaving(server) if callable(leaving) else leaving)
         return [n for n in sorted(targets) if n not in gone]
 
     def call(
@@ -157,10 +166,20 @@ def run_round(
         meter.server_seconds += clock() - start
         del masked
     start = clock()
+    requests = {n: r.to_config() for n, r in server.consistency_requests().items()}
+    meter.server_seconds += clock() - start
+
+    # Stage 4: consistency check
+    signatures = {}
+    for nid in answering(K.STAGE_CONSISTENCY_CHECK, requests):
+        if (reply := call(nid, _sign, requests[nid])) is not None:
+            signatures[nid] = SurvivorSignature.from_config(reply)
+    start = clock()
+    server.receive_signatures(signatures)
     requests = {n: r.to_config() for n, r in server.unmask_requests().items()}
     meter.server_seconds += clock() - start
 
-    # Stage 4: unmask
+    # Stage 5: unmask
     unmask = {}
     for nid in answering(K.STAGE_UNMASK, requests):
         if (reply := call(nid, _unmask, requests[nid])) is not None:
@@ -170,12 +189,14 @@ def run_round(
     meter.server_seconds += clock() - start
 
 
-def make_clients(sim_dir: Path, node_ids: Sequence[int]) -> tuple[dict[int, SecAggClient], Roster]:
+def make_clients(
+    sim_dir: Path, node_ids: Sequence[int], *, policy: ClientPolicy | None = None
+) -> tuple[dict[int, SecAggClient], Roster]:
     """Provision one simulated site per node (``site-<i>`` for the i-th node id) and its protocol client."""
     roster = provision_simulation(sim_dir, len(node_ids))
     clients = {}
     for i, nid in enumerate(node_ids):
         site = site_id_for_partition(i)
         key = load_private_key(Path(sim_dir) / "sites" / site / IDENTITY_KEY_FILE)
-        clients[nid] = SecAggClient(node_id=nid, site_id=site, identity_key=key, roster=roster)
+        clients[nid] = SecAggClient(node_id=nid, site_id=site, identity_key=key, roster=roster, policy=policy)
     return clients, roster

@@ -5,7 +5,8 @@
 - self mask of u: AES-256-CTR stream keyed by HKDF(seed_u, info = run, round, params, u);
 - share-encryption key of u and v: HKDF(X25519(s_u, S_v), info = run, round, params, pair), for AES-GCM.
 
-The round parameters' digest binds the run id and the round, so no key is ever reused across rounds or runs.
+The round parameters' digest binds the run id and the round, so no key is ever reused across rounds or runs;
+the share ciphertexts' associated data also binds the digest of the round's advert set.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def share_key(private: bytes, peer_public: bytes, *, params_digest: bytes, u: in
     return hkdf(x25519_shared(private, peer_public), info=bind(K.DOMAIN, K.LABEL_SHARE_KEY, params_digest, lo, hi))
 
 
-def share_associated_data(*, params_digest: bytes, src: int, dst: int) -> bytes:
-    """Associated data of a share ciphertext: direction and round, so it cannot be replayed elsewhere."""
-    return bind(K.DOMAIN, K.LABEL_SHARE_AD, params_digest, src, dst)
+def share_associated_data(*, params_digest: bytes, advert_digest: bytes, src: int, dst: int) -> bytes:
+    """Associated data of a share ciphertext: direction, round and the advert set both ends were shown, so it
+    cannot be replayed elsewhere, nor opened by a client the server showed a different advert set."""
+    return bind(K.DOMAIN, K.LABEL_SHARE_AD, params_digest, advert_digest, src, dst)
 
 
 def apply(acc: np.ndarray, stream: np.ndarray, sign: int) -> None:

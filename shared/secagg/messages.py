@@ -8,14 +8,14 @@ The masked vector itself travels in an ``ArrayRecord``, never in these records.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shared.secagg import constants as K
 from shared.secagg.crypto import bind, sha256
 from shared.secagg.errors import SecAggMessageError
-from shared.secagg.graph import GraphError, effective_degree, neighbours
+from shared.secagg.graph import GraphError, effective_degree, neighbours, ring_order
 from shared.secagg.settings import SecAggSettings, check_threshold
 
 Config = dict[str, Any]
@@ -176,12 +176,32 @@ class RoundParams:
             )
         )
 
-    @property
-    def graph_seed(self) -> bytes:
-        return bind(K.DOMAIN, "graph", self.run_id, self.server_round)
+    def advert_digest(self, adverts: Iterable[KeyAdvert]) -> bytes:
+        """SHA-256 of the round's whole advert set (sorted by node id), under the parameter digest.
 
-    def neighbours(self) -> dict[int, frozenset[int]]:
-        return neighbours(self.node_ids, degree=self.degree, seed=self.graph_seed)
+        It seeds the neighbour graph and is bound into every share ciphertext and survivor-set signature:
+        the honest sites' adverts carry fresh keys made after the parameters were fixed, so the server
+        cannot choose the graph, and clients shown different advert sets cannot complete a round together.
+        """
+        parts: list[bytes | str | int] = [K.DOMAIN, K.LABEL_ADVERT_SET, self.digest]
+        for a in sorted(adverts, key=lambda a: a.node_id):
+            parts += [a.node_id, a.site_id, a.mask_public_key, a.enc_public_key, a.seed_commitment]
+        return sha256(bind(*parts))
+
+    def neighbours(self, advert_node_ids: Iterable[int], advert_digest: bytes) -> dict[int, frozenset[int]]:
+        """The neighbour graph over the nodes that advertised: the round's degree (complete graph if the
+        advert set is that small), ring order seeded by the advert-set digest."""
+        ids = sorted(advert_node_ids)
+        degree = effective_degree(len(ids), self.degree)
+        return neighbours(ids, degree=degree, seed=self.graph_seed(advert_digest))
+
+    def ring(self, advert_node_ids: Iterable[int], advert_digest: bytes) -> list[int]:
+        """The nodes in the ring order of :meth:`neighbours` (each is joined to the ``degree/2`` on each side)."""
+        return ring_order(sorted(advert_node_ids), seed=self.graph_seed(advert_digest))
+
+    @staticmethod
+    def graph_seed(advert_digest: bytes) -> bytes:
+        return bind(K.DOMAIN, K.LABEL_GRAPH, advert_digest)
 
     def share_x(self, node_id: int) -> int:
         """The Shamir x-coordinate of ``node_id``'s shares: its 1-based position among the sampled nodes."""
@@ -285,7 +305,7 @@ class KeyAdvert:
 
 @dataclass(frozen=True)
 class ShareKeysRequest:
-    """The server relays to a client the signed adverts of its neighbours that answered the first stage."""
+    """The server relays to every client ALL the signed adverts of the round (each client derives the graph)."""
 
     run_id: str
     server_round: int
@@ -405,12 +425,27 @@ def masked_input_reply_node(cfg: Mapping[str, Any]) -> int:
     return _int(cfg, K.KEY_NODE_ID)
 
 
-# --- unmask -------------------------------------------------------------------------------------
+# --- consistency-check and unmask --------------------------------------------------------------------
+
+
+def _node_set(cfg: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    ids = _list(cfg, key, int)
+    if list(ids) != sorted(set(ids)):
+        raise SecAggMessageError(f"secagg message field {key!r} must be sorted and distinct")
+    return ids
+
+
+def survivor_set_payload(
+    *, params_digest: bytes, advert_digest: bytes, survivors: Iterable[int], dropped: Iterable[int]
+) -> bytes:
+    """What a survivor signs in the consistency check: the round, its advert set, and the exact (U, D)."""
+    u, d = sorted(survivors), sorted(dropped)
+    return bind(K.DOMAIN, K.LABEL_SURVIVOR_SET, params_digest, advert_digest, len(u), *u, len(d), *d)
 
 
 @dataclass(frozen=True)
-class UnmaskRequest:
-    """Who survived (their self-mask seeds are reconstructed) and who dropped (their mask keys are)."""
+class ConsistencyRequest:
+    """The survivor set U (inputs in the sum) and dropped set D (masked, no input) the server will unmask."""
 
     run_id: str
     server_round: int
@@ -419,19 +454,71 @@ class UnmaskRequest:
 
     def to_config(self) -> Config:
         return {
-            **_header(K.STAGE_UNMASK, self.run_id, self.server_round),
+            **_header(K.STAGE_CONSISTENCY_CHECK, self.run_id, self.server_round),
             K.KEY_SURVIVORS: list(self.survivors),
             K.KEY_DROPPED: list(self.dropped),
         }
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> UnmaskRequest:
-        _check_stage(cfg, K.STAGE_UNMASK)
+    def from_config(cls, cfg: Mapping[str, Any]) -> ConsistencyRequest:
+        _check_stage(cfg, K.STAGE_CONSISTENCY_CHECK)
         return cls(
             run_id=_str(cfg, K.KEY_RUN_ID),
             server_round=_int(cfg, K.KEY_SERVER_ROUND),
-            survivors=_list(cfg, K.KEY_SURVIVORS, int),
-            dropped=_list(cfg, K.KEY_DROPPED, int),
+            survivors=_node_set(cfg, K.KEY_SURVIVORS),
+            dropped=_node_set(cfg, K.KEY_DROPPED),
+        )
+
+
+@dataclass(frozen=True)
+class SurvivorSignature:
+    """A survivor's Ed25519 signature (site identity key) of :func:`survivor_set_payload`."""
+
+    node_id: int
+    signature: bytes
+
+    def to_config(self) -> Config:
+        return {K.KEY_STAGE: K.STAGE_CONSISTENCY_CHECK, K.KEY_NODE_ID: self.node_id, K.KEY_SIGNATURE: self.signature}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SurvivorSignature:
+        _check_stage(cfg, K.STAGE_CONSISTENCY_CHECK)
+        return cls(node_id=_int(cfg, K.KEY_NODE_ID), signature=_bytes(cfg, K.KEY_SIGNATURE))
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """The signed survivor and dropped sets, with the survivors' signatures on them (parallel lists)."""
+
+    run_id: str
+    server_round: int
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    signer_ids: tuple[int, ...] = ()
+    signatures: tuple[bytes, ...] = ()
+
+    def to_config(self) -> Config:
+        return {
+            **_header(K.STAGE_UNMASK, self.run_id, self.server_round),
+            K.KEY_SURVIVORS: list(self.survivors),
+            K.KEY_DROPPED: list(self.dropped),
+            K.KEY_SIGNER_IDS: list(self.signer_ids),
+            K.KEY_SIGNATURES: list(self.signatures),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> UnmaskRequest:
+        _check_stage(cfg, K.STAGE_UNMASK)
+        signers = _list(cfg, K.KEY_SIGNER_IDS, int)
+        signatures = _list(cfg, K.KEY_SIGNATURES, bytes)
+        _same_length(cfg, K.KEY_SIGNER_IDS, K.KEY_SIGNATURES)
+        return cls(
+            run_id=_str(cfg, K.KEY_RUN_ID),
+            server_round=_int(cfg, K.KEY_SERVER_ROUND),
+            survivors=_node_set(cfg, K.KEY_SURVIVORS),
+            dropped=_node_set(cfg, K.KEY_DROPPED),
+            signer_ids=signers,
+            signatures=signatures,
         )
 
 

@@ -12,9 +12,14 @@ The server never holds one client's unmasked vector, by construction:
 
 ``tests/test_secagg_server_structure.py`` checks this on the source and on a live round.
 
+Every client gets the round's whole advert set and derives the neighbour graph from its digest; after the
+masked inputs, the server announces one survivor set U and dropped set D, collects the survivors' signatures
+on them (the consistency check) and relays them with the unmask request: clients reveal nothing without a
+quorum of signatures on the identical sets (see ``shared/secagg/client.py``).
+
 Dropouts: a client missing from a stage's replies is dropped from then on. A round aborts (raising
-:class:`SecAggAbort`, revealing nothing) as soon as some neighbourhood has fewer than ``threshold`` members
-left, or the unmask replies are too few to rebuild a secret.
+:class:`SecAggAbort`, revealing nothing) as soon as some client has fewer than ``threshold`` neighbours
+left, fewer than the quorum signed the survivor set, or the unmask replies are too few to rebuild a secret.
 """
 
 from __future__ import annotations
@@ -34,18 +39,22 @@ from shared.secagg.crypto import CryptoError, verify, x25519_public
 from shared.secagg.encoding import FixedPoint
 from shared.secagg.errors import SecAggAbort, SecAggMessageError, SecAggProtocolError
 from shared.secagg.messages import (
+    ConsistencyRequest,
     EncryptedShares,
     KeyAdvert,
     MaskedInputRequest,
     RoundParams,
     ShareKeysRequest,
+    SurvivorSignature,
     UnmaskRequest,
     UnmaskShares,
+    survivor_set_payload,
 )
+from shared.secagg.settings import consistency_quorum
 
 logger = logging.getLogger(__name__)
 
-_STAGES = ("adverts", "shares", "inputs", "unmask", "done")
+_STAGES = ("adverts", "shares", "inputs", "signatures", "unmask", "done")
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,10 @@ class SecAggServer:
     def __init__(self, params: RoundParams, *, roster: Roster | None = None) -> None:
         self.params = params
         self._roster = roster
-        self._graph = params.neighbours()
+        self._graph: dict[int, frozenset[int]] = {}  # over the advert set, once it is known
+        self._advert_digest = b""
+        self._quorum = 0
+        self._signatures: dict[int, bytes] = {}  # survivor -> its signature of (U, D)
         self._stage = "adverts"
         self._active: set[int] = set(params.node_ids)  # still in the round
         self._abort_reason: str | None = None
@@ -115,11 +127,12 @@ class SecAggServer:
         raise SecAggAbort(f"round {self.params.server_round} aborted: {reason}")
 
     def _check_neighbourhoods(self, alive: set[int], stage: str) -> None:
+        """Every client masks with at least ``t`` neighbours' shares (it refuses fewer)."""
         t = self.params.threshold
         for u in sorted(alive):
-            left = len(self._graph[u] & alive) + 1
+            left = len(self._graph[u] & alive)
             if left < t:
-                self._abort(f"after {stage}, node {u}'s neighbourhood has {left} members left, below threshold {t}")
+                self._abort(f"after {stage}, node {u} has {left} neighbours left, below threshold {t}")
 
     # --- stage 1 ---------------------------------------------------------------------------------
 
@@ -141,6 +154,11 @@ class SecAggServer:
         self._adverts = valid
         self._active = set(valid)
         self._stage = "shares"
+        if len(valid) < 2:
+            self._abort(f"only {len(valid)} valid key adverts")
+        self._advert_digest = self.params.advert_digest(valid.values())
+        self._graph = self.params.neighbours(valid, self._advert_digest)
+        self._quorum = consistency_quorum(len(valid), self.params.threshold)
         self._check_neighbourhoods(set(valid), "advertise-keys")
 
     def _advert_problem(self, nid: int, a: KeyAdvert, sites: set[str]) -> str | None:
@@ -157,6 +175,17 @@ class SecAggServer:
                 return str(e)
         return None
 
+    @property
+    def advert_digest(self) -> bytes:
+        """The digest of the round's advert set (empty before the adverts are in)."""
+        return self._advert_digest
+
+    def ring(self) -> list[int]:
+        """The ring order of the round's neighbour graph (after the adverts: it is seeded by their digest)."""
+        if not self._advert_digest:
+            raise SecAggProtocolError("the neighbour graph is only known once the adverts are in")
+        return self.params.ring(self._adverts, self._advert_digest)
+
     def site_ids(self) -> dict[int, str]:
         """Node id -> the site id it advertised (signed)."""
         return {nid: a.site_id for nid, a in self._adverts.items()}
@@ -166,12 +195,9 @@ class SecAggServer:
     def share_keys_requests(self) -> dict[int, ShareKeysRequest]:
         self._enter("shares")
         p = self.params
+        everyone = tuple(self._adverts[v] for v in sorted(self._adverts))
         return {
-            u: ShareKeysRequest(
-                run_id=p.run_id,
-                server_round=p.server_round,
-                adverts=tuple(self._adverts[v] for v in sorted(self._graph[u] & set(self._adverts))),
-            )
+            u: ShareKeysRequest(run_id=p.run_id, server_round=p.server_round, adverts=everyone)
             for u in sorted(self._adverts)
         }
 
@@ -253,20 +279,23 @@ class SecAggServer:
         self._declined.append(node_id)
         self._active.discard(node_id)
 
-    # --- stage 4 ---------------------------------------------------------------------------------
+    # --- stage 4: consistency check --------------------------------------------------------------
 
     def _gone(self) -> set[int]:
         """Clients that applied pairwise masks but whose input is not in the sum."""
         return set(self._masked_with) - set(self._survivors)
 
-    def unmask_requests(self) -> dict[int, UnmaskRequest]:
-        """Close input collection; abort unless every neighbourhood can still be unmasked safely."""
+    def consistency_requests(self) -> dict[int, ConsistencyRequest]:
+        """Close input collection; abort unless the round can be unmasked safely; else ask every survivor to
+        sign the one survivor set U and dropped set D."""
         self._enter("inputs")
-        self._stage = "unmask"
+        self._stage = "signatures"
         p, alive, gone = self.params, set(self._survivors), self._gone()
         self._active = set(alive)
-        if len(alive) < max(2, p.threshold):
-            self._abort(f"only {len(alive)} masked inputs arrived, below threshold {p.threshold}")
+        if len(alive) < max(2, p.threshold, self._quorum):
+            self._abort(
+                f"only {len(alive)} masked inputs arrived, below threshold {p.threshold} or quorum {self._quorum}"
+            )
         for u in sorted(alive):
             left = len(self._masked_with[u] & alive) + 1
             if left < p.threshold:
@@ -275,15 +304,57 @@ class SecAggServer:
             holders = len(self._masked_with[v] & alive)
             if holders < p.threshold:
                 self._abort(f"dropped node {v} has {holders} surviving neighbours, below threshold {p.threshold}")
+        u_set, d_set = tuple(sorted(alive)), tuple(sorted(gone))
         return {
-            u: UnmaskRequest(
-                run_id=p.run_id,
-                server_round=p.server_round,
-                survivors=tuple(sorted((self._masked_with[u] | {u}) & alive)),
-                dropped=tuple(sorted(self._masked_with[u] & gone)),
-            )
-            for u in sorted(alive)
+            u: ConsistencyRequest(run_id=p.run_id, server_round=p.server_round, survivors=u_set, dropped=d_set)
+            for u in u_set
         }
+
+    def receive_signatures(self, replies: Mapping[int, SurvivorSignature]) -> None:
+        """Keep the survivors' valid signatures of (U, D); abort below the quorum."""
+        self._enter("signatures")
+        p = self.params
+        payload = survivor_set_payload(
+            params_digest=p.digest,
+            advert_digest=self._advert_digest,
+            survivors=self._survivors,
+            dropped=self._gone(),
+        )
+        valid: dict[int, bytes] = {}
+        for nid, r in sorted(replies.items()):
+            problem = None
+            if nid not in self._survivors or r.node_id != nid:
+                problem = "not a survivor, or naming another node"
+            elif self._roster is not None:
+                try:
+                    verify(self._roster.public_key(self._adverts[nid].site_id), r.signature, payload)
+                except (IdentityError, CryptoError) as e:
+                    problem = str(e)
+            if problem:
+                logger.warning("secagg round %s: signature of node %s dropped: %s", p.server_round, nid, problem)
+                continue
+            valid[nid] = r.signature
+        self._signatures = valid
+        self._stage = "unmask"
+        if len(valid) < self._quorum:
+            self._abort(f"only {len(valid)} survivors signed the survivor set, below the quorum {self._quorum}")
+
+    # --- stage 5: unmask -------------------------------------------------------------------------
+
+    def unmask_requests(self) -> dict[int, UnmaskRequest]:
+        """The signed sets and the signatures, to every survivor that signed."""
+        self._enter("unmask")
+        p = self.params
+        signers = tuple(sorted(self._signatures))
+        request = UnmaskRequest(
+            run_id=p.run_id,
+            server_round=p.server_round,
+            survivors=tuple(sorted(self._survivors)),
+            dropped=tuple(sorted(self._gone())),
+            signer_ids=signers,
+            signatures=tuple(self._signatures[n] for n in signers),
+        )
+        return dict.fromkeys(signers, request)
 
     def receive_unmask_shares(self, replies: Mapping[int, UnmaskShares]) -> None:
         """Rebuild each survivor's seed and each dropped client's mask key, then strip the masks."""

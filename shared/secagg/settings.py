@@ -1,4 +1,5 @@
-"""Secure-aggregation settings (validated once) and the defaults for the graph degree and the threshold."""
+"""Secure-aggregation settings (validated once), the defaults for the graph degree and the threshold, the
+consistency quorum, and a site's own floor under what a server may ask (:class:`ClientPolicy`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,46 @@ def check_threshold(threshold: int, closed_neighbourhood: int) -> None:
             f"threshold must satisfy 2 <= t <= m and 2t > m for a closed neighbourhood of m = {m} holders, "
             f"got t = {threshold}"
         )
+
+
+def consistency_quorum(num_adverts: int, threshold: int) -> int:
+    """``q = max(t, ceil(2n/3))``: valid signatures on one survivor set a client needs before it unmasks.
+
+    ``n`` is the number of nodes in the round's verified advert set. Every honest client signs one set per
+    round, so two different sets can both gather ``q`` signatures only if at least ``2q - n`` signers sign
+    both: with fewer colluding sites, every honest client that reveals a share saw the same survivor set.
+    """
+    return max(threshold, math.ceil(2 * num_adverts / 3))
+
+
+def threshold_floor(closed_neighbourhood: int, fraction: float) -> int:
+    """The least threshold a site accepts for a closed neighbourhood of ``m`` holders: ``ceil(f * m)``."""
+    return max(2, math.ceil(fraction * closed_neighbourhood - 1e-9))
+
+
+DEFAULT_MIN_COHORT = 3
+DEFAULT_THRESHOLD_FRACTION = 2 / 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientPolicy:
+    """What a site itself requires of any round, whatever the server sends (from its own node config)."""
+
+    min_cohort: int = field(
+        default=DEFAULT_MIN_COHORT,
+        metadata={"help": "fewest distinct roster sites in a round's advert set and survivor set"},
+    )
+    threshold_fraction: float = field(
+        default=DEFAULT_THRESHOLD_FRACTION,
+        metadata={"help": "refuse a threshold t below ceil(f * m), m = degree + 1; f in [2/3, 1]"},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_cohort, bool) or not isinstance(self.min_cohort, int) or self.min_cohort < 2:
+            raise ValueError(f"min_cohort must be an int >= 2, got {self.min_cohort!r}")
+        f = self.threshold_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 2 / 3 - 1e-9 <= f <= 1:
+            raise ValueError(f"threshold_fraction must be a number in [2/3, 1], got {f!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
