@@ -224,9 +224,7 @@ def test_a_run_config_with_other_labels_is_refused_by_a_deployed_site(cfg, tmp_p
 
     reply = client_app.train(_message(permuted, 1), _deployed_context(permuted, node_config))
 
-    assert "run config labels='fresh,rotten' differs from this site's labels='rotten,fresh'" in (
-        _declined(reply) or ""
-    )
+    assert "run config labels='fresh,rotten' differs from this site's labels='rotten,fresh'" in (_declined(reply) or "")
 
 
 def test_a_deployed_site_reads_its_data_with_its_own_columns(cfg, tmp_path, rows):
