@@ -65,7 +65,7 @@ def noise_multiplier_for(
     feature-centering query of a centered run, at the site's own ``delta`` with its own ``accountant``."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    key = {"sample-rate": sample_rate, "delta": delta, "accountant": accountant}
+    key: dict[str, float | str] = {"sample-rate": sample_rate, "delta": delta, "accountant": accountant}
     state = context.state.config_records.get(STATE_RECORD)
     if state is not None and all(state.get(k) == v for k, v in key.items()):
         return float(state["noise-multiplier"])  # type: ignore[arg-type]

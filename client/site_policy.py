@@ -1,10 +1,10 @@
 """What a deployed site refuses to let the server decide.
 
 A deployed site (node config has ``site-id``) takes its data path, columns and label set, device, budget
-(``max-epsilon``, ``delta``, ``accountant``, ``data-source``) and ledger path from its own node config only. The run config comes from the server, so a run config that
-tries to set one of those differently is refused before anything is read or trained; the reason goes back to
-the server as the round's decline reason (and into the server's log). The run-config keys that count as
-site-owned in a deployment:
+(``max-epsilon``, ``delta``, ``accountant``, ``data-source``) and ledger path from its own node config only.
+The run config comes from the server, so a run config that tries to set one of those differently is refused
+before anything is read or trained; the reason goes back to the server as the round's decline reason (and
+into the server's log). The run-config keys that count as site-owned in a deployment:
 
 - ``data-path``: must be the default (then it only names the server's data) or the site's own data path;
 - ``sim-dir``: simulation only, must be empty;

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -292,12 +292,10 @@ def pin_simulated_accounting(site: Site, *, delta: float, accountant: str) -> Si
     if site.ledger_path.exists():
         entries = SiteLedger(site.ledger_path, site_id=site.site_id).entries()
         first = entries[0] if entries else None
-    pinned = {
-        NODE_DELTA: site.delta if site.delta is not None else (first.delta if first else float(delta)),
-        NODE_ACCOUNTANT: site.accountant or (first.accountant if first else accountant),
-    }
-    write_site_settings(site.site_dir, pinned)
-    return replace(site, delta=pinned[NODE_DELTA], accountant=pinned[NODE_ACCOUNTANT])
+    pinned_delta = site.delta if site.delta is not None else (first.delta if first else float(delta))
+    pinned_accountant = site.accountant or (first.accountant if first else accountant)
+    write_site_settings(site.site_dir, {NODE_DELTA: pinned_delta, NODE_ACCOUNTANT: pinned_accountant})
+    return replace(site, delta=pinned_delta, accountant=pinned_accountant)
 
 
 def site_from_context(context: Any) -> Site:
