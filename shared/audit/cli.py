@@ -142,16 +142,16 @@ def site_accounting_settings(
             node = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise AuditInputError(f"--node-config {path}: {e}") from e
-        site_id = node.get(NODE_SITE_ID)
-        if site_id not in site_ids:
-            raise AuditInputError(f"--node-config {path} is for site {site_id!r}, which is not audited")
+        node_site = node.get(NODE_SITE_ID)
+        if node_site not in site_ids:
+            raise AuditInputError(f"--node-config {path} is for site {node_site!r}, which is not audited")
         for key in (NODE_DELTA, NODE_ACCOUNTANT):
             if key not in node:
                 raise AuditInputError(f"--node-config {path} does not set {key!r} (a deployed site must)")
         delta = node[NODE_DELTA]
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
             raise AuditInputError(f"--node-config {path}: {NODE_DELTA!r} must be in (0, 1), got {delta!r}")
-        found[str(site_id)] = (float(delta), str(node[NODE_ACCOUNTANT]), f"node config {path}")
+        found[str(node_site)] = (float(delta), str(node[NODE_ACCOUNTANT]), f"node config {path}")
     return found
 
 
