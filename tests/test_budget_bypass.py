@@ -270,3 +270,42 @@ def test_the_fingerprint_key_is_created_once_and_kept(cfg, tmp_path, rows):
     assert (tmp_path / "hospital-a" / "fingerprint.key").read_bytes() == key
     assert entries[0].dataset_fingerprint == entries[1].dataset_fingerprint
     assert not math.isnan(entries[1].epsilon)
+
+
+# -- item 8: evaluation is the site's decision, noised and ledgered -----------------------------------------------
+
+
+def _evaluate_message(cfg, server_round):
+    content = RecordDict(
+        {
+            C.GLOBAL_RECORD: record_from_arrays(get_trainable(build_model(cfg, 2))),
+            C.EVALUATE_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round}),
+        }
+    )
+    return Message(content, dst_node_id=7, message_type="evaluate")
+
+
+def test_a_deployed_site_answers_no_evaluate_request_by_default(cfg, tmp_path, rows):
+    node_config = _deployed(tmp_path, rows)
+
+    reply = client_app.evaluate(_evaluate_message(cfg, 1), _deployed_context(cfg, node_config))
+
+    assert "does not set allow-evaluate = true" in (_declined(reply) or "")
+    assert C.METRICS_RECORD not in reply.content.metric_records
+    assert not (tmp_path / "hospital-a" / "privacy_ledger.jsonl").exists()
+
+
+def test_a_deployed_site_that_opts_in_releases_noisy_counts_charged_to_its_source(cfg, tmp_path, rows):
+    node_config = _deployed(tmp_path, rows, **{"allow-evaluate": True, "evaluate-noise-multiplier": 8.0})
+    client_app.train(_message(cfg, 1), _deployed_context(cfg, node_config))
+
+    reply = client_app.evaluate(_evaluate_message(cfg, 1), _deployed_context(cfg, node_config))
+
+    metrics = reply.content.metric_records[C.METRICS_RECORD]
+    assert "loss" not in metrics and len(metrics["confusion-matrix"]) == 4
+    entries = SiteLedger(tmp_path / "hospital-a" / "privacy_ledger.jsonl", site_id="hospital-a").entries()
+    assert [(e.release, e.data_source) for e in entries] == [("train", "default"), ("evaluate", "default")]
+    assert json.loads(reply.content[C.ATTESTATION_RECORD]["entry"])["purpose"] == "evaluate"
+    assert entries[1].epsilon == pytest.approx(
+        compose_epsilon([entries[0].event, entries[1].event], delta=1e-5, accountant="prv"), rel=1e-6
+    )
