@@ -36,8 +36,8 @@ class RunConfig:
     seed: int = field(default=42, metadata=_help("Seed of partitioning, FFA-LoRA's frozen A, head init, sampling."))
     # data
     data_path: str = field(default=BUILTIN_DATA, metadata=_help("builtin:rotten-tomatoes or a .csv/.jsonl/.parquet"))
-    text_column: str = field(default="text", metadata=_help("Column holding the text (a deployed site reads its own, node config)."))
-    label_column: str = field(default="label", metadata=_help("Column holding the label (a deployed site reads its own)."))
+    text_column: str = field(default="text", metadata=_help("Column holding the text (deployed sites: their own)."))
+    label_column: str = field(default="label", metadata=_help("Column holding the label (deployed sites: their own)."))
     labels: str = field(default="", metadata=_help("Comma-separated label set, in class-index order; '' = inferred."))
     partitioning: Literal["iid", "dirichlet"] = field(default="iid", metadata=_help("How rows go to clients."))
     dirichlet_alpha: float = field(default=0.5, metadata=_help("Label-skew concentration (smaller = more skew)."))
@@ -81,7 +81,9 @@ class RunConfig:
         default=1e-5,
         metadata=_help("Delta the run asks for; every site accounts at its own delta (node config / site.toml)."),
     )
-    accountant: Literal["prv", "rdp"] = field(default="prv", metadata=_help("Accountant the run asks for; every site composes with its own."))
+    accountant: Literal["prv", "rdp"] = field(
+        default="prv", metadata=_help("Accountant the run asks for; sites compose with their own.")
+    )
     reproducible_noise: bool = field(
         default=False,
         metadata=_help("Seed DP noise and sampling from the run seed: experiments only, NOT private."),
