@@ -309,3 +309,15 @@ def test_a_deployed_site_that_opts_in_releases_noisy_counts_charged_to_its_sourc
     assert entries[1].epsilon == pytest.approx(
         compose_epsilon([entries[0].event, entries[1].event], delta=1e-5, accountant="prv"), rel=1e-6
     )
+
+
+def test_the_noise_is_calibrated_at_the_sites_delta_not_the_run_configs(tiny_config, tmp_path):
+    cfg = replace(tiny_config, num_server_rounds=1, center_features=False, delta=1e-3, sim_dir=str(tmp_path / "sim"))
+    provision_simulation(cfg.simulation_dir(RUN_ID), 3)
+    write_site_settings(cfg.simulation_dir(RUN_ID) / "sites" / "site-0", {"delta": 1e-7, "accountant": "prv"})
+
+    reply = client_app.train(_message(cfg, 1), _sim_context(cfg))
+
+    epsilon = reply.content.metric_records[C.METRICS_RECORD][C.METRIC_EPSILON]
+    assert epsilon == pytest.approx(compose_epsilon([_event(reply)], delta=1e-7, accountant="prv"), rel=1e-6)
+    assert cfg.target_epsilon * 0.98 <= epsilon <= cfg.target_epsilon  # the run's target, at the site's delta
