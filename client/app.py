@@ -1,8 +1,9 @@
 """The ClientApp: a site trains the global adapter on its own rows under DP and returns only its update.
 
 Everything privacy-relevant is decided here, at the site, from the site's own config: its data, its device,
-its budget (``max-epsilon``, ``delta`` in its node config) and its ledger. The server's request only says which
-round it is and carries the global trainable tensors.
+its budget (``max-epsilon``, ``delta``, ``accountant``, ``data-source`` in its node config) and its ledger.
+The server's request only says which round it is and carries the global trainable tensors. Every epsilon is
+composed at the site's own delta with its own accountant, over every release of its data source.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from client.site_policy import SitePolicyError, check_site_policy
 from shared import constants as C
 from shared.config import RunConfig
 from shared.identity import load_private_key
-from shared.ledger import SiteLedger, digest_arrays, fingerprint_rows
+from shared.ledger import (
+    PURPOSE_EVALUATE,
+    PURPOSE_FEATURE_MEAN,
+    PURPOSE_TRAIN,
+    SiteLedger,
+    digest_arrays,
+    keyed_fingerprint_rows,
+    load_fingerprint_key,
+)
 from shared.privacy import DpEvent, calibrate_noise_multiplier
 from shared.records import MessageError, arrays_from_record, config_value
 from shared.site import Site, site_from_context
@@ -48,24 +57,27 @@ def poisson_sample_rate(num_rows: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_rows / min(batch_size, num_rows))
 
 
-def noise_multiplier_for(cfg: RunConfig, sample_rate: float, context: Context) -> float:
+def noise_multiplier_for(
+    cfg: RunConfig, sample_rate: float, context: Context, *, delta: float, accountant: str
+) -> float:
     """The site's noise multiplier: given directly, or calibrated once per run to reach ``target-epsilon``
     after ``num-server-rounds`` rounds of ``local-steps`` steps at this site's sample rate, together with the
-    feature-centering query of a centered run."""
+    feature-centering query of a centered run, at the site's own ``delta`` with its own ``accountant``."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
+    key: dict[str, float | str] = {"sample-rate": sample_rate, "delta": delta, "accountant": accountant}
     state = context.state.config_records.get(STATE_RECORD)
-    if state is not None and state.get("sample-rate") == sample_rate:
+    if state is not None and all(state.get(k) == v for k, v in key.items()):
         return float(state["noise-multiplier"])  # type: ignore[arg-type]
     sigma = calibrate_noise_multiplier(
         target_epsilon=cfg.target_epsilon,
-        delta=cfg.delta,
+        delta=delta,
         sample_rate=sample_rate,
         steps=cfg.local_steps * cfg.num_server_rounds,
-        accountant=cfg.accountant,
+        accountant=accountant,
         prior=(centering_event(cfg),) if cfg.center_features else (),
     )
-    context.state[STATE_RECORD] = ConfigRecord({"sample-rate": sample_rate, "noise-multiplier": sigma})
+    context.state[STATE_RECORD] = ConfigRecord({**key, "noise-multiplier": sigma})
     return sigma
 
 
@@ -94,6 +106,11 @@ def _decline(msg: Message, reason: str) -> Message:
 
 def _open_ledger(site: Site) -> SiteLedger:
     return SiteLedger(site.ledger_path, site_id=site.site_id, signing_key=load_private_key(site.identity_key_path))
+
+
+def _fingerprint(site: Site, rows: LabelledText) -> str:
+    """The rows' keyed fingerprint (HMAC under the site's own key): it identifies nothing outside the site."""
+    return keyed_fingerprint_rows(rows.rows(), key=load_fingerprint_key(site.fingerprint_key_path))
 
 
 @app.train()
@@ -127,13 +144,14 @@ def train(msg: Message, context: Context) -> Message:
         set_trainable,
     )
 
-    delta = site.delta if site.delta is not None else cfg.delta
+    delta, accountant = site.accounting()  # the site's own, never the run config's
+    purpose = PURPOSE_FEATURE_MEAN if task == C.TASK_FEATURE_MEAN else PURPOSE_TRAIN
 
     rows = add_site_canaries(site_training_rows(cfg, site), canaries=cfg.canaries, seed=cfg.seed, site=site)
-    fingerprint = fingerprint_rows(rows.rows())
+    fingerprint = _fingerprint(site, rows)
     ledger = _open_ledger(site)
-    if ledger.find(run_id=run_id, server_round=server_round, dataset_fingerprint=fingerprint) is not None:
-        return _decline(msg, f"round {server_round} of run {run_id} was already trained on this data (replay)")
+    if ledger.find(run_id=run_id, server_round=server_round, purpose=purpose) is not None:
+        return _decline(msg, f"round {server_round} of run {run_id} was already trained by this site (replay)")
 
     sample_rate = poisson_sample_rate(len(rows), cfg.batch_size)
     if task == C.TASK_FEATURE_MEAN:
@@ -141,18 +159,18 @@ def train(msg: Message, context: Context) -> Message:
     elif cfg.dp:
         planned = DpEvent(
             sample_rate=sample_rate,
-            noise_multiplier=noise_multiplier_for(cfg, sample_rate, context),
+            noise_multiplier=noise_multiplier_for(cfg, sample_rate, context, delta=delta, accountant=accountant),
             steps=cfg.local_steps,
             clip_norm=cfg.max_grad_norm,
         )
     else:  # a non-private round: recorded as noise 0, i.e. epsilon = inf for this data from now on
         planned = DpEvent(sample_rate=sample_rate, noise_multiplier=0.0, steps=cfg.local_steps, clip_norm=1.0)
     decision = decide(
-        ledger.history(fingerprint),
+        ledger.history(site.data_source),  # every release of the site's data source, whatever its fingerprint
         planned,
         max_epsilon=site.max_epsilon,
         delta=delta,
-        accountant=cfg.accountant,
+        accountant=accountant,
     )
     if not decision.accept:
         return _decline(msg, f"site {site.site_id}: {decision.reason}")
@@ -204,9 +222,11 @@ def train(msg: Message, context: Context) -> Message:
         dataset_fingerprint=fingerprint,
         event=planned,
         delta=delta,
-        accountant=cfg.accountant,
+        accountant=accountant,
         max_epsilon=None if math.isinf(site.max_epsilon) else site.max_epsilon,
         seeded_noise=cfg.dp and cfg.reproducible_noise,
+        data_source=site.data_source,
+        purpose=purpose,
     )
     metrics = MetricRecord(
         {
@@ -231,27 +251,84 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global adapter on the site's own rows.
+    """Evaluate the server's adapter on the site's own rows, if the site agreed to: DP-noised counts only.
 
-    These metrics are NOT differentially private; the default ServerApp evaluates centrally on held-out data
-    and never calls this. It is here for deployments whose sites agree to release local metrics.
+    A site answers only when its own config opts in (node config ``allow-evaluate = true``, or a simulated
+    site's site.toml); the answer is the confusion matrix with Gaussian noise (client/evaluation.py), checked
+    against the site's budget and recorded in its ledger as an ``evaluate`` release, once per round of a run.
+    The default ServerApp evaluates centrally on held-out data and never sends this request.
     """
+    from client.evaluation import confusion_counts, evaluation_event, noisy_counts, released_metrics
     from shared.federation import site_training_rows
-    from shared.metrics import evaluate_model
-    from shared.model import encode, fresh_model, load_tokenizer, set_trainable
+    from shared.metrics import predict
+    from shared.model import encode, fresh_model, load_tokenizer, set_feature_center, set_trainable
 
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
-    rows: LabelledText = site_training_rows(cfg, site)
-    model = fresh_model(cfg, num_labels=len(rows.label_names))
-    set_trainable(model, arrays_from_record(msg.content, C.GLOBAL_RECORD))
-    if C.CENTER_RECORD in msg.content.array_records:
-        from shared.model import set_feature_center
+    server_round = int(config_value(msg.content, C.EVALUATE_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
+    run_id = str(context.run_id)
+    if not site.allow_evaluate:
+        return _decline(
+            msg,
+            f"site {site.site_id} does not answer evaluate requests: its own config does not set allow-evaluate = "
+            "true (exact metrics on its rows would be released outside its privacy budget)",
+        )
+    try:
+        check_site_policy(cfg, site, context.node_config)
+    except SitePolicyError as e:
+        return _decline(msg, str(e))
+    delta, accountant = site.accounting()
 
+    rows: LabelledText = site_training_rows(cfg, site)
+    fingerprint = _fingerprint(site, rows)
+    ledger = _open_ledger(site)
+    if ledger.find(run_id=run_id, server_round=server_round, purpose=PURPOSE_EVALUATE) is not None:
+        return _decline(msg, f"round {server_round} of run {run_id} was already evaluated by this site (replay)")
+    planned = evaluation_event(site.evaluate_noise_multiplier)
+    decision = decide(
+        ledger.history(site.data_source), planned, max_epsilon=site.max_epsilon, delta=delta, accountant=accountant
+    )
+    if not decision.accept:
+        return _decline(msg, f"site {site.site_id}: {decision.reason}")
+
+    model = fresh_model(cfg, num_labels=len(rows.label_names))
+    global_arrays = arrays_from_record(msg.content, C.GLOBAL_RECORD)
+    set_trainable(model, global_arrays)
+    if C.CENTER_RECORD in msg.content.array_records:
         set_feature_center(model, arrays_from_record(msg.content, C.CENTER_RECORD)[C.CENTER_ARRAY])
     data: Encoded = encode(load_tokenizer(cfg.model_path), rows.texts, rows.labels, max_length=cfg.max_length)
-    metrics = evaluate_model(model, data, num_classes=len(rows.label_names), device=site.device)
-    return Message(RecordDict({C.METRICS_RECORD: MetricRecord({**metrics, "num-examples": len(rows)})}), reply_to=msg)
+    predictions, _ = predict(model, data, device=site.device)  # the loss stays here: unbounded per row
+    counts = confusion_counts(rows.labels, predictions, num_classes=len(rows.label_names))
+    noisy = noisy_counts(counts, noise_multiplier=planned.noise_multiplier)
+    entry = ledger.append(  # recorded before anything is released
+        run_id=run_id,
+        server_round=server_round,
+        adapter_hash=digest_arrays(global_arrays),
+        dataset_fingerprint=fingerprint,
+        event=planned,
+        delta=delta,
+        accountant=accountant,
+        max_epsilon=None if math.isinf(site.max_epsilon) else site.max_epsilon,
+        data_source=site.data_source,
+        purpose=PURPOSE_EVALUATE,
+    )
+    metrics = MetricRecord(
+        {
+            **released_metrics(noisy),
+            C.METRIC_EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0,
+            C.METRIC_DELTA: delta,
+        }
+    )
+    return Message(
+        RecordDict(
+            {
+                C.METRICS_RECORD: metrics,
+                C.DP_EVENT_RECORD: ConfigRecord({**planned.to_dict(), "site-id": site.site_id}),
+                C.ATTESTATION_RECORD: ConfigRecord(ledger.attestation(entry)),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 def _round_seed(seed: int, site_id: str, server_round: int) -> int:

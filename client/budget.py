@@ -1,8 +1,9 @@
 """The data holder's budget check: before training a round, would the site's epsilon stay within its budget?
 
-The decision is the site's own: ``max_epsilon`` and ``delta`` come from the site's config, the history
-from its own ledger (every round on the same data set, in every run). A round that would overspend is
-declined with an explicit reason, which the client sends back instead of an update.
+The decision is the site's own: ``max_epsilon``, ``delta`` and the accountant come from the site's config
+(never from the run config), the history from its own ledger (every release of the same data source, in every
+run, whatever the rows' fingerprint). A round that would overspend is declined with an explicit reason, which
+the client sends back instead of an update.
 """
 
 from __future__ import annotations

@@ -1,18 +1,25 @@
 """What a deployed site refuses to let the server decide.
 
-A deployed site (node config has ``site-id``) takes its data path, device, budget (``max-epsilon``, ``delta``)
-and ledger path from its own node config only. The run config comes from the server, so a run config that
-tries to set one of those differently is refused before anything is read or trained; the reason goes back to
-the server as the round's decline reason (and into the server's log). The run-config keys that count as
-site-owned in a deployment:
+A deployed site (node config has ``site-id``) takes its data path, columns and label set, device, budget
+(``max-epsilon``, ``delta``, ``accountant``, ``data-source``) and ledger path from its own node config only.
+The run config comes from the server, so a run config that tries to set one of those differently is refused
+before anything is read or trained; the reason goes back to the server as the round's decline reason (and
+into the server's log). The run-config keys that count as site-owned in a deployment:
 
 - ``data-path``: must be the default (then it only names the server's data) or the site's own data path;
 - ``sim-dir``: simulation only, must be empty;
 - ``target-epsilon``: must not exceed the site's ``max-epsilon``;
-- ``delta``: must not exceed the site's ``delta`` (when the site sets one);
+- ``delta``: must not exceed the site's ``delta`` (the site accounts at its own delta and accountant whatever
+  the run config says; a looser one is refused so that the server does not believe a weaker guarantee);
+- ``labels``: must be the site's ``labels``, in the same order (the class order is part of the model: a
+  permuted list would train the head on swapped classes);
 - ``dp = false``: refused unless the site has no budget (``max-epsilon`` unset);
 - ``reproducible-noise = true``: refused unless the site's node config sets ``allow-reproducible-noise = true``
   (the server could then recompute the noise: for tests and experiments only).
+
+The run config's ``text-column``, ``label-column`` and ``accountant`` are not refused but ignored by a deployed
+site: the columns name those of the server's own files (its evaluation file may differ from the site's), and
+epsilon is always composed with the site's own accountant.
 
 Simulated sites are not checked: in a simulation one party plays every role.
 """
@@ -27,14 +34,21 @@ from typing import Any
 from shared.config import BUILTIN_DATA, RunConfig
 from shared.secagg.constants import NODE_MIN_COHORT, NODE_REQUIRE_SECAGG, NODE_THRESHOLD_FRACTION
 from shared.site import (
+    NODE_ACCOUNTANT,
+    NODE_ALLOW_EVALUATE,
     NODE_DATA_PATH,
+    NODE_DATA_SOURCE,
     NODE_DELTA,
     NODE_DEVICE,
+    NODE_EVALUATE_NOISE,
+    NODE_LABEL_COLUMN,
+    NODE_LABELS,
     NODE_LEDGER,
     NODE_MAX_EPSILON,
     NODE_ROSTER,
     NODE_SITE_DIR,
     NODE_SITE_ID,
+    NODE_TEXT_COLUMN,
     Site,
     SiteConfigError,
 )
@@ -54,6 +68,13 @@ DEPLOYED_NODE_KEYS = frozenset(
         NODE_ALLOW_REPRODUCIBLE_NOISE,
         NODE_MIN_COHORT,
         NODE_THRESHOLD_FRACTION,
+        NODE_ACCOUNTANT,
+        NODE_DATA_SOURCE,
+        NODE_TEXT_COLUMN,
+        NODE_LABEL_COLUMN,
+        NODE_LABELS,
+        NODE_ALLOW_EVALUATE,
+        NODE_EVALUATE_NOISE,
     }
 )
 
@@ -92,6 +113,11 @@ def site_policy_violations(cfg: RunConfig, site: Site, node_config: Mapping[str,
         )
     if site.delta is not None and cfg.delta > site.delta:
         found.append(f"run config delta={cfg.delta:g} exceeds this site's delta={site.delta:g}")
+    if site.labels is not None and tuple(cfg.label_names or ()) != site.labels:
+        found.append(
+            f"run config labels={cfg.labels!r} differs from this site's labels={','.join(site.labels)!r} "
+            "(the class order is part of the model)"
+        )
     if not cfg.dp and math.isfinite(site.max_epsilon):
         found.append(f"run config dp=false (epsilon = inf) exceeds this site's max-epsilon={site.max_epsilon:g}")
     if cfg.dp and cfg.reproducible_noise and node_config.get(NODE_ALLOW_REPRODUCIBLE_NOISE) is not True:

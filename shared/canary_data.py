@@ -5,8 +5,8 @@ the server and every simulated client derive the same list without exchanging it
 assigned to its partition and drawn "in"; the server scores every canary (in or out) by how much the training
 lowered its loss on its random label, and writes ``canary_scores.json`` for ``privatune audit``.
 
-Canary mode is for simulations only: it deliberately adds records to a site's data (which gives the data set
-a new fingerprint, so its budget is accounted apart from the site's real data).
+Canary mode is for simulations only: it deliberately adds records to a site's data (which gives the rows a
+new fingerprint, but not a new budget: the rounds compose with the site's data source like any other).
 """
 
 from __future__ import annotations

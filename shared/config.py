@@ -36,8 +36,8 @@ class RunConfig:
     seed: int = field(default=42, metadata=_help("Seed of partitioning, FFA-LoRA's frozen A, head init, sampling."))
     # data
     data_path: str = field(default=BUILTIN_DATA, metadata=_help("builtin:rotten-tomatoes or a .csv/.jsonl/.parquet"))
-    text_column: str = field(default="text", metadata=_help("Column holding the text."))
-    label_column: str = field(default="label", metadata=_help("Column holding the label."))
+    text_column: str = field(default="text", metadata=_help("Column holding the text (deployed sites: their own)."))
+    label_column: str = field(default="label", metadata=_help("Column holding the label (deployed sites: their own)."))
     labels: str = field(default="", metadata=_help("Comma-separated label set, in class-index order; '' = inferred."))
     partitioning: Literal["iid", "dirichlet"] = field(default="iid", metadata=_help("How rows go to clients."))
     dirichlet_alpha: float = field(default=0.5, metadata=_help("Label-skew concentration (smaller = more skew)."))
@@ -77,8 +77,13 @@ class RunConfig:
     center_clip_norm: float = field(
         default=5.0, metadata=_help("L2 clip of each row's pooled vector in the centering query (its sensitivity).")
     )
-    delta: float = field(default=1e-5, metadata=_help("DP delta per site."))
-    accountant: Literal["prv", "rdp"] = field(default="prv", metadata=_help("Privacy accountant."))
+    delta: float = field(
+        default=1e-5,
+        metadata=_help("Delta the run asks for; every site accounts at its own delta (node config / site.toml)."),
+    )
+    accountant: Literal["prv", "rdp"] = field(
+        default="prv", metadata=_help("Accountant the run asks for; sites compose with their own.")
+    )
     reproducible_noise: bool = field(
         default=False,
         metadata=_help("Seed DP noise and sampling from the run seed: experiments only, NOT private."),

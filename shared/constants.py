@@ -3,6 +3,7 @@
 # Records in a train/evaluate request
 GLOBAL_RECORD = "global"  # ArrayRecord: the global trainable tensors, by name
 TRAIN_CONFIG_RECORD = "train-config"  # ConfigRecord: round, run id, task
+EVALUATE_CONFIG_RECORD = "evaluate-config"  # ConfigRecord of an evaluate request: round (KEY_SERVER_ROUND)
 CENTER_RECORD = "feature-center"  # ArrayRecord: {"center": the head's input center}, when center-features is on
 CENTER_ARRAY = "center"
 

@@ -1,8 +1,9 @@
 """Which rows a party uses: the server's held-out test split and each site's training rows.
 
 In simulation every party recomputes the same split of the run's dataset from the seed. A deployed site reads
-its own file from its own node config; the run must then declare its label set, and the site's labels must
-be in it.
+its own file with its own columns and label set (``text-column``, ``label-column``, ``labels`` of its node
+config), never with the run config's: the run config's columns name the server's own files, and a run whose
+label set differs from the site's is refused by the site's policy (client/site_policy.py).
 """
 
 from __future__ import annotations
@@ -64,11 +65,9 @@ def site_training_rows(cfg: RunConfig, site: Site) -> LabelledText:
         parts, _ = simulated_split(cfg, data, site.num_partitions)
         rows = data.subset(parts[site.partition_id])
     else:
-        if cfg.label_names is None:
-            raise DataError("a deployed run must declare its label set in the run config (labels = 'a,b,...')")
-        assert site.data_path is not None
+        assert site.data_path is not None and site.labels is not None
         rows = load_labelled_text(
-            site.data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names
+            site.data_path, text_column=site.text_column, label_column=site.label_column, labels=site.labels
         )
     if len(rows) == 0:
         raise DataError(f"site {site.site_id} has no training rows")

@@ -1,16 +1,24 @@
-"""A site's own privacy ledger: one signed, hash-chained JSON line per round the site trained in.
+"""A site's own privacy ledger: one signed, hash-chained JSON line per release of the site's data.
 
 The ledger lives on the site's disk so that the site never has to trust the server's account of its privacy.
-Each entry records what was trained on (a fingerprint of the data set: a hash and a row count, no content),
-the round's DP event, and the site's cumulative epsilon over every entry for the same data set, in every run.
-The file is only ever appended to (see :mod:`shared.hashchain`); a problem found on open is an error naming
-the line, never something repaired.
+Each entry records what the release was for (``purpose``: a training round, the feature-mean query, an
+evaluation), the site's data source it drew on, a keyed fingerprint of the rows (HMAC under a key only the
+site holds: it tells the site's auditor that the data changed, and tells nobody else anything about the rows),
+the DP event, and the site's cumulative epsilon over every entry of the same data source, in every run, at
+the site's own delta. The file is only ever appended to (see :mod:`shared.hashchain`); a problem found on
+open is an error naming the line, never something repaired.
+
+Entries written before data sources existed (no ``data_source``, a plain ``sha256:<hex>:rows=<n>``
+fingerprint) still open and audit unchanged; they count toward every source of the site, since the ledger
+cannot tell which data they drew on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,8 +51,17 @@ ENTRY_FIELDS = (
     "signature",
     "max_epsilon",
     "seeded_noise",
+    "data_source",
+    "purpose",
 )
-OPTIONAL_FIELDS = ("max_epsilon", "seeded_noise")  # absent in older entries
+OPTIONAL_FIELDS = ("max_epsilon", "seeded_noise", "data_source", "purpose")  # absent in older entries
+PURPOSE_TRAIN = "train"  # a round of DP-SGD
+PURPOSE_FEATURE_MEAN = "feature-mean"  # round 0 of a centered run: the noisy mean query
+PURPOSE_EVALUATE = "evaluate"  # DP-noised evaluation counts
+PURPOSES = (PURPOSE_TRAIN, PURPOSE_FEATURE_MEAN, PURPOSE_EVALUATE)
+DEFAULT_DATA_SOURCE = "default"  # as shared.site.DEFAULT_DATA_SOURCE
+FINGERPRINT_KEY_BYTES = 32
+KEYED_FINGERPRINT_PREFIX = "hmac-sha256:"
 ATTESTATION_FIELDS = (
     "site_id",
     "run_id",
@@ -63,6 +80,62 @@ class LedgerError(ValueError):
 
 
 # -- fingerprints and digests (hashes only, never content) --------------------------------------------------
+
+
+def load_fingerprint_key(path: Path) -> bytes:
+    """The site's secret fingerprint key at ``path``: created once (32 random bytes, mode 0600), then read.
+
+    Creation is atomic (a complete temporary file hard-linked into place), so two processes starting at once
+    end up with the same key.
+    """
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, os.urandom(FINGERPRINT_KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            tmp.unlink()
+    key = path.read_bytes()
+    if len(key) != FINGERPRINT_KEY_BYTES:
+        raise LedgerError(f"fingerprint key {path} must hold {FINGERPRINT_KEY_BYTES} bytes, has {len(key)}")
+    if path.stat().st_mode & 0o077:
+        raise LedgerError(f"fingerprint key {path} must be readable by its owner only (chmod 600 {path})")
+    return key
+
+
+def keyed_fingerprint_rows(rows: Sequence[tuple[str, int]], *, key: bytes) -> str:
+    """``"hmac-sha256:<hex>"`` of the ``(text, label)`` rows in order, under the site's secret ``key``.
+
+    No row count, and nothing anyone without the key can test a guess of the rows against: it may leave the
+    site (the attestation carries the ledger entry). It changes with any change of the rows or their labels.
+    """
+    if len(key) < 16:
+        raise LedgerError(f"fingerprint key must be at least 16 bytes, got {len(key)}")
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for row in _checked_rows(rows):
+        h.update(row)
+    return f"{KEYED_FINGERPRINT_PREFIX}{h.hexdigest()}"
+
+
+def _checked_rows(rows: Sequence[tuple[str, int]]) -> Iterable[bytes]:
+    for i, row in enumerate(rows):
+        if len(row) != 2 or not isinstance(row[0], str) or isinstance(row[1], bool):
+            raise LedgerError(f"row {i} must be a (text: str, label: int) pair, got {row!r}")
+        yield json.dumps([row[0], int(row[1])], ensure_ascii=True).encode() + b"\n"
+
+
+# The unkeyed fingerprints below are the format of ledgers written before keyed fingerprints (they let anyone
+# holding all rows but one confirm the missing one, so nothing writes them into a new entry); kept to read,
+# test and describe those ledgers.
 
 
 def _fingerprint(digest: str, rows: int) -> str:
@@ -86,17 +159,10 @@ def fingerprint_file(path: Path, *, rows: int) -> str:
 
 
 def fingerprint_rows(rows: Sequence[tuple[str, int]]) -> str:
-    """Fingerprint of the records a site trains on, as loaded (e.g. a simulated partition).
-
-    The hash covers a canonical serialization of the ``(text, label)`` rows in order, and nothing else: the
-    budget follows the records, not the path or the name they were loaded under.
-    """
+    """The legacy unkeyed ``"sha256:<hex>:rows=<n>"`` of ``(text, label)`` rows (see the note above)."""
     h = hashlib.sha256()
-    for i, row in enumerate(rows):
-        if len(row) != 2 or not isinstance(row[0], str) or isinstance(row[1], bool):
-            raise LedgerError(f"row {i} must be a (text: str, label: int) pair, got {row!r}")
-        h.update(json.dumps([row[0], int(row[1])], ensure_ascii=True).encode())
-        h.update(b"\n")
+    for row in _checked_rows(rows):
+        h.update(row)
     return _fingerprint(h.hexdigest(), len(rows))
 
 
@@ -147,6 +213,20 @@ class LedgerEntry:
     signature: str
     max_epsilon: float | None = None  # the site's budget when it trained this round (None: not recorded)
     seeded_noise: bool = False  # noise and sampling seeded from the run seed: epsilon not valid against the server
+    data_source: str | None = None  # the site's data source the budget belongs to (None: a legacy entry)
+    purpose: str | None = None  # train, feature-mean, evaluate (None: a legacy entry, see release)
+
+    @property
+    def release(self) -> str:
+        """What the entry released: its ``purpose``, or for a legacy entry ``train`` (``feature-mean`` in round
+        0, the only round a feature-mean query was ever answered in)."""
+        if self.purpose is not None:
+            return self.purpose
+        return PURPOSE_FEATURE_MEAN if self.round == 0 else PURPOSE_TRAIN
+
+    def composes_with(self, data_source: str) -> bool:
+        """Whether this entry's event counts toward the budget of ``data_source`` (legacy entries: every one)."""
+        return self.data_source is None or self.data_source == data_source
 
     def to_record(self) -> dict[str, Any]:
         """The entry as the JSON object stored on its line (``inf`` spelled ``"inf"``)."""
@@ -182,7 +262,11 @@ class LedgerEntry:
                 signature=_typed(record, "signature", str),
                 max_epsilon=None if record.get("max_epsilon") is None else float(record["max_epsilon"]),
                 seeded_noise=bool(record.get("seeded_noise", False)),
+                data_source=None if record.get("data_source") is None else _typed(record, "data_source", str),
+                purpose=None if record.get("purpose") is None else _typed(record, "purpose", str),
             )
+            if entry.purpose is not None and entry.purpose not in PURPOSES:
+                raise LedgerError(f"purpose must be one of {PURPOSES}, got {entry.purpose!r}")
         except (PrivacyError, TypeError, ValueError) as e:
             raise LedgerError(f"ledger entry {record.get('seq', '?')} is malformed: {e}") from e
         return entry
@@ -238,18 +322,20 @@ class SiteLedger:
     def entries(self) -> list[LedgerEntry]:
         return list(self._entries)
 
-    def history(self, dataset_fingerprint: str) -> list[DpEvent]:
-        """The DP events of every entry for this data set, across all runs, in ledger order."""
-        return [e.event for e in self._entries if e.dataset_fingerprint == dataset_fingerprint]
+    def history(self, data_source: str) -> list[DpEvent]:
+        """The DP events of every entry of this data source (and every legacy entry), across all runs, in
+        ledger order, whatever the rows' fingerprint was: a changed row does not give the same people a new
+        budget."""
+        return [e.event for e in self._entries if e.composes_with(data_source)]
 
-    def spent(self, dataset_fingerprint: str, *, delta: float, accountant: str) -> float:
-        """Epsilon spent so far on this data set, at ``delta``, recomputed from the events."""
-        return cumulative_epsilon(self.history(dataset_fingerprint), delta=delta, accountant=accountant)
+    def spent(self, data_source: str, *, delta: float, accountant: str) -> float:
+        """Epsilon spent so far on this data source, at ``delta``, recomputed from the events."""
+        return cumulative_epsilon(self.history(data_source), delta=delta, accountant=accountant)
 
-    def find(self, *, run_id: str, server_round: int, dataset_fingerprint: str) -> LedgerEntry | None:
-        """The entry already recorded for this round of this run on this data set, if any (retry / resume)."""
+    def find(self, *, run_id: str, server_round: int, purpose: str = PURPOSE_TRAIN) -> LedgerEntry | None:
+        """The entry already recorded for this release in this round of this run, if any (retry / replay)."""
         for e in self._entries:
-            if e.run_id == run_id and e.round == server_round and e.dataset_fingerprint == dataset_fingerprint:
+            if e.run_id == run_id and e.round == server_round and e.release == purpose:
                 return e
         return None
 
@@ -265,11 +351,14 @@ class SiteLedger:
         accountant: str,
         max_epsilon: float | None = None,
         seeded_noise: bool = False,
+        data_source: str = DEFAULT_DATA_SOURCE,
+        purpose: str = PURPOSE_TRAIN,
     ) -> LedgerEntry:
-        """Record one trained round, with the cumulative epsilon over this data set's history and ``event``.
+        """Record one release, with the cumulative epsilon over ``data_source``'s history and ``event``.
 
-        Refuses a round already recorded for the same run and data set, so a retried or resumed round is never
-        counted twice (use :meth:`find` to get the existing entry back). ``max_epsilon``, the site's budget
+        Refuses a release already recorded for the same run, round and ``purpose``, so a retried or resumed
+        round is never counted twice (use :meth:`find` to get the existing entry back); a round may hold one
+        entry of each purpose (its training and an evaluation). ``max_epsilon``, the site's budget
         when it decided to train, is recorded so that an audit can show the budget held; a round is recorded
         even over budget (it was trained: hiding it would be worse). ``seeded_noise`` marks a round whose DP
         noise and sampling were seeded from the run's seed (reproducible experiments): its epsilon does not
@@ -285,16 +374,25 @@ class SiteLedger:
             raise LedgerError("run_id must be a non-empty string")
         if max_epsilon is not None and not max_epsilon > 0:
             raise LedgerError(f"max_epsilon must be > 0 (inf for no budget) or None, got {max_epsilon}")
+        if not isinstance(data_source, str) or not data_source:
+            raise LedgerError(f"data_source must be a non-empty string, got {data_source!r}")
+        if purpose not in PURPOSES:
+            raise LedgerError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
+        if not str(dataset_fingerprint).startswith(KEYED_FINGERPRINT_PREFIX):
+            raise LedgerError(
+                f"dataset_fingerprint must be keyed ({KEYED_FINGERPRINT_PREFIX}..., see keyed_fingerprint_rows), got "
+                f"{str(dataset_fingerprint)[:24]!r}: an unkeyed hash would let others confirm the site's rows"
+            )
         event = DpEvent.from_dict(event.to_dict())  # normalized types: a stable hash
 
         def make_body(records: list[dict[str, Any]]) -> dict[str, Any]:
             self._load(records)  # the file as it is now, under the lock
-            if self.find(run_id=run_id, server_round=server_round, dataset_fingerprint=dataset_fingerprint):
+            if self.find(run_id=run_id, server_round=server_round, purpose=purpose):
                 raise LedgerError(
-                    f"round {server_round} of run {run_id!r} is already recorded for data set "
-                    f"{dataset_fingerprint} in {self.path}: refusing to count it twice"
+                    f"the {purpose} release of round {server_round} of run {run_id!r} is already recorded in "
+                    f"{self.path}: refusing to count it twice"
                 )
-            history = self.history(dataset_fingerprint)
+            history = self.history(data_source)
             return {
                 "run_id": run_id,
                 "round": server_round,
@@ -308,6 +406,8 @@ class SiteLedger:
                 "epsilon": cumulative_epsilon([*history, event], delta=delta, accountant=accountant),
                 "max_epsilon": None if max_epsilon is None else float(max_epsilon),
                 "seeded_noise": bool(seeded_noise),
+                "data_source": data_source,
+                "purpose": purpose,
             }
 
         try:

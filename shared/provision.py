@@ -205,13 +205,24 @@ site-dir = "{site_dir}"
 data-path = "{site_dir / "data.csv"}"
 # cpu, cuda:0, ...
 device = "cpu"
-# Your total privacy budget over every run, and your delta.
+# Your total privacy budget over every run, and the delta and accountant it is always accounted at
+# (required: a run config never changes them).
 max-epsilon = 8.0
 delta = 1e-5
+accountant = "prv"
+# Your data's columns and label set, in class-index order (a run whose labels differ is refused). EDIT THIS.
+text-column = "text"
+label-column = "label"
+labels = "rotten,fresh"
+# What your budget belongs to: every release from this data composes, whatever the rows' hash.
+data-source = "default"
+# Answer the server's evaluate requests with DP-noised counts (charged to your budget): off by default.
+allow-evaluate = false
 ledger-path = "{site_dir / "privacy_ledger.jsonl"}"
 roster-path = "{site_dir / ROSTER_FILE}"
-# Refuse any round without secure aggregation.
+# Refuse any round without secure aggregation, and any secure round with fewer distinct sites than this.
 require-secagg = true
+secagg-min-cohort = 3
 """
 
 

@@ -4,20 +4,32 @@ A site's settings come from its own node config, never from the server. In simul
 only holds ``partition-id``/``num-partitions``; the site then lives under ``<sim-dir>/sites/site-<id>`` and
 its data is the partition of the run's dataset (see ``shared/partition.py``). In a deployment the node config
 (``flower-supernode --node-config``) names everything explicitly.
+
+The numbers a site's epsilon is accounted with, ``delta`` and ``accountant``, are the site's: a deployed site
+must set both; a simulated site pins them in its ``site.toml`` at first use (:func:`pin_simulated_accounting`),
+so that no later run config can re-price its history at a looser delta. The budget belongs to the site's
+declared ``data-source`` (one per site unless it says otherwise), whatever the rows hash to.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, site_id_for_partition
+from shared.ledger import DEFAULT_DATA_SOURCE, SiteLedger
+from shared.privacy import ACCOUNTANTS
 from shared.secagg.constants import NODE_MIN_COHORT, NODE_THRESHOLD_FRACTION
 
 LEDGER_FILE = "privacy_ledger.jsonl"
+FINGERPRINT_KEY_FILE = "fingerprint.key"  # the site's secret HMAC key of its data fingerprints (0600)
+DEFAULT_EVALUATE_NOISE_MULTIPLIER = 20.0  # noise std of each released confusion-matrix count (sensitivity 1)
 
 # Node-config keys a deployed site sets (flower-supernode --node-config "site-id='hospital-a' ...")
 NODE_SITE_ID = "site-id"
@@ -28,6 +40,13 @@ NODE_MAX_EPSILON = "max-epsilon"
 NODE_DELTA = "delta"
 NODE_LEDGER = "ledger-path"
 NODE_ROSTER = "roster-path"
+NODE_ACCOUNTANT = "accountant"
+NODE_DATA_SOURCE = "data-source"
+NODE_TEXT_COLUMN = "text-column"
+NODE_LABEL_COLUMN = "label-column"
+NODE_LABELS = "labels"
+NODE_ALLOW_EVALUATE = "allow-evaluate"
+NODE_EVALUATE_NOISE = "evaluate-noise-multiplier"
 # Set by Flower's simulation engine
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
@@ -38,11 +57,21 @@ class SiteConfigError(ValueError):
 
 
 SITE_SETTINGS_FILE = "site.toml"
-SIMULATED_SITE_KEYS = (NODE_DEVICE, NODE_MAX_EPSILON, NODE_DELTA, NODE_MIN_COHORT, NODE_THRESHOLD_FRACTION)
+SIMULATED_SITE_KEYS = (
+    NODE_DEVICE,
+    NODE_MAX_EPSILON,
+    NODE_DELTA,
+    NODE_ACCOUNTANT,
+    NODE_ALLOW_EVALUATE,
+    NODE_EVALUATE_NOISE,
+    NODE_MIN_COHORT,
+    NODE_THRESHOLD_FRACTION,
+)
+PINNED_SITE_KEYS = (NODE_DELTA, NODE_ACCOUNTANT)  # once set, the history is accounted at them
 
 
 def read_site_settings(site_dir: Path) -> dict[str, Any]:
-    """A simulated site's own settings (``max-epsilon``, ``delta``, ``device``) from ``<site-dir>/site.toml``.
+    """A simulated site's own settings (:data:`SIMULATED_SITE_KEYS`) from ``<site-dir>/site.toml``.
 
     Flower's simulation gives a virtual node only its partition id; this file plays the part of the node
     config a deployed site sets itself, so simulated sites can have budgets the server does not decide.
@@ -62,15 +91,37 @@ def read_site_settings(site_dir: Path) -> dict[str, Any]:
     return raw
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string is a JSON string
+    return repr(value)
+
+
 def write_site_settings(site_dir: Path, settings: Mapping[str, Any]) -> Path:
-    """Write a simulated site's ``site.toml`` (what the CLI does for ``--site-max-epsilon``)."""
+    """Add ``settings`` to a simulated site's ``site.toml`` (what the CLI does for ``--site-max-epsilon``).
+
+    Settings already in the file are kept. A pinned ``delta`` or ``accountant`` is never changed: the site's
+    history is accounted at it (changing it is the site operator's decision, made by editing the file).
+    """
     unknown = sorted(set(settings) - set(SIMULATED_SITE_KEYS))
     if unknown:
         raise SiteConfigError(f"unknown simulated-site setting(s) {unknown}; allowed: {list(SIMULATED_SITE_KEYS)}")
-    lines = [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in settings.items()]
     path = Path(site_dir) / SITE_SETTINGS_FILE
+    current = read_site_settings(site_dir)
+    for key in PINNED_SITE_KEYS:
+        if key in current and key in settings and settings[key] != current[key]:
+            raise SiteConfigError(
+                f"{path}: {key} is pinned to {current[key]!r} (the site's history is accounted at it); "
+                f"refusing to set {settings[key]!r}"
+            )
+    merged = {**current, **settings}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".site-", suffix=".toml")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{k} = {_toml_value(v)}\n" for k, v in merged.items()))
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of it
     return path
 
 
@@ -88,13 +139,31 @@ class Site:
     num_partitions: int | None
     device: str
     max_epsilon: float  # inf: no site budget
-    delta: float | None  # None: the run's delta
+    delta: float | None  # None: a simulated site not yet pinned (see pin_simulated_accounting)
+    accountant: str | None = None  # None: as delta
+    data_source: str = DEFAULT_DATA_SOURCE  # what the budget belongs to
+    text_column: str = "text"  # a deployed site's own columns and label set (class-index order)
+    label_column: str = "label"
+    labels: tuple[str, ...] | None = None  # None: simulated (the run's dataset)
+    allow_evaluate: bool = False  # answer the server's evaluate requests (DP-noised, ledgered)
+    evaluate_noise_multiplier: float = DEFAULT_EVALUATE_NOISE_MULTIPLIER
     secagg_min_cohort: int = 3  # fewest distinct roster sites in a secure round (secagg-min-cohort)
     secagg_threshold_fraction: float = 2 / 3  # t >= ceil(f * (k + 1)) (secagg-threshold-fraction)
 
     @property
     def simulated(self) -> bool:
         return self.partition_id is not None
+
+    @property
+    def fingerprint_key_path(self) -> Path:
+        return self.site_dir / FINGERPRINT_KEY_FILE
+
+    def accounting(self) -> tuple[float, str]:
+        """``(delta, accountant)`` every epsilon of this site is composed at; an error while unset."""
+        if self.delta is None or self.accountant is None:
+            missing = [k for k, v in ((NODE_DELTA, self.delta), (NODE_ACCOUNTANT, self.accountant)) if v is None]
+            raise SiteConfigError(f"site {self.site_id!r} has no {' and '.join(missing)} of its own")
+        return self.delta, self.accountant
 
 
 def _float(node_config: Mapping[str, Any], key: str, default: float | None) -> float | None:
@@ -122,24 +191,76 @@ def _secagg_limits(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _bool(node_config: Mapping[str, Any], key: str) -> bool:
+    value = node_config.get(key, False)
+    if not isinstance(value, bool):
+        raise SiteConfigError(f"node config {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _text(node_config: Mapping[str, Any], key: str, default: str) -> str:
+    value = node_config.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise SiteConfigError(f"node config {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def parse_labels(value: Any, *, where: str = f"node config {NODE_LABELS!r}") -> tuple[str, ...]:
+    """A comma-separated label set in class-index order (``"rotten,fresh"``): at least 2 distinct names."""
+    if not isinstance(value, str):
+        raise SiteConfigError(f"{where} must be a comma-separated string, got {value!r}")
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise SiteConfigError(f"{where} must name at least 2 distinct labels, got {value!r}")
+    return names
+
+
+def _own_settings(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The settings every site may set (node config or site.toml), checked; ``where`` names the file."""
+    try:
+        max_epsilon = _float(settings, NODE_MAX_EPSILON, math.inf)
+        delta = _float(settings, NODE_DELTA, None)
+        noise = _float(settings, NODE_EVALUATE_NOISE, DEFAULT_EVALUATE_NOISE_MULTIPLIER)
+        allow_evaluate = _bool(settings, NODE_ALLOW_EVALUATE)
+    except SiteConfigError as e:
+        raise SiteConfigError(f"{where}: {e}") from e
+    assert max_epsilon is not None and noise is not None
+    if not max_epsilon > 0:
+        raise SiteConfigError(f"{where}: {NODE_MAX_EPSILON!r} must be > 0, got {max_epsilon}")
+    if delta is not None and not 0.0 < delta < 1.0:
+        raise SiteConfigError(f"{where}: {NODE_DELTA!r} must be in (0, 1), got {delta}")
+    accountant = settings.get(NODE_ACCOUNTANT)
+    if accountant is not None and accountant not in ACCOUNTANTS:
+        raise SiteConfigError(f"{where}: {NODE_ACCOUNTANT!r} must be one of {list(ACCOUNTANTS)}, got {accountant!r}")
+    if not (noise > 0 and math.isfinite(noise)):
+        raise SiteConfigError(f"{where}: {NODE_EVALUATE_NOISE!r} must be finite and > 0, got {noise}")
+    return {
+        "device": str(settings.get(NODE_DEVICE, "cpu")),
+        "max_epsilon": max_epsilon,
+        "delta": delta,
+        "accountant": accountant,
+        "allow_evaluate": allow_evaluate,
+        "evaluate_noise_multiplier": noise,
+        **_secagg_limits(settings, where),
+    }
+
+
 def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> Site:
     """Build the :class:`Site` from a node config (deployment) or from the simulation's partition id."""
-    device = str(node_config.get(NODE_DEVICE, "cpu"))
-    max_epsilon = _float(node_config, NODE_MAX_EPSILON, math.inf)
-    delta = _float(node_config, NODE_DELTA, None)
-    assert max_epsilon is not None
-    if not max_epsilon > 0:
-        raise SiteConfigError(f"node config {NODE_MAX_EPSILON!r} must be > 0, got {max_epsilon}")
-    if delta is not None and not 0.0 < delta < 1.0:
-        raise SiteConfigError(f"node config {NODE_DELTA!r} must be in (0, 1), got {delta}")
-
     if NODE_SITE_ID in node_config:  # a deployed site: everything explicit
         site_id = str(node_config[NODE_SITE_ID])
-        if NODE_SITE_DIR not in node_config:
-            raise SiteConfigError(f"node config sets {NODE_SITE_ID!r} but not {NODE_SITE_DIR!r}")
+        for required in (NODE_SITE_DIR, NODE_DATA_PATH, NODE_DELTA, NODE_ACCOUNTANT, NODE_LABELS):
+            if required not in node_config:
+                raise SiteConfigError(
+                    f"node config of site {site_id!r} must set {required!r}"
+                    + (
+                        " (the site's own; its epsilon is always accounted at it, never at the run config's)"
+                        if required in PINNED_SITE_KEYS
+                        else ""
+                    )
+                )
+        own = _own_settings(node_config, "node config")
         site_dir = Path(str(node_config[NODE_SITE_DIR])).expanduser()
-        if NODE_DATA_PATH not in node_config:
-            raise SiteConfigError(f"node config of site {site_id!r} must set {NODE_DATA_PATH!r}")
         return Site(
             site_id=site_id,
             site_dir=site_dir,
@@ -149,10 +270,11 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
             data_path=Path(str(node_config[NODE_DATA_PATH])).expanduser(),
             partition_id=None,
             num_partitions=None,
-            device=device,
-            max_epsilon=max_epsilon,
-            delta=delta,
-            **_secagg_limits(node_config, "node config"),
+            data_source=_text(node_config, NODE_DATA_SOURCE, DEFAULT_DATA_SOURCE),
+            text_column=_text(node_config, NODE_TEXT_COLUMN, "text"),
+            label_column=_text(node_config, NODE_LABEL_COLUMN, "label"),
+            labels=parse_labels(node_config[NODE_LABELS]),
+            **own,
         )
 
     if NODE_PARTITION_ID not in node_config:
@@ -162,19 +284,9 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
     partition_id = int(node_config[NODE_PARTITION_ID])
     site_id = site_id_for_partition(partition_id)
     site_dir = Path(sim_dir) / "sites" / site_id
-    own = read_site_settings(site_dir)  # a simulated site's own settings: its site.toml, if it has one
-    if own:
-        merged = {**own, NODE_PARTITION_ID: partition_id}
-        device = str(merged.get(NODE_DEVICE, device))
-        max_epsilon = _float(merged, NODE_MAX_EPSILON, max_epsilon)
-        delta = _float(merged, NODE_DELTA, delta)
-        assert max_epsilon is not None
-        if not max_epsilon > 0:
-            raise SiteConfigError(
-                f"{site_dir / SITE_SETTINGS_FILE}: {NODE_MAX_EPSILON!r} must be > 0, got {max_epsilon}"
-            )
-        if delta is not None and not 0.0 < delta < 1.0:
-            raise SiteConfigError(f"{site_dir / SITE_SETTINGS_FILE}: {NODE_DELTA!r} must be in (0, 1), got {delta}")
+    # a simulated site's own settings: its site.toml, if it has one (Flower's node config has only the partition)
+    extra = {k: v for k, v in node_config.items() if k not in (NODE_PARTITION_ID, NODE_NUM_PARTITIONS)}
+    own = _own_settings({**extra, **read_site_settings(site_dir)}, str(site_dir / SITE_SETTINGS_FILE))
     return Site(
         site_id=site_id,
         site_dir=site_dir,
@@ -184,16 +296,36 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
         data_path=None,
         partition_id=partition_id,
         num_partitions=int(node_config.get(NODE_NUM_PARTITIONS, 0)) or None,
-        device=device,
-        max_epsilon=max_epsilon,
-        delta=delta,
-        **_secagg_limits({**node_config, **own}, str(site_dir / SITE_SETTINGS_FILE) if own else "node config"),
+        **own,
     )
 
 
+def pin_simulated_accounting(site: Site, *, delta: float, accountant: str) -> Site:
+    """A simulated site's first use: write the delta and accountant it will always be accounted at into its
+    ``site.toml``, and return the site with them.
+
+    They are taken from the site's ledger when it already has entries (a site from before pinning: its
+    history stays at the delta it was recorded at), else from ``delta``/``accountant`` (the first run's
+    config; in a simulation one party plays every role). Later runs' configs cannot change them.
+    """
+    if not site.simulated or (site.delta is not None and site.accountant is not None):
+        return site
+    first = None
+    if site.ledger_path.exists():
+        entries = SiteLedger(site.ledger_path, site_id=site.site_id).entries()
+        first = entries[0] if entries else None
+    pinned_delta = site.delta if site.delta is not None else (first.delta if first else float(delta))
+    pinned_accountant = site.accountant or (first.accountant if first else accountant)
+    write_site_settings(site.site_dir, {NODE_DELTA: pinned_delta, NODE_ACCOUNTANT: pinned_accountant})
+    return replace(site, delta=pinned_delta, accountant=pinned_accountant)
+
+
 def site_from_context(context: Any) -> Site:
-    """The :class:`Site` of the node running ``context`` (a Flower Context): node config + the run's sim dir."""
+    """The :class:`Site` of the node running ``context`` (a Flower Context): node config + the run's sim dir.
+
+    A simulated site is pinned to its delta and accountant here, at its first use."""
     from shared.config import RunConfig
 
     cfg = RunConfig.from_flower(context.run_config)
-    return site_from_node_config(context.node_config, sim_dir=cfg.simulation_dir(context.run_id))
+    site = site_from_node_config(context.node_config, sim_dir=cfg.simulation_dir(context.run_id))
+    return pin_simulated_accounting(site, delta=cfg.delta, accountant=cfg.accountant)

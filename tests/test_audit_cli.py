@@ -18,10 +18,11 @@ from shared.audit.cli import audit_main
 from shared.audit.example import ExampleFederation, write_example_federation
 from shared.hashchain import ChainWriter, canonical_json
 from shared.identity import Roster, load_private_key, public_key_hex
-from shared.ledger import SITE_LEDGER_KIND, SiteLedger, fingerprint_rows
+from shared.ledger import SITE_LEDGER_KIND, SiteLedger, keyed_fingerprint_rows
 from shared.privacy import DpEvent, compose_epsilon
 
 EVENT = DpEvent(sample_rate=0.02, noise_multiplier=1.0, steps=25, clip_norm=1.0)  # as in the example
+FP = keyed_fingerprint_rows([("a review", 1)], key=bytes(32))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_epsilon_is_recomputed_over_every_run(fed, tmp_path):
     _audit(fed, tmp_path / "out")
 
     site = json.loads((tmp_path / "out" / "report.json").read_text())["sites"][0]
-    (data_set,) = site["data_sets"].values()
+    (data_set,) = site["data_sources"].values()
 
     assert data_set["runs"] == ["1000", "1001"] and data_set["rounds"] == 6
     assert data_set["epsilon"] == pytest.approx(compose_epsilon([EVENT] * 6, delta=1e-5, accountant="rdp"))
@@ -118,7 +119,7 @@ def test_guarantee_statement_names_epsilon_and_delta_per_site(fed, tmp_path):
     guarantee = json.loads((tmp_path / "out" / "report.json").read_text())["guarantee"]
 
     for site_id in fed.site_ids:
-        assert any(s.startswith(f"{site_id}, data set") and "delta = 1e-05" in s for s in guarantee)
+        assert any(s.startswith(f"{site_id}, data source 'default'") and "delta = 1e-05" in s for s in guarantee)
     assert any("No secure aggregation" in s for s in guarantee)
 
 
@@ -177,7 +178,7 @@ def test_a_rewritten_history_signed_by_the_site_is_a_fork(fed, tmp_path, capsys)
             run_id="1000",
             server_round=server_round,
             adapter_hash="sha256:other",
-            dataset_fingerprint=fingerprint_rows([("other", 0)]),
+            dataset_fingerprint=keyed_fingerprint_rows([("other", 0)], key=bytes(32)),
             event=EVENT,
             delta=1e-5,
             accountant="rdp",
@@ -245,8 +246,9 @@ def test_a_signed_entry_with_a_wrong_epsilon_fails_the_recomputation(tmp_path, c
     )
 
     assert status == 1
-    assert "site-a ledger line 1 [epsilon]: entry 0 (run r, round 1): recorded epsilon 0.1000 but its 1 events" in (
-        capsys.readouterr().err
+    assert (
+        "site-a ledger line 1 [epsilon]: entry 0 (run r, round 1, train): recorded epsilon 0.1000 but its 1 events"
+        in (capsys.readouterr().err)
     )
 
 
@@ -258,7 +260,7 @@ def test_an_entry_over_its_recorded_budget_fails(tmp_path, capsys):
         run_id="r",
         server_round=1,
         adapter_hash="sha256:00",
-        dataset_fingerprint="sha256:ab:rows=1",
+        dataset_fingerprint=FP,
         event=EVENT,
         delta=1e-5,
         accountant="rdp",
@@ -278,7 +280,7 @@ def test_an_entry_over_its_recorded_budget_fails(tmp_path, capsys):
     )
 
     assert status == 1
-    assert "[budget]: entry 0 (run r, round 1): epsilon" in capsys.readouterr().err
+    assert "[budget]: entry 0 (run r, round 1, train): epsilon" in capsys.readouterr().err
 
 
 def test_a_tampered_run_ledger_fails(fed, tmp_path, capsys):
@@ -384,7 +386,7 @@ def test_a_budget_given_on_the_command_line_is_checked(tmp_path, capsys):
         run_id="r",
         server_round=1,
         adapter_hash="sha256:00",
-        dataset_fingerprint="sha256:ab:rows=1",
+        dataset_fingerprint=FP,
         event=EVENT,
         delta=1e-5,
         accountant="rdp",
@@ -411,7 +413,7 @@ def test_rounds_with_seeded_noise_are_flagged_in_the_guarantee(tmp_path, capsys)
         run_id="r",
         server_round=1,
         adapter_hash="sha256:00",
-        dataset_fingerprint="sha256:ab:rows=1",
+        dataset_fingerprint=FP,
         event=EVENT,
         delta=1e-5,
         accountant="rdp",

@@ -36,7 +36,7 @@ def test_audit_of_two_simulated_runs_verifies_and_composes_over_both(tiny_config
     assert status == 0, capsys.readouterr().err
     assert [s["site_id"] for s in report["sites"]] == ["site-0", "site-1", "site-2"]
     for site in report["sites"]:
-        (data_set,) = site["data_sets"].values()
+        (data_set,) = site["data_sources"].values()
         assert data_set["rounds"] == 6 and len(data_set["runs"]) == 2  # per run: the centering query, 2 rounds
         assert all(e["matches"] for e in site["entries"])
         assert data_set["epsilon_pld"] == pytest.approx(data_set["epsilon"], rel=0.01)

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.budget import decide
-from shared.ledger import SiteLedger, fingerprint_rows
+from shared.ledger import SiteLedger, keyed_fingerprint_rows
 from shared.privacy import DpEvent, PrivacyError, compose_epsilon
 
 DELTA = 1e-5
@@ -62,7 +62,7 @@ def test_no_budget_accepts_everything():
 
 def test_budget_holds_across_runs_through_the_ledger(tmp_path):
     ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=Ed25519PrivateKey.generate())
-    fp = fingerprint_rows([("x", 0)])
+    fp = keyed_fingerprint_rows([("x", 0)], key=bytes(32))
     for run in ("run-a", "run-b"):
         ledger.append(
             run_id=run,
@@ -74,7 +74,7 @@ def test_budget_holds_across_runs_through_the_ledger(tmp_path):
             accountant="rdp",
         )
 
-    decision = decide(ledger.history(fp), ROUND, max_epsilon=TWO_ROUNDS + 0.01, delta=DELTA, accountant="rdp")
+    decision = decide(ledger.history("default"), ROUND, max_epsilon=TWO_ROUNDS + 0.01, delta=DELTA, accountant="rdp")
 
     assert not decision.accept
     assert decision.epsilon_before == pytest.approx(TWO_ROUNDS)

@@ -39,7 +39,15 @@ def test_no_canaries_leaves_the_rows_alone(tmp_path):
 
 def test_canaries_at_a_deployed_site_are_refused(tmp_path):
     site = site_from_node_config(
-        {"site-id": "hospital-a", "site-dir": str(tmp_path), "data-path": "x.csv"}, sim_dir=tmp_path
+        {
+            "site-id": "hospital-a",
+            "site-dir": str(tmp_path),
+            "data-path": "x.csv",
+            "delta": 1e-5,
+            "accountant": "prv",
+            "labels": "rotten,fresh",
+        },
+        sim_dir=tmp_path,
     )
 
     with pytest.raises(CanaryError, match="canary mode is for simulations only; site 'hospital-a' is a deployed"):

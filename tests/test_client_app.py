@@ -122,15 +122,64 @@ def test_a_train_message_without_the_round_number_is_a_clear_error(cfg):
         client_app.app(msg, _context(cfg, 0))
 
 
-def test_evaluate_reports_metrics_on_the_sites_rows(cfg):
-    msg = Message(
-        RecordDict({C.GLOBAL_RECORD: record_from_arrays(get_trainable(build_model(cfg, 2)))}),
-        dst_node_id=100,
-        message_type="evaluate",
+def _evaluate_message(cfg, server_round=1):
+    content = RecordDict(
+        {
+            C.GLOBAL_RECORD: record_from_arrays(get_trainable(build_model(cfg, 2))),
+            C.EVALUATE_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: server_round}),
+        }
     )
-    reply = client_app.app(msg, _context(cfg, 0))
+    return Message(content, dst_node_id=100, message_type="evaluate")
+
+
+def test_evaluate_is_refused_unless_the_site_opts_in(cfg):
+    reply = client_app.evaluate(_evaluate_message(cfg), _context(cfg, 0))
+
+    assert "does not set allow-evaluate = true" in reply.content[C.DECLINE_RECORD]["reason"]
+    assert C.METRICS_RECORD not in reply.content.metric_records
+
+
+def _allow_evaluate(cfg, partition_id=0, **settings):
+    from shared.site import write_site_settings
+
+    write_site_settings(
+        cfg.simulation_dir(RUN_ID) / "sites" / f"site-{partition_id}", {"allow-evaluate": True, **settings}
+    )
+
+
+def test_evaluate_releases_only_noisy_counts_recorded_as_their_own_dp_event(cfg):
+    from client.evaluation import evaluation_event
+
+    _allow_evaluate(cfg, **{"evaluate-noise-multiplier": 5.0})
+    context = _context(cfg, 0)
+    trained = client_app.train(_train_message(cfg, 1), context)
+
+    reply = client_app.evaluate(_evaluate_message(cfg, 1), context)
+
     metrics = reply.content.metric_records[C.METRICS_RECORD]
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num-examples"] > 0
+    assert set(metrics) == {"confusion-matrix", "accuracy", "num-examples", C.METRIC_EPSILON, C.METRIC_DELTA}
+    noisy = np.asarray(metrics["confusion-matrix"])
+    assert noisy.shape == (4,) and not np.allclose(noisy, np.round(noisy))  # noise, not exact counts
+    site = site_from_node_config(dict(context.node_config), sim_dir=cfg.simulation_dir(RUN_ID))
+    entries = SiteLedger(site.ledger_path, site_id=site.site_id).entries()
+    assert [(e.round, e.release) for e in entries] == [(1, "train"), (1, "evaluate")]
+    assert entries[1].event == evaluation_event(5.0)
+    train_event = DpEvent.from_dict({k: v for k, v in trained.content[C.DP_EVENT_RECORD].items() if k != "site-id"})
+    assert metrics[C.METRIC_EPSILON] == pytest.approx(
+        compose_epsilon([train_event, evaluation_event(5.0)], delta=cfg.delta), rel=1e-6
+    )
+    replay = client_app.evaluate(_evaluate_message(cfg, 1), context)
+    assert "already evaluated by this site (replay)" in replay.content[C.DECLINE_RECORD]["reason"]
+
+
+def test_evaluate_is_declined_when_it_would_exceed_the_budget(cfg):
+    _allow_evaluate(cfg, **{"evaluate-noise-multiplier": 0.5, "max-epsilon": 1.0})
+
+    reply = client_app.evaluate(_evaluate_message(cfg, 1), _context(cfg, 0))
+
+    assert "one round costs epsilon" in reply.content[C.DECLINE_RECORD]["reason"]
+    site = site_from_node_config({"partition-id": 0}, sim_dir=cfg.simulation_dir(RUN_ID))
+    assert not site.ledger_path.exists() or SiteLedger(site.ledger_path, site_id="site-0").entries() == []
 
 
 def test_the_centering_query_is_answered_once_in_round_0_recorded_and_budgeted(cfg):

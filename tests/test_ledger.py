@@ -18,13 +18,16 @@ from shared.ledger import (
     fingerprint_bytes,
     fingerprint_file,
     fingerprint_rows,
+    keyed_fingerprint_rows,
+    load_fingerprint_key,
     verify_attestation,
 )
 from shared.privacy import DpEvent, PrivacyError, coalesce, compose_epsilon
 
 DELTA = 1e-5
 EVENT = DpEvent(sample_rate=0.05, noise_multiplier=1.2, steps=20, clip_norm=1.0)
-FP = fingerprint_rows([("a fine film", 1), ("a dull film", 0)])
+FINGERPRINT_KEY = bytes(range(32))
+FP = keyed_fingerprint_rows([("a fine film", 1), ("a dull film", 0)], key=FINGERPRINT_KEY)
 
 
 @pytest.fixture
@@ -95,18 +98,96 @@ def test_epsilon_composes_across_runs_for_the_same_data_set(tmp_path, key):
     second = _append(ledger, run_id="run-b", server_round=1)
 
     assert second.epsilon == pytest.approx(compose_epsilon([EVENT, EVENT], delta=DELTA, accountant="rdp"))
-    assert ledger.spent(FP, delta=DELTA, accountant="rdp") == pytest.approx(second.epsilon)
+    assert ledger.spent("default", delta=DELTA, accountant="rdp") == pytest.approx(second.epsilon)
 
 
-def test_another_data_set_has_its_own_history(tmp_path, key):
+def test_changed_rows_under_the_same_data_source_compose_with_its_history(tmp_path, key):
     ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=key)
     _append(ledger)
-    other = fingerprint_rows([("another", 1)])
+    changed = keyed_fingerprint_rows([("a fine film!", 1), ("a dull film", 0)], key=FINGERPRINT_KEY)
 
-    entry = _append(ledger, dataset_fingerprint=other)
+    entry = _append(ledger, run_id="run-b", dataset_fingerprint=changed)
 
-    assert ledger.history(other) == [EVENT]
+    assert entry.epsilon == pytest.approx(compose_epsilon([EVENT, EVENT], delta=DELTA, accountant="rdp"))
+
+
+def test_another_data_source_has_its_own_history(tmp_path, key):
+    ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=key)
+    _append(ledger)
+
+    entry = _append(ledger, run_id="run-b", data_source="registry")
+
+    assert ledger.history("registry") == [EVENT] and entry.data_source == "registry"
     assert entry.epsilon == pytest.approx(compose_epsilon([EVENT], delta=DELTA, accountant="rdp"))
+
+
+def test_an_unkeyed_fingerprint_is_refused(tmp_path, key):
+    ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=key)
+
+    with pytest.raises(LedgerError, match="dataset_fingerprint must be keyed"):
+        _append(ledger, dataset_fingerprint=fingerprint_rows([("a", 1)]))
+    assert ledger.entries() == []
+
+
+def test_a_round_holds_one_entry_per_purpose(tmp_path, key):
+    ledger = SiteLedger(tmp_path / "l.jsonl", site_id="site-0", signing_key=key)
+    _append(ledger, server_round=1)
+
+    evaluation = _append(ledger, server_round=1, purpose="evaluate")
+
+    assert ledger.find(run_id="run-a", server_round=1, purpose="evaluate") == evaluation
+    with pytest.raises(LedgerError, match="the evaluate release of round 1 of run 'run-a' is already recorded"):
+        _append(ledger, server_round=1, purpose="evaluate")
+    with pytest.raises(LedgerError, match="purpose must be one of"):
+        _append(ledger, server_round=2, purpose="peek")
+
+
+def _legacy_record(key, *, seq, prev_hash, server_round, fingerprint, epsilon):
+    """A line as the ledger wrote it before data sources, purposes and keyed fingerprints."""
+    from shared.hashchain import seal
+
+    body = {
+        "seq": seq,
+        "run_id": "run-old",
+        "round": server_round,
+        "time": "2026-01-01T00:00:00.000Z",
+        "site_id": "site-0",
+        "adapter_hash": "sha256:00",
+        "dataset_fingerprint": fingerprint,
+        "event": EVENT.to_dict(),
+        "delta": DELTA,
+        "accountant": "rdp",
+        "epsilon": epsilon,
+        "max_epsilon": None,
+        "seeded_noise": False,
+    }
+    return seal(body, kind="privatune.site-ledger.v1", prev_hash=prev_hash, signing_key=key)
+
+
+def write_legacy_ledger(path: Path, key: Ed25519PrivateKey, rounds=(0, 1)) -> Path:
+    from shared.hashchain import genesis_hash
+
+    prev, lines = genesis_hash("privatune.site-ledger.v1", "site-0"), []
+    plain = fingerprint_rows([("a fine film", 1), ("a dull film", 0)])
+    for seq, server_round in enumerate(rounds):
+        eps = compose_epsilon([EVENT] * (seq + 1), delta=DELTA, accountant="rdp")
+        record = _legacy_record(key, seq=seq, prev_hash=prev, server_round=server_round, fingerprint=plain, epsilon=eps)
+        lines.append(canonical_json(record) + "\n")
+        prev = record["entry_hash"]
+    path.write_text("".join(lines))
+    return path
+
+
+def test_a_legacy_ledger_opens_and_its_entries_count_toward_every_source(tmp_path, key):
+    path = write_legacy_ledger(tmp_path / "l.jsonl", key)
+    before = path.read_bytes()
+    ledger = SiteLedger(path, site_id="site-0", signing_key=key)
+
+    assert [(e.release, e.data_source) for e in ledger.entries()] == [("feature-mean", None), ("train", None)]
+    entry = _append(ledger, run_id="run-new", data_source="registry")
+
+    assert entry.epsilon == pytest.approx(compose_epsilon([EVENT] * 3, delta=DELTA, accountant="rdp"))
+    assert path.read_bytes().startswith(before)  # never rewritten
 
 
 def test_a_recorded_round_is_never_counted_twice(tmp_path, key):
@@ -115,9 +196,9 @@ def test_a_recorded_round_is_never_counted_twice(tmp_path, key):
     ledger = SiteLedger(path, site_id="site-0", signing_key=key)
 
     with pytest.raises(LedgerError, match="round 2 of run 'run-a' is already recorded"):
-        _append(ledger, server_round=2)
+        _append(ledger, server_round=2, dataset_fingerprint=keyed_fingerprint_rows([("x", 0)], key=FINGERPRINT_KEY))
     assert path.read_bytes() == before
-    assert ledger.find(run_id="run-a", server_round=2, dataset_fingerprint=FP) == ledger.entries()[1]
+    assert ledger.find(run_id="run-a", server_round=2) == ledger.entries()[1]
 
 
 def test_two_writers_on_one_file_keep_one_chain(tmp_path, key):
@@ -382,7 +463,38 @@ def test_an_unknown_accountant_is_refused(tmp_path, key):
 # -- fingerprints and digests
 
 
-def test_fingerprint_has_hash_and_row_count_and_no_content():
+def test_keyed_fingerprint_has_no_row_count_and_depends_on_the_key():
+    rows = [("a fine film", 1), ("a dull film", 0)]
+
+    fp = keyed_fingerprint_rows(rows, key=FINGERPRINT_KEY)
+
+    assert fp.startswith("hmac-sha256:") and "rows" not in fp and "film" not in fp
+    assert fingerprint_rows(rows).split(":")[1] not in fp
+    assert keyed_fingerprint_rows(rows, key=bytes(32)) != fp
+    assert keyed_fingerprint_rows([*rows[:1], ("a dull film", 1)], key=FINGERPRINT_KEY) != fp
+
+
+def test_the_fingerprint_key_is_made_once_with_mode_0600(tmp_path):
+    import stat
+
+    key = load_fingerprint_key(tmp_path / "site" / "fingerprint.key")
+
+    assert len(key) == 32 and load_fingerprint_key(tmp_path / "site" / "fingerprint.key") == key
+    assert stat.S_IMODE((tmp_path / "site" / "fingerprint.key").stat().st_mode) == 0o600
+
+
+def test_a_readable_or_short_fingerprint_key_is_refused(tmp_path):
+    path = tmp_path / "fingerprint.key"
+    load_fingerprint_key(path)
+    path.chmod(0o644)
+    with pytest.raises(LedgerError, match="must be readable by its owner only"):
+        load_fingerprint_key(path)
+    path.write_bytes(b"short")
+    with pytest.raises(LedgerError, match="must hold 32 bytes, has 5"):
+        load_fingerprint_key(path)
+
+
+def test_legacy_fingerprint_has_hash_and_row_count_and_no_content():
     fp = fingerprint_rows([("a fine film", 1), ("a dull film", 0)])
 
     assert fp.startswith("sha256:") and fp.endswith(":rows=2")

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.run_ledger import RunLedger
 from shared.identity import Roster
-from shared.ledger import LedgerError, SiteLedger, fingerprint_rows
+from shared.ledger import LedgerError, SiteLedger, keyed_fingerprint_rows
 from shared.privacy import DpEvent
 
 EVENT = DpEvent(sample_rate=0.05, noise_multiplier=1.2, steps=20, clip_norm=1.0)
@@ -31,7 +31,7 @@ def _attestation(tmp_path, keys, site_id="site-0", run_id="run-a", server_round=
         run_id=run_id,
         server_round=server_round,
         adapter_hash="sha256:00",
-        dataset_fingerprint=fingerprint_rows([(site_id, 0)]),
+        dataset_fingerprint=keyed_fingerprint_rows([(site_id, 0)], key=bytes(32)),
         event=EVENT,
         delta=1e-5,
         accountant="rdp",

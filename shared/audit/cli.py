@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[SITE=]EPSILON",
         help="a site's max_epsilon to draw and check, when its ledger does not record one; repeatable",
     )
+    p.add_argument(
+        "--node-config",
+        type=Path,
+        action="append",
+        default=[],
+        help="a deployed site's node config (its site-id, delta and accountant); repeatable. Simulated sites' "
+        "site.toml under --sim-dir is read by itself. Without either, a site's delta and accountant are its "
+        "ledger's first entry's",
+    )
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the canary lower bound")
     p.add_argument(
         "--no-cross-check",
@@ -106,6 +115,44 @@ def _sites(args: argparse.Namespace) -> tuple[Roster, list[tuple[str, Path]]]:
     if not pairs:
         raise AuditInputError("nothing to audit: give --sim-dir or --ledger/--site-id pairs")
     return roster, pairs
+
+
+def site_accounting_settings(
+    args: argparse.Namespace, site_ids: Sequence[str]
+) -> dict[str, tuple[float | None, str | None, str]]:
+    """Each site's own ``(delta, accountant, where from)``: its node config (``--node-config``), or its
+    site.toml under ``--sim-dir``; sites with neither are left out (the audit then uses the ledger's first entry).
+    """
+    import tomllib
+
+    from shared.site import NODE_ACCOUNTANT, NODE_DELTA, NODE_SITE_ID, SiteConfigError, read_site_settings
+
+    found: dict[str, tuple[float | None, str | None, str]] = {}
+    if args.sim_dir:
+        for site_id in site_ids:
+            try:
+                own = read_site_settings(args.sim_dir / "sites" / site_id)
+            except SiteConfigError as e:
+                raise AuditInputError(str(e)) from e
+            if NODE_DELTA in own or NODE_ACCOUNTANT in own:
+                where = str(args.sim_dir / "sites" / site_id / "site.toml")
+                found[site_id] = (own.get(NODE_DELTA), own.get(NODE_ACCOUNTANT), where)
+    for path in args.node_config:
+        try:
+            node = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise AuditInputError(f"--node-config {path}: {e}") from e
+        node_site = node.get(NODE_SITE_ID)
+        if node_site not in site_ids:
+            raise AuditInputError(f"--node-config {path} is for site {node_site!r}, which is not audited")
+        for key in (NODE_DELTA, NODE_ACCOUNTANT):
+            if key not in node:
+                raise AuditInputError(f"--node-config {path} does not set {key!r} (a deployed site must)")
+        delta = node[NODE_DELTA]
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
+            raise AuditInputError(f"--node-config {path}: {NODE_DELTA!r} must be in (0, 1), got {delta!r}")
+        found[str(node_site)] = (float(delta), str(node[NODE_ACCOUNTANT]), f"node config {path}")
+    return found
 
 
 def _load_json(path: Path) -> dict[str, Any] | None:
@@ -176,6 +223,7 @@ def run_audit(args: argparse.Namespace) -> tuple[dict[str, Any], list[Finding]]:
     roster, pairs = _sites(args)
     site_ids = [s for s, _ in pairs]
     budgets = parse_budgets(args.budget, site_ids)
+    own = site_accounting_settings(args, site_ids)
     findings: list[Finding] = []
     sites: dict[str, SiteAudit] = {}
     for site_id, path in pairs:
@@ -189,6 +237,9 @@ def run_audit(args: argparse.Namespace) -> tuple[dict[str, Any], list[Finding]]:
             public_key=key,
             max_epsilon=budgets.get(site_id),
             cross_check=not args.no_cross_check,
+            site_delta=own[site_id][0] if site_id in own else None,
+            site_accountant=own[site_id][1] if site_id in own else None,
+            settings_from=own[site_id][2] if site_id in own else "the site's configuration",
         )
         sites[site_id] = audit
         findings.extend(audit.findings)
@@ -232,11 +283,12 @@ def audit_main(argv: list[str] | None = None) -> int:
         return 2
     html_path, json_path = write_reports(report, args.out)
     for site in report["sites"]:
-        for fp, d in site["data_sets"].items():
+        for source, d in site["data_sources"].items():
             print(
-                f"{site['site_id']}: {site['verified_entries']} entries verified | data set {fp[:19]}... "
-                f"| epsilon {d['epsilon']} at delta {d['delta']:g} ({d['accountant']}) over {d['rounds']} "
-                f"round(s) in {len(d['runs'])} run(s) | budget {site['max_epsilon']}"
+                f"{site['site_id']}: {site['verified_entries']} entries verified | data source {source!r} "
+                f"| epsilon {d['epsilon']} at delta {d['delta']:g} ({d['accountant']}, from "
+                f"{d['accounting_from']}) over {d['rounds']} release(s) in {len(d['runs'])} run(s) "
+                f"| budget {site['max_epsilon']}"
             )
     for f in findings:
         print(str(f), file=sys.stderr)

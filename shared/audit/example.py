@@ -18,9 +18,9 @@ import numpy as np
 from client.budget import decide
 from server.run_ledger import RunLedger
 from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, load_private_key, provision_simulation
-from shared.ledger import RUN_LEDGER_FILE, SiteLedger, digest_array, fingerprint_rows
+from shared.ledger import RUN_LEDGER_FILE, SiteLedger, digest_array, keyed_fingerprint_rows, load_fingerprint_key
 from shared.privacy import DpEvent
-from shared.site import LEDGER_FILE
+from shared.site import FINGERPRINT_KEY_FILE, LEDGER_FILE, write_site_settings
 
 DELTA = 1e-5
 ACCOUNTANT = "prv"
@@ -70,7 +70,15 @@ def write_example_federation(
         for s in site_ids
     }
     budgets = {s: (small_budget if s == site_ids[-1] else float("inf")) for s in site_ids}
-    fingerprints = {s: fingerprint_rows([(f"row {i} of {s}", i % 2) for i in range(200)]) for s in site_ids}
+    fingerprints = {
+        s: keyed_fingerprint_rows(
+            [(f"row {i} of {s}", i % 2) for i in range(200)],
+            key=load_fingerprint_key(sim_dir / "sites" / s / FINGERPRINT_KEY_FILE),
+        )
+        for s in site_ids
+    }
+    for s in site_ids:  # each site's own delta and accountant, pinned as a simulated site pins them
+        write_site_settings(sim_dir / "sites" / s, {"delta": DELTA, "accountant": accountant})
     run_dirs = []
     for r in range(runs):
         run_id = f"{1000 + r}"
@@ -89,7 +97,7 @@ def write_example_federation(
             for s in site_ids:
                 ledger = ledgers[s]
                 decision = decide(
-                    ledger.history(fingerprints[s]),
+                    ledger.history("default"),
                     event,
                     max_epsilon=budgets[s],
                     delta=DELTA,

@@ -38,10 +38,12 @@ def _eps(value: Any) -> str:
 
 
 def short_fingerprint(fingerprint: str) -> str:
-    """``sha256:<12 hex>… (n rows)`` for display."""
+    """``<12 hex>… (keyed)`` for a keyed fingerprint, ``<12 hex>… (n rows)`` for a legacy one, for display."""
     parts = fingerprint.split(":")
     if len(parts) == 3 and parts[0] == "sha256":
         return f"{parts[1][:12]}\u2026 ({parts[2].removeprefix('rows=')} rows)"
+    if len(parts) == 2 and parts[0] == "hmac-sha256":
+        return f"{parts[1][:12]}\u2026 (keyed)"
     return fingerprint[:24]
 
 
@@ -78,6 +80,8 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
                 "round": e.round,
                 "time": e.time,
                 "dataset_fingerprint": e.dataset_fingerprint,
+                "data_source": e.data_source,
+                "purpose": e.release,
                 "adapter_hash": e.adapter_hash,
                 "event": e.event.to_dict(),
                 "delta": e.delta,
@@ -85,20 +89,27 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
                 "max_epsilon": e.max_epsilon,
                 "epsilon_recorded": e.epsilon,
                 "epsilon_recomputed": c.recomputed,
+                "epsilon_site": c.site_epsilon,
                 "epsilon_pld": c.cross_check,
                 "matches": c.matches,
                 "seeded_noise": e.seeded_noise,
             }
         )
-    data_sets: dict[str, dict[str, Any]] = {}
-    for c in site.checks:
-        e = c.entry
-        d = data_sets.setdefault(e.dataset_fingerprint, {"rounds": 0, "runs": [], "seeded_noise_rounds": 0})
-        d["rounds"] += 1
-        d["seeded_noise_rounds"] += int(e.seeded_noise)
-        if e.run_id not in d["runs"]:
-            d["runs"].append(e.run_id)
-        d.update(epsilon=c.recomputed, delta=e.delta, accountant=e.accountant, epsilon_pld=c.cross_check)
+    accounting = site.accounting
+    data_sources = {
+        name: {
+            "epsilon": d.epsilon,
+            "epsilon_pld": d.epsilon_pld,
+            "delta": accounting.delta if accounting else None,
+            "accountant": accounting.accountant if accounting else None,
+            "accounting_from": accounting.source if accounting else None,
+            "rounds": d.rounds,
+            "runs": d.runs,
+            "seeded_noise_rounds": d.seeded_noise_rounds,
+            "fingerprints": {fp: seqs for fp, seqs in d.fingerprints.items()},
+        }
+        for name, d in site.sources.items()
+    }
     parameters: dict[tuple[Any, ...], dict[str, Any]] = {}
     for c in site.checks:
         e = c.entry
@@ -130,7 +141,7 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
         "verified": site.ok,
         "verified_entries": len(site.checks),
         "max_epsilon": site.max_epsilon,
-        "data_sets": data_sets,
+        "data_sources": data_sources,
         "dp_parameters": list(parameters.values()),
         "entries": entries,
         "findings": [f.to_dict() for f in site.findings],
@@ -178,10 +189,10 @@ def guarantee_statements(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapp
     """Plain-language statements of what the verified ledgers prove, and what they do not."""
     out = []
     for s in sites:
-        for fp, d in s["data_sets"].items():
+        for source, d in s["data_sources"].items():
             eps, delta = _num(d["epsilon"]), d["delta"]
-            what = f"{s['site_id']}, data set {short_fingerprint(fp)}"
-            runs_text = f"{d['rounds']} round(s) in {len(d['runs'])} run(s)"
+            what = f"{s['site_id']}, data source {source!r}"
+            runs_text = f"{d['rounds']} release(s) in {len(d['runs'])} run(s)"
             if math.isinf(eps):
                 out.append(
                     f"{what}: NO differential-privacy guarantee. At least one of its {runs_text} "
@@ -191,7 +202,8 @@ def guarantee_statements(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapp
             out.append(
                 f"{what}: every single record has record-level (epsilon = {eps:.3f}, delta = {delta:g}) "
                 f"differential privacy over all {runs_text} recorded in the site's own ledger "
-                f"({d['accountant'].upper()} accountant). The probability of anything released (every "
+                f"({d['accountant'].upper()} accountant, the site's delta and accountant from "
+                f"{d['accounting_from']}). The probability of anything released (every "
                 f"update and every model of those runs) changes by at most a factor "
                 f"e^{eps:.3f} = {math.exp(eps):.2f}, except with probability {delta:g}, whether or not "
                 "any one record was used."
@@ -266,13 +278,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, raw: bool = 
 
 
 def epsilon_chart(site: Mapping[str, Any]) -> Chart:
-    """Recomputed epsilon after each ledger entry (x: entry number, across runs), one line per data set."""
+    """Epsilon at the site's delta after each ledger entry (x: entry number, across runs), one line per data
+    source (legacy entries, which have none, count toward every source)."""
     series = []
-    for i, fp in enumerate(site["data_sets"]):
-        pts = [(e["seq"] + 1, _num(e["epsilon_recomputed"])) for e in site["entries"] if e["dataset_fingerprint"] == fp]
+    for i, source in enumerate(site["data_sources"]):
+        pts = [(e["seq"] + 1, _num(e["epsilon_site"])) for e in site["entries"] if e["data_source"] in (None, source)]
         series.append(
             Series(
-                f"data set {short_fingerprint(fp)}",
+                f"data source {source}",
                 [x for x, _ in pts],
                 [y for _, y in pts],
                 color=PALETTE[i % len(PALETTE)],
@@ -344,20 +357,32 @@ def _site_html(site: Mapping[str, Any]) -> str:
         f"(chain, signatures, epsilon recomputed from the events). Budget: "
         f"{_e(budget)}.</p>",
         f'<div class="figure">{render_svg(epsilon_chart(site))}</div>',
-        "<h3>Privacy spent per data set</h3>",
+        "<h3>Privacy spent per data source</h3>",
         _table(
-            ["data set", "rounds", "runs", "epsilon", "delta", "accountant", "epsilon (dp-accounting PLD)"],
+            [
+                "data source",
+                "releases",
+                "runs",
+                "epsilon",
+                "delta",
+                "accountant",
+                "delta and accountant from",
+                "epsilon (dp-accounting PLD)",
+                "fingerprints",
+            ],
             [
                 (
-                    short_fingerprint(fp),
+                    source,
                     d["rounds"],
                     ", ".join(map(str, d["runs"])),
                     _eps(d["epsilon"]),
                     f"{d['delta']:g}",
                     d["accountant"],
+                    d["accounting_from"],
                     _eps(d.get("epsilon_pld")),
+                    ", ".join(short_fingerprint(fp) for fp in d["fingerprints"]),
                 )
-                for fp, d in site["data_sets"].items()
+                for source, d in site["data_sources"].items()
             ],
         ),
         "<h3>DP parameters</h3>",
@@ -386,15 +411,29 @@ def _site_html(site: Mapping[str, Any]) -> str:
         ),
         "<details><summary>Every ledger entry</summary>",
         _table(
-            ["#", "run", "round", "time", "epsilon recorded", "recomputed", "PLD", "budget", "ok"],
+            [
+                "#",
+                "run",
+                "round",
+                "purpose",
+                "time",
+                "epsilon recorded",
+                "recomputed",
+                "at the site's delta",
+                "PLD",
+                "budget",
+                "ok",
+            ],
             [
                 (
                     e["seq"],
                     e["run_id"],
                     e["round"],
+                    e["purpose"],
                     e["time"],
                     _eps(e["epsilon_recorded"]),
                     _eps(e["epsilon_recomputed"]),
+                    _eps(e["epsilon_site"]),
                     _eps(e["epsilon_pld"]),
                     _eps(e["max_epsilon"]) if e["max_epsilon"] is not None else "-",
                     "yes" if e["matches"] else "NO",

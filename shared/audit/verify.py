@@ -2,7 +2,12 @@
 
 For a site ledger: every line complete and valid, the hash chain unbroken (no gap, reordering, fork or
 edit), every signature valid under the site's roster key, and every recorded epsilon equal to the one
-recomputed from the recorded DP events (never read from the recorded values). For the server's run ledger:
+recomputed from the recorded DP events (never read from the recorded values). Then the site's own numbers:
+every entry must be accounted at the site's delta and accountant (from its node config or site.toml when the
+audit is given them, else from the ledger's first entry); an entry at another delta is an error, since its
+epsilon is not the site's. The epsilon spent is recomputed per data source (every entry of the source, and
+every legacy entry, whatever its fingerprint) at the site's delta, and checked against the budget; a source
+whose entries hold several fingerprints is a warning (the data changed under one budget). For the server's run ledger:
 its chain, and every site attestation in it signed by that site and present, identically, in the site's own
 ledger: an attestation the site's ledger does not hold at that position is a fork or a rollback.
 
@@ -24,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from shared.hashchain import read_chain
 from shared.identity import IdentityError, Roster
 from shared.ledger import (
+    KEYED_FINGERPRINT_PREFIX,
     RUN_LEDGER_KIND,
     SITE_LEDGER_KIND,
     LedgerEntry,
@@ -31,7 +37,7 @@ from shared.ledger import (
     cumulative_epsilon,
     verify_attestation,
 )
-from shared.privacy import PrivacyError
+from shared.privacy import DpEvent, PrivacyError
 
 EPSILON_RTOL = 1e-4  # recomputed vs recorded epsilon (same accountant, same events: equal up to float noise)
 
@@ -68,12 +74,35 @@ class EntryCheck:
 
     line: int
     entry: LedgerEntry
-    recomputed: float
+    recomputed: float  # by the rule the entry was written under, at its own delta: checks the recorded value
     cross_check: float | None  # dp-accounting PLD epsilon, when asked for
+    site_epsilon: float | None = None  # its data source's epsilon so far at the site's delta and accountant
 
     @property
     def matches(self) -> bool:
         return epsilons_agree(self.entry.epsilon, self.recomputed)
+
+
+@dataclass(frozen=True)
+class SiteAccounting:
+    """The delta and accountant a site's epsilon is composed at, and where the audit took them from."""
+
+    delta: float
+    accountant: str
+    source: str  # "node config <path>", "<path> (site.toml)", "the ledger's first entry"
+
+
+@dataclass
+class SourceSpent:
+    """One data source of a site: its epsilon at the site's delta over every entry that counts toward it."""
+
+    data_source: str
+    epsilon: float
+    epsilon_pld: float | None
+    rounds: int
+    runs: list[str]
+    seeded_noise_rounds: int
+    fingerprints: dict[str, list[int]]  # fingerprint -> seqs of the entries recorded with it
 
 
 @dataclass
@@ -83,6 +112,8 @@ class SiteAudit:
     checks: list[EntryCheck] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     max_epsilon: float | None = None  # the budget the report draws: given, or the latest recorded
+    accounting: SiteAccounting | None = None  # None: no entry verified and none given
+    sources: dict[str, SourceSpent] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -115,6 +146,23 @@ def _eps(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.4f}"
 
 
+def _seqs(seqs: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts, start = [], None
+    for k, seq in enumerate(seqs):
+        if start is None:
+            start = seq
+        if k + 1 == len(seqs) or seqs[k + 1] != seq + 1:
+            parts.append(str(start) if start == seq else f"{start}-{seq}")
+            start = None
+    return ", ".join(parts)
+
+
+def _short(fingerprint: str) -> str:
+    kind, _, rest = fingerprint.partition(":")
+    return f"{kind}:{rest[:12]}"
+
+
 def audit_site_ledger(
     path: Path,
     *,
@@ -122,8 +170,15 @@ def audit_site_ledger(
     public_key: Ed25519PublicKey,
     max_epsilon: float | None = None,
     cross_check: bool = False,
+    site_delta: float | None = None,
+    site_accountant: str | None = None,
+    settings_from: str = "the site's configuration",
 ) -> SiteAudit:
-    """Verify one site's ledger file end to end; see the module docstring."""
+    """Verify one site's ledger file end to end; see the module docstring.
+
+    ``site_delta`` and ``site_accountant`` are the site's own (``settings_from`` says where they were read);
+    when not given, those of the ledger's first entry are used, and the report says so.
+    """
     subject = f"{site_id} ledger"
     audit = SiteAudit(site_id=site_id, path=Path(path), max_epsilon=max_epsilon)
     if not Path(path).exists():
@@ -145,25 +200,50 @@ def audit_site_ledger(
             )
         )
 
-    seen: set[tuple[str, str, int]] = set()
-    history: dict[str, list[Any]] = {}
+    entries: list[LedgerEntry] = []
     for line, record in enumerate(read.records, start=1):
         try:
-            entry = LedgerEntry.from_record(record)
+            entries.append(LedgerEntry.from_record(record))
         except LedgerError as e:
             audit.findings.append(Finding(subject, "corrupt", str(e), line=line))
             break
-        name = f"entry {entry.seq} (run {entry.run_id}, round {entry.round})"
-        key = (entry.dataset_fingerprint, entry.run_id, entry.round)
+    if site_delta is not None and site_accountant is not None:
+        audit.accounting = SiteAccounting(site_delta, site_accountant, settings_from)
+    elif entries:
+        audit.accounting = SiteAccounting(
+            site_delta if site_delta is not None else entries[0].delta,
+            site_accountant or entries[0].accountant,
+            "the ledger's first entry" if site_delta is None and site_accountant is None else settings_from,
+        )
+    accounting = audit.accounting
+
+    seen: set[tuple[str, int, str]] = set()
+    legacy_by_fingerprint: dict[str, list[DpEvent]] = {}  # entries written before data sources: their rule
+    legacy: list[DpEvent] = []  # ... and they count toward every source
+    named: dict[str, list[DpEvent]] = {}
+    for line, entry in enumerate(entries, start=1):
+        name = f"entry {entry.seq} (run {entry.run_id}, round {entry.round}, {entry.release})"
+        key = (entry.run_id, entry.round, entry.release)
         if key in seen:
             audit.findings.append(
-                Finding(subject, "duplicate", f"{name} is recorded twice for the same data set", line=line)
+                Finding(subject, "duplicate", f"{name} is recorded twice (one release counted twice)", line=line)
             )
         seen.add(key)
-        events = history.setdefault(entry.dataset_fingerprint, [])
-        events.append(entry.event)
+        if entry.data_source is None:
+            legacy.append(entry.event)
+            events = legacy_by_fingerprint.setdefault(entry.dataset_fingerprint, [])
+            events.append(entry.event)
+            site_events = [*legacy, *(e for evs in named.values() for e in evs)]
+        else:
+            named.setdefault(entry.data_source, []).append(entry.event)
+            events = site_events = [*legacy, *named[entry.data_source]]
         try:
             recomputed = cumulative_epsilon(events, delta=entry.delta, accountant=entry.accountant)
+            site_epsilon = (
+                cumulative_epsilon(site_events, delta=accounting.delta, accountant=accounting.accountant)
+                if accounting is not None
+                else recomputed
+            )
         except PrivacyError as e:
             audit.findings.append(Finding(subject, "corrupt", f"{name}: {e}", line=line))
             break
@@ -172,7 +252,7 @@ def audit_site_ledger(
             from shared.audit.accounting import pld_epsilon
 
             pld = pld_epsilon(events, delta=entry.delta)
-        check = EntryCheck(line=line, entry=entry, recomputed=recomputed, cross_check=pld)
+        check = EntryCheck(line=line, entry=entry, recomputed=recomputed, cross_check=pld, site_epsilon=site_epsilon)
         audit.checks.append(check)
         if not check.matches:
             audit.findings.append(
@@ -181,6 +261,18 @@ def audit_site_ledger(
                     "epsilon",
                     f"{name}: recorded epsilon {_eps(entry.epsilon)} but its {len(events)} events give "
                     f"{_eps(recomputed)} ({entry.accountant}, delta={entry.delta:g})",
+                    line=line,
+                )
+            )
+        if accounting is not None and (entry.delta, entry.accountant) != (accounting.delta, accounting.accountant):
+            audit.findings.append(
+                Finding(
+                    subject,
+                    "repriced",
+                    f"{name} is accounted at delta={entry.delta:g} ({entry.accountant}), but the site's is "
+                    f"delta={accounting.delta:g} ({accounting.accountant}, from {accounting.source}): its "
+                    f"recorded epsilon {_eps(entry.epsilon)} is not the site's; at the site's delta its data "
+                    f"source has spent {_eps(site_epsilon)}",
                     line=line,
                 )
             )
@@ -196,19 +288,74 @@ def audit_site_ledger(
                 )
             )
         budget = entry.max_epsilon if entry.max_epsilon is not None else max_epsilon
-        if budget is not None and recomputed > budget:
+        if budget is not None and site_epsilon > budget:
             audit.findings.append(
                 Finding(
                     subject,
                     "budget",
-                    f"{name}: epsilon {_eps(recomputed)} is over the site's budget max_epsilon={budget:g}",
+                    f"{name}: epsilon {_eps(site_epsilon)} (its data source, at the site's delta) is over the "
+                    f"site's budget max_epsilon={budget:g}",
                     line=line,
                 )
             )
+    if accounting is not None:
+        audit.sources = _sources(audit.checks, accounting, cross_check=cross_check)
+        audit.findings.extend(_fingerprint_findings(subject, audit.sources))
     if audit.max_epsilon is None:
         recorded = [c.entry.max_epsilon for c in audit.checks if c.entry.max_epsilon is not None]
         audit.max_epsilon = recorded[-1] if recorded else None
     return audit
+
+
+def _sources(checks: Sequence[EntryCheck], accounting: SiteAccounting, *, cross_check: bool) -> dict[str, SourceSpent]:
+    """Each data source's epsilon at the site's delta over every entry that counts toward it (a ledger of
+    legacy entries only has one source, ``default``)."""
+    from shared.ledger import DEFAULT_DATA_SOURCE
+
+    names = sorted({c.entry.data_source for c in checks if c.entry.data_source is not None})
+    out = {}
+    for source in names or ([DEFAULT_DATA_SOURCE] if checks else []):
+        mine = [c.entry for c in checks if c.entry.composes_with(source)]
+        events = [e.event for e in mine]
+        fingerprints: dict[str, list[int]] = {}
+        for e in mine:
+            fingerprints.setdefault(e.dataset_fingerprint, []).append(e.seq)
+        pld = None
+        if cross_check:
+            from shared.audit.accounting import pld_epsilon
+
+            pld = pld_epsilon(events, delta=accounting.delta)
+        out[source] = SourceSpent(
+            data_source=source,
+            epsilon=cumulative_epsilon(events, delta=accounting.delta, accountant=accounting.accountant),
+            epsilon_pld=pld,
+            rounds=len(mine),
+            runs=list(dict.fromkeys(e.run_id for e in mine)),
+            seeded_noise_rounds=sum(e.seeded_noise for e in mine),
+            fingerprints=fingerprints,
+        )
+    return out
+
+
+def _fingerprint_findings(subject: str, sources: Mapping[str, SourceSpent]) -> list[Finding]:
+    """A warning per data source whose entries were recorded with several fingerprints."""
+    found = []
+    for source in sources.values():
+        if len(source.fingerprints) < 2:
+            continue
+        listed = "; ".join(f"entries {_seqs(seqs)}: {_short(fp)}" for fp, seqs in source.fingerprints.items())
+        legacy = any(not fp.startswith(KEYED_FINGERPRINT_PREFIX) for fp in source.fingerprints)
+        found.append(
+            Finding(
+                subject,
+                "fingerprints",
+                f"data source {source.data_source!r} holds {len(source.fingerprints)} fingerprints ({listed}): the "
+                "data changed under one budget; its epsilon composes over all of them"
+                + (" (sha256: fingerprints predate keyed ones: the change may be the format only)" if legacy else ""),
+                severity="warning",
+            )
+        )
+    return found
 
 
 def audit_run_ledger(path: Path, *, roster: Roster, run_id: str | None = None) -> RunAudit:
