@@ -221,7 +221,14 @@ def test_the_secure_aggregation_mod_refuses_a_changed_roster(tmp_path):
     pin_roster(tmp_path, "hospital-a", approved)
     changed = Roster({**approved.keys, "coordinator-own": Ed25519PrivateKey.generate().public_key()})
     (tmp_path / ROSTER_FILE).write_text(changed.to_json())
-    node_config = {"site-id": "hospital-a", "site-dir": str(tmp_path), "data-path": str(tmp_path / "d.csv")}
+    node_config = {
+        "site-id": "hospital-a",
+        "site-dir": str(tmp_path),
+        "data-path": str(tmp_path / "d.csv"),
+        "delta": 1e-5,
+        "accountant": "prv",
+        "labels": "neg,pos",
+    }
     mod = make_secagg_mod(lambda ctx: site_from_node_config(ctx.node_config, sim_dir=tmp_path))
     context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
     content = RecordDict({K.SECAGG_RECORD: ConfigRecord({K.KEY_STAGE: K.STAGE_ADVERTISE_KEYS})})

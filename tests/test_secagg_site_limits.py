@@ -12,7 +12,15 @@ from shared.site import SiteConfigError, site_from_node_config, write_site_setti
 
 
 def _deployed(tmp_path: Path, **extra: object) -> dict[str, object]:
-    return {"site-id": "hospital-a", "site-dir": str(tmp_path), "data-path": str(tmp_path / "d.csv"), **extra}
+    return {
+        "site-id": "hospital-a",
+        "site-dir": str(tmp_path),
+        "data-path": str(tmp_path / "d.csv"),
+        "delta": 1e-5,
+        "accountant": "prv",
+        "labels": "neg,pos",
+        **extra,
+    }
 
 
 def test_the_defaults_are_three_sites_and_two_thirds(tmp_path: Path) -> None:
