@@ -54,7 +54,9 @@ def test_secure_draws_are_never_repeated_and_seeded_draws_always_are():
 
 def test_the_poisson_sampler_includes_each_row_with_probability_q():
     num_samples, q, num_batches = 500, 0.1, 400
-    sampler = PoissonBatchSampler(num_samples=num_samples, sample_rate=q, num_batches=num_batches, source=SecureRandom())
+    sampler = PoissonBatchSampler(
+        num_samples=num_samples, sample_rate=q, num_batches=num_batches, source=SecureRandom()
+    )
     batches = list(sampler)
     assert len(sampler) == num_batches and len(batches) == num_batches
     sizes = np.array([len(b) for b in batches])

@@ -185,9 +185,7 @@ def test_the_centering_answer_is_the_sum_of_clipped_vectors_and_the_count_plus_c
     np.testing.assert_allclose(center, (clip * unit).mean(dim=0).numpy(), rtol=1e-5, atol=1e-6)
 
     # noise: std noise_multiplier * sqrt(2) * clip on every coordinate of the sum, the count's included
-    draws = np.stack(
-        [noisy_feature_sum(model, data, clip_norm=clip, noise_multiplier=3.0, seed=s) for s in range(200)]
-    )
+    draws = np.stack([noisy_feature_sum(model, data, clip_norm=clip, noise_multiplier=3.0, seed=s) for s in range(200)])
     residual = (draws - clipped) * ANSWER_SCALE
     assert residual.std() == pytest.approx(3.0 * np.sqrt(2.0) * clip, rel=0.05)
     assert residual[:, -1].std() == pytest.approx(3.0 * np.sqrt(2.0) * clip, rel=0.25)
