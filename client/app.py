@@ -82,13 +82,11 @@ def noise_multiplier_for(
 
 
 def centering_event(cfg: RunConfig) -> DpEvent:
-    """The centering query's privacy cost: one Gaussian sum over all the site's rows (sample rate 1)."""
-    return DpEvent(
-        sample_rate=1.0,
-        noise_multiplier=cfg.center_noise_multiplier if cfg.dp else 0.0,
-        steps=1,
-        clip_norm=cfg.center_clip_norm,
-    )
+    """The centering query's privacy cost: one Gaussian mechanism on the sum of the site's rows' (clipped vector,
+    count) pairs, sample rate 1, sensitivity ``sqrt(2) x center-clip-norm`` (:mod:`shared.centering`)."""
+    from shared.centering import query_event
+
+    return query_event(clip_norm=cfg.center_clip_norm, noise_multiplier=cfg.center_noise_multiplier if cfg.dp else 0.0)
 
 
 def _task(msg: Message) -> str:
@@ -131,8 +129,9 @@ def train(msg: Message, context: Context) -> Message:
             "a feature-mean query is only answered in round 0 of a run with center-features = true "
             f"(this is round {server_round}, center-features = {cfg.center_features})",
         )
-    from client.train import noisy_feature_mean, train_round
+    from client.train import noisy_feature_sum, train_round
     from shared.canary_data import add_site_canaries
+    from shared.centering import answer_bound
     from shared.federation import site_training_rows
     from shared.model import (
         encode,
@@ -184,15 +183,15 @@ def train(msg: Message, context: Context) -> Message:
     data = encode(tokenizer, rows.texts, rows.labels, max_length=cfg.max_length)
     seed = _round_seed(cfg.seed, site.site_id, server_round) if cfg.reproducible_noise else None
     if task == C.TASK_FEATURE_MEAN:
-        vector = noisy_feature_mean(
+        vector = noisy_feature_sum(
             model,
             data,
-            clip_norm=planned.clip_norm,
+            clip_norm=cfg.center_clip_norm,
             noise_multiplier=planned.noise_multiplier,
             seed=seed,
             device=site.device,
         )
-        bound, loss = cfg.center_clip_norm, None  # the noise-free mean is within the clip norm; post-processing
+        bound, loss = answer_bound(cfg.center_clip_norm), None  # clipping the noisy answer: post-processing
     else:
         before = flatten(get_trainable(model))
         result = train_round(
@@ -212,8 +211,8 @@ def train(msg: Message, context: Context) -> Message:
             raise RuntimeError(f"Opacus ran {result.event}, but the site planned and budgeted {planned}")
         vector, bound, loss = flatten(get_trainable(model)) - before, cfg.update_clip_norm, result.mean_loss
     update, norm = clip_to_norm(vector, bound)
-    if norm > bound:
-        logger.warning("%s norm %.3f clipped to %.3f", "update" if loss is not None else "noisy mean", norm, bound)
+    if norm > bound:  # the norm is logged at the site only: under DP it is not released (issue 10, item 6)
+        logger.warning("%s norm %.3f clipped to %.3f", "update" if task == C.TASK_TRAIN else "answer", norm, bound)
 
     entry = ledger.append(
         run_id=run_id,
@@ -232,8 +231,9 @@ def train(msg: Message, context: Context) -> Message:
         {
             C.METRIC_EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0,
             C.METRIC_DELTA: delta,
-            **({C.METRIC_TRAIN_LOSS: loss} if loss is not None else {}),
-            "update-norm": norm,
+            # Under DP nothing about the rows leaves the site outside the accounted mechanism: no loss, no update
+            # norm. A non-private round (epsilon = inf already) may report its train loss.
+            **({C.METRIC_TRAIN_LOSS: loss} if not cfg.dp and loss is not None and math.isfinite(loss) else {}),
         }
     )
     return Message(

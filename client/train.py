@@ -1,4 +1,5 @@
-"""Local training of the adapter on a site's rows: Opacus DP-SGD (Poisson sampling, per-sample clipping).
+"""Local training of the adapter on a site's rows: Opacus DP-SGD (Poisson sampling, per-sample clipping), and
+the site's answer to the feature-centering query.
 
 One call trains one round. The round's privacy cost is returned as a :class:`shared.privacy.DpEvent`; the
 site's cumulative epsilon is composed from all its events elsewhere (``shared/privacy.py``, the ledger), so a
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.dp_random import DpEngine, random_source
+from shared.centering import ANSWER_SCALE, sensitivity
 from shared.model import Encoded
 from shared.privacy import DpEvent
 
@@ -30,7 +33,7 @@ def _trim_collate(rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, .
 
 @dataclass(frozen=True)
 class TrainResult:
-    mean_loss: float
+    mean_loss: float | None  # mean loss of the batches that drew rows; None when every batch was empty
     steps: int
     empty_batches: int  # Poisson batches that drew no row (still noisy, accounted steps)
     event: DpEvent | None  # None when DP is off
@@ -113,7 +116,9 @@ def train_round(
 
     With DP, each record enters each batch independently with probability ``batch_size / len(data)``
     (Poisson sampling), every per-sample gradient is clipped to ``max_grad_norm`` and Gaussian noise of std
-    ``noise_multiplier * max_grad_norm`` is added to their sum.
+    ``noise_multiplier * max_grad_norm`` is added to their sum. The coins and the noise come from the OS's CSPRNG
+    (:mod:`client.dp_random`); with a ``seed`` (reproducible-noise, experiments only) from a seeded generator.
+    A batch that draws no row is still a step (noise only); ``mean_loss`` averages the batches that drew rows.
     """
     if len(data) == 0:
         raise ValueError("cannot train on 0 rows")
@@ -124,23 +129,20 @@ def train_round(
     dataset = TensorDataset(data.input_ids, data.attention_mask, data.labels)
     reproducible = seed is not None
     if seed is None:
-        seed = secrets.randbits(62)
-    generator = torch.Generator().manual_seed(seed)
+        seed = secrets.randbits(62)  # shuffling of a non-private round and dropout: not part of any DP claim
     loader = DataLoader(
         dataset,
         batch_size=min(batch_size, len(data)),
         shuffle=True,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         collate_fn=_trim_collate,
     )
     engine_module: nn.Module = model
     event: DpEvent | None = None
     if dp:
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant="prv")
+        # Poisson batches and noise from the OS's CSPRNG, or (reproducible-noise) from a generator seeded by seed + 1
+        engine = DpEngine(accountant="prv", source=random_source(seed + 1 if reproducible else None))
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
             engine_module, optimizer, loader = engine.make_private(
                 module=model,
@@ -149,7 +151,6 @@ def train_round(
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=max_grad_norm,
                 poisson_sampling=True,
-                noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
             )
     batches = _batches(loader)
     try:
@@ -163,11 +164,11 @@ def train_round(
             engine_module._close()  # type: ignore[operator]  # remove Opacus hooks: the model is plain again
     if dp:
         event = _event_from_opacus(engine.accountant.history, max_grad_norm=max_grad_norm)
-    mean_loss = float(np.mean(losses)) if losses else float("nan")
+    mean_loss = float(np.mean(losses)) if losses else None  # all batches empty: there is no loss to average
     return TrainResult(mean_loss=mean_loss, steps=steps, empty_batches=empty, event=event)
 
 
-def noisy_feature_mean(
+def noisy_feature_sum(
     model: nn.Module,
     data: Encoded,
     *,
@@ -176,21 +177,24 @@ def noisy_feature_mean(
     seed: int | None,
     device: str = "cpu",
 ) -> np.ndarray:
-    """The site's answer to the centering query: the mean of its rows' pooled vectors under the Gaussian mechanism.
+    """The site's answer to the centering query (:mod:`shared.centering`): the Gaussian mechanism on the sum of
+    its rows' vectors ``(clip(x_i), clip_norm)``, divided by the public :data:`shared.centering.ANSWER_SCALE`.
 
-    Each row's vector (the head's input, :func:`shared.model.pooled_features`) is clipped to L2 norm
-    ``clip_norm``, so adding or removing a row moves the sum by at most ``clip_norm``; Gaussian noise of std
-    ``noise_multiplier * clip_norm`` is added to the sum, which is then divided by the number of rows (known to
-    the site and treated as public, as Opacus treats a data set's size). For the accountant this is one step of
-    the subsampled Gaussian mechanism with sample rate 1: ``DpEvent(1.0, noise_multiplier, 1, clip_norm)``.
+    Each row's pooled vector (the head's input, :func:`shared.model.pooled_features`) is clipped to L2 norm
+    ``clip_norm`` and extended by the coordinate ``clip_norm``, so adding or removing a row moves the sum by at most
+    ``sqrt(2) clip_norm``; Gaussian noise of std ``noise_multiplier * sqrt(2) clip_norm`` is added to every
+    coordinate. Nothing is divided by the row count: the last coordinate is the noisy count (times
+    ``clip_norm``). Returns a float64 vector of length hidden size + 1.
     """
     from shared.model import pooled_features
 
     if len(data) == 0:
-        raise ValueError("cannot take the mean of 0 rows")
+        raise ValueError("cannot answer the centering query with 0 rows")
     features = pooled_features(model, data, device=device).double()
     scale = torch.clamp(clip_norm / features.norm(dim=1, keepdim=True).clamp(min=1e-12), max=1.0)
-    total = (features * scale).sum(dim=0)
-    generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(62))
-    noise = torch.normal(0.0, noise_multiplier * clip_norm, size=total.shape, generator=generator, dtype=total.dtype)
-    return ((total + noise) / len(data)).numpy()
+    rows = torch.cat([features * scale, torch.full((len(data), 1), clip_norm, dtype=features.dtype)], dim=1)
+    total = rows.sum(dim=0)
+    noise = random_source(seed).normal(
+        tuple(total.shape), std=noise_multiplier * sensitivity(clip_norm), dtype=total.dtype, device="cpu"
+    )
+    return ((total + noise) / ANSWER_SCALE).numpy()

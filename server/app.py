@@ -26,6 +26,7 @@ from server.round_result import RoundAggregate
 from server.run_ledger import RunLedger
 from shared import constants as C
 from shared.canary_data import CanaryScorer
+from shared.centering import answer_bound, center_from_sum, row_count_noise_std, sensitivity
 from shared.config import ConfigError, RunConfig
 from shared.data import load_labelled_text
 from shared.federation import load_run_dataset, server_test_set
@@ -121,15 +122,25 @@ def _aggregate(
 
 
 def _client_epsilons(agg: RoundAggregate) -> dict[str, dict[str, Any]]:
-    """Each site's reported cumulative epsilon (None: no finite epsilon) and train loss, by site name."""
-    clients = {
-        _site_name(agg, n): {"epsilon": m.get(C.METRIC_EPSILON, float("nan")), "train_loss": m.get(C.METRIC_TRAIN_LOSS)}
-        for n, m in agg.client_metrics.items()
-    }
-    for entry in clients.values():
-        if entry["epsilon"] is not None and entry["epsilon"] < 0:
-            entry["epsilon"] = None  # inf (non-private) is not JSON; None means "no finite epsilon"
+    """Each site's reported cumulative epsilon (None: no finite epsilon), by site name, and its train loss where
+    it reported one (only non-private rounds do: under DP no site releases its loss)."""
+    clients: dict[str, dict[str, Any]] = {}
+    for n, m in agg.client_metrics.items():
+        epsilon = m.get(C.METRIC_EPSILON)
+        # inf (non-private, sent as -1) and a missing or non-finite value are not JSON: None, "no finite epsilon"
+        finite = epsilon is not None and math.isfinite(epsilon) and epsilon >= 0
+        entry: dict[str, Any] = {"epsilon": epsilon if finite else None}
+        loss = m.get(C.METRIC_TRAIN_LOSS)
+        if loss is not None and math.isfinite(loss):
+            entry["train_loss"] = loss
+        clients[_site_name(agg, n)] = entry
     return clients
+
+
+def _train_losses(agg: RoundAggregate) -> list[float]:
+    """The sites' reported train losses (non-private rounds only), the finite ones."""
+    losses = (m.get(C.METRIC_TRAIN_LOSS) for m in agg.client_metrics.values())
+    return [loss for loss in losses if loss is not None and math.isfinite(loss)]
 
 
 def estimate_feature_center(
@@ -141,12 +152,14 @@ def estimate_feature_center(
     hidden_size: int,
     run_id: str,
     roster: Roster | None,
-) -> tuple[np.ndarray | None, RoundAggregate]:
-    """Round 0 of a centered run: every site's noisy mean pooled vector, averaged (securely, by default).
+) -> tuple[np.ndarray | None, float | None, RoundAggregate]:
+    """Round 0 of a centered run: the sites' noisy sums of pooled vectors and noisy row counts, summed (securely,
+    by default), the one divided by the other (:mod:`shared.centering`).
 
     Each site answers under the Gaussian mechanism at ``center-noise-multiplier`` and records the query in its
     ledger; its cost is part of the sites' noise calibration. The server learns only the sum. Returns the
-    mean vector (None if no site answered) and the round's aggregate.
+    center (None if no site answered or the noisy row count is not positive), the noisy row count, and the
+    round's aggregate.
     """
     content = RecordDict(
         {
@@ -163,13 +176,14 @@ def estimate_feature_center(
         content=content,
         server_round=0,
         run_id=run_id,
-        dim=hidden_size,
+        dim=hidden_size + 1,  # the vector sum and the count
         roster=roster,
-        clip_norm=cfg.center_clip_norm,
+        clip_norm=answer_bound(cfg.center_clip_norm),
     )
     if agg.total is None or agg.total_weight <= 0:
-        return None, agg
-    return mean_from_sum(agg.total, agg.total_weight).astype(np.float32), agg
+        return None, None, agg
+    center, rows = center_from_sum(agg.total, clip_norm=cfg.center_clip_norm)
+    return center, rows, agg
 
 
 def _site_name(agg: RoundAggregate, node: int) -> str:
@@ -196,7 +210,7 @@ def _center_round(
     JSON, and its aggregate (for the run ledger)."""
     started = time.monotonic()
     previous = get_feature_center(model)
-    center, agg = estimate_feature_center(
+    center, rows, agg = estimate_feature_center(
         grid,
         cfg,
         node_ids=nodes,
@@ -209,11 +223,22 @@ def _center_round(
     clients = _client_epsilons(agg)
     if center is None:
         logger.warning(
-            "round 0 | feature centering: no site answered (%s); training on the uncentered vector",
-            agg.abort_reason or "all dropped or declined",
+            "round 0 | feature centering: %s; training on the uncentered vector",
+            f"the noisy row count is {rows:.1f}, not positive"
+            if rows is not None
+            else f"no site answered ({agg.abort_reason or 'all dropped or declined'})",
         )
     else:
         set_feature_center(model, center)
+        count_std = row_count_noise_std(noise_multiplier=cfg.center_noise_multiplier, sites=len(agg.survivors))
+        if cfg.dp and rows is not None and rows < 3.0 * count_std:
+            logger.warning(
+                "round 0 | feature centering: the noisy row count %.1f is within 3 standard deviations (%.1f) of "
+                "its noise: the center is a poor estimate (too few rows for center-noise-multiplier %g)",
+                rows,
+                count_std,
+                cfg.center_noise_multiplier,
+            )
     epsilons = [m[C.METRIC_EPSILON] for m in agg.client_metrics.values() if C.METRIC_EPSILON in m]
     seconds = time.monotonic() - started
     logger.info(
@@ -227,6 +252,8 @@ def _center_round(
     record = {
         "noise_multiplier": cfg.center_noise_multiplier if cfg.dp else 0.0,
         "clip_norm": cfg.center_clip_norm,
+        "sensitivity": sensitivity(cfg.center_clip_norm),
+        "noisy_rows": rows,  # the sites' summed noisy row count (what the center divides by)
         "sampled": [site(n) for n in nodes],
         "survivors": [site(n) for n in agg.survivors],
         "dropped": [site(n) for n in agg.dropped],
@@ -332,7 +359,12 @@ def main(grid: Grid, context: Context) -> None:
             secure_aggregation=cfg.secure_aggregation,
         )
         monitor.record_round(run_ledger.records()[-1], seconds=record["seconds"])
-    logger.info("round 0 | test acc %.4f f1 %.4f (before training)", baseline["accuracy"], baseline["macro_f1"])
+    logger.info(
+        "round 0 | test loss %.4f acc %.4f f1 %.4f (before training)",
+        baseline["loss"],
+        baseline["accuracy"],
+        baseline["macro_f1"],
+    )
     rng = np.random.default_rng([cfg.seed, 0x5A3])
     server_opt = ServerOptimizer(kind=cfg.server_optimizer, learning_rate=cfg.server_learning_rate, tau=cfg.server_tau)
     first_round, lineage = 1, []
@@ -382,7 +414,7 @@ def main(grid: Grid, context: Context) -> None:
 
         site = partial(_site_name, agg)
         clients = _client_epsilons(agg)
-        losses = [m[C.METRIC_TRAIN_LOSS] for m in agg.client_metrics.values() if C.METRIC_TRAIN_LOSS in m]
+        losses = _train_losses(agg)
         epsilons = [m[C.METRIC_EPSILON] for m in agg.client_metrics.values() if C.METRIC_EPSILON in m]
         survivors = [site(n) for n in agg.survivors]
         dropped = [site(n) for n in agg.dropped]
@@ -390,7 +422,6 @@ def main(grid: Grid, context: Context) -> None:
         round_record: dict[str, Any] = {
             "round": server_round,
             "test": test_metrics,
-            "train_loss": float(np.nanmean(losses)) if losses else None,
             "clients": clients,
             "sampled": [site(n) for n in sampled],
             "survivors": survivors,
@@ -401,6 +432,8 @@ def main(grid: Grid, context: Context) -> None:
             "secure_aggregation": cfg.secure_aggregation,
             "seconds": seconds,
         }
+        if losses:  # a non-private round: the sites' exact mean train loss (a DP round releases none)
+            round_record["train_loss"] = float(np.mean(losses))
         history["rounds"].append(round_record)
         run_ledger.record_round(
             server_round,
@@ -438,11 +471,13 @@ def main(grid: Grid, context: Context) -> None:
             note = f" | ABORTED: {agg.abort_reason}"
         elif agg.dropped or agg.declined:
             note = f" | {len(survivors)}/{len(sampled)} sites ({len(dropped)} dropped, {len(declined)} declined)"
+        if losses:
+            note += f" | NON-PRIVATE train loss {round_record['train_loss']:.4f}"
         logger.info(
-            "round %d/%d | train loss %s | test acc %.4f f1 %.4f | max eps %s | %.1fs%s",
+            "round %d/%d | test loss %.4f acc %.4f f1 %.4f | max eps %s | %.1fs%s",
             server_round,
             cfg.num_server_rounds,
-            f"{round_record['train_loss']:.4f}" if round_record["train_loss"] is not None else "-",
+            test_metrics["loss"],
             test_metrics["accuracy"],
             test_metrics["macro_f1"],
             _fmt_eps(epsilons),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,26 @@ METRICS_FILE = "metrics.json"
 MODEL_CARD = "privatune.json"
 
 
+def _non_finite(payload: Any, where: str = "$") -> str | None:
+    """The JSON path of the first NaN or infinite float in ``payload``, or None."""
+    if isinstance(payload, float) and not math.isfinite(payload):
+        return f"{where} = {payload}"
+    items = payload.items() if isinstance(payload, dict) else enumerate(payload) if isinstance(payload, list) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}[{key!r}]" if isinstance(key, str) else f"{where}[{key}]")
+        if found is not None:
+            return found
+    return None
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
+    """Write to a temp file, fsync, rename: a crash leaves the old file or the new one, never half of one.
+
+    NaN and infinity are not JSON: a payload holding one is refused, naming where, before anything is written.
+    """
+    bad = _non_finite(payload)
+    if bad is not None:
+        raise ValueError(f"{path.name}: {bad} is not a JSON number (NaN and infinity are not written)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:

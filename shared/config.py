@@ -71,11 +71,15 @@ class RunConfig:
     center_noise_multiplier: float = field(
         default=20.0,
         metadata=_help(
-            "Noise multiplier of the centering query (Gaussian; epsilon 0.16 alone, 0.003 of the composed 8)."
+            "Noise multiplier of the centering query (Gaussian on sum and count; epsilon 0.16 alone, 0.003 of the "
+            "composed 8)."
         ),
     )
     center_clip_norm: float = field(
-        default=5.0, metadata=_help("L2 clip of each row's pooled vector in the centering query (its sensitivity).")
+        default=5.0,
+        metadata=_help(
+            "L2 clip C of each row's pooled vector in the centering query (sensitivity sqrt(2) C with the count)."
+        ),
     )
     delta: float = field(
         default=1e-5,

@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.train import noisy_feature_mean, train_round  # noqa: E402
+from client.train import noisy_feature_sum, train_round  # noqa: E402
+from shared.centering import center_from_sum  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.federation import load_run_dataset, server_test_set, simulated_split  # noqa: E402
 from shared.metrics import evaluate_model  # noqa: E402
@@ -45,7 +46,9 @@ def centralized(cfg: RunConfig, num_clients: int) -> dict[str, float]:
     test = server_test_set(cfg, data, num_clients)
     model = build_model(cfg, len(data.label_names))
     if cfg.center_features:  # one party, non-private: the exact mean of the clipped pooled vectors
-        center = noisy_feature_mean(model, train, clip_norm=cfg.center_clip_norm, noise_multiplier=0.0, seed=0)
+        answer = noisy_feature_sum(model, train, clip_norm=cfg.center_clip_norm, noise_multiplier=0.0, seed=0)
+        center, _ = center_from_sum(answer, clip_norm=cfg.center_clip_norm)
+        assert center is not None  # no noise: the count is the row count
         set_feature_center(model, center)
     # the federation sees rounds x clients x local steps x batch examples; so does the central run, in
     # batches of the sites' size (one batch of all sites' rows at once would not fit in memory)

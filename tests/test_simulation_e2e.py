@@ -59,7 +59,8 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     assert "final test: accuracy" in summary(run_dir)
     out = capsys.readouterr().out
     assert "round 0 | feature centering: 3/3 sites" in out
-    assert "round 1/2 | train loss" in out and "round 2/2" in out
+    assert "round 1/2 | test loss" in out and "round 2/2" in out
+    assert "train loss" not in out and all("train_loss" not in r for r in metrics["rounds"])  # DP: none released
 
 
 def test_canary_mode_runs_through_the_app_and_the_audit_reads_its_scores(tiny_config, tmp_path, capsys):

@@ -117,7 +117,7 @@ def write_example_federation(
                     max_epsilon=budgets[s],
                 )
                 attestations[s] = ledger.attestation(entry)
-                clients[s] = {"epsilon": entry.epsilon, "train_loss": float(rng.uniform(0.3, 0.7))}
+                clients[s] = {"epsilon": entry.epsilon}  # under DP a site releases no train loss
             accuracy = min(0.95, accuracy + float(rng.uniform(0.02, 0.08)))
             test = {"accuracy": accuracy, "loss": 1.0 - accuracy, "macro_f1": accuracy - 0.01}
             trained = sorted(attestations)
