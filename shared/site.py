@@ -26,6 +26,7 @@ NODE_DEVICE = "device"
 NODE_MAX_EPSILON = "max-epsilon"
 NODE_DELTA = "delta"
 NODE_LEDGER = "ledger-path"
+NODE_LEDGER_HEAD = "ledger-head-path"  # the ledger's signed head record (default: <ledger>.head.json beside it)
 NODE_ROSTER = "roster-path"
 # Set by Flower's simulation engine
 NODE_PARTITION_ID = "partition-id"
@@ -88,6 +89,7 @@ class Site:
     device: str
     max_epsilon: float  # inf: no site budget
     delta: float | None  # None: the run's delta
+    ledger_head_path: Path | None = None  # None: beside the ledger (shared.ledger_head.default_head_path)
 
     @property
     def simulated(self) -> bool:
@@ -133,6 +135,9 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
             device=device,
             max_epsilon=max_epsilon,
             delta=delta,
+            ledger_head_path=(
+                Path(str(node_config[NODE_LEDGER_HEAD])).expanduser() if NODE_LEDGER_HEAD in node_config else None
+            ),
         )
 
     if NODE_PARTITION_ID not in node_config:
