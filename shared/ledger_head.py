@@ -248,7 +248,7 @@ class LedgerAnchor:
             failure = unlocked
         try:  # a writer may have been between its append and its head write: look again, under its lock
             return self.chain.under_lock(self._verify)
-        except PermissionError:  # a reader that may not take the lock: what it saw stands
+        except OSError:  # a reader that may not take the lock (read-only file or file system): what it saw stands
             raise failure from None
 
     def _read(self) -> HeadRecord | None:

@@ -272,6 +272,25 @@ def test_two_writers_keep_the_head_in_step(tmp_path, key):
     assert len(SiteLedger(path, site_id="site-0", public_key=key.public_key()).entries()) == 3
 
 
+def test_opening_while_another_writer_appends_is_not_mistaken_for_a_cut(tmp_path, key, monkeypatch):
+    path = tmp_path / "privacy_ledger.jsonl"
+    writer = _ledger_with(path, key, 1)
+    real_read = ledger_head.LedgerAnchor._read
+    reader_anchors: list = []
+
+    def read_after_a_concurrent_append(anchor):  # the reader has read 1 entry; the writer appends entry 2 now
+        if anchor is not writer._anchor and not reader_anchors:
+            reader_anchors.append(anchor)
+            _append(writer, 2)
+        return real_read(anchor)
+
+    monkeypatch.setattr(ledger_head.LedgerAnchor, "_read", read_after_a_concurrent_append)
+
+    reader = SiteLedger(path, site_id="site-0", signing_key=key)
+
+    assert [e.round for e in reader.entries()] == [1, 2]
+
+
 def test_a_deleted_head_is_an_error_not_a_new_anchor(tmp_path, key):
     path = tmp_path / "privacy_ledger.jsonl"
     _ledger_with(path, key, 2)
