@@ -240,6 +240,26 @@ def _audit_alone(tmp_path: Path, key: Ed25519PrivateKey, path: Path, *extra: str
     )
 
 
+def test_the_audit_of_a_deleted_ledger_whose_head_remains_fails(tmp_path, key, capsys):
+    path = tmp_path / "privacy_ledger.jsonl"
+    _ledger_with(path, key, 2)
+    path.unlink()
+
+    assert _audit_alone(tmp_path, key, path) == 1
+    assert f"ERROR site-0 ledger [missing]: the ledger {path} is missing, but its signed head record says 2" in (
+        capsys.readouterr().err
+    )
+
+
+def test_the_audit_of_a_ledger_whose_head_was_deleted_fails(tmp_path, key, capsys):
+    path = tmp_path / "privacy_ledger.jsonl"
+    _ledger_with(path, key, 2)
+    default_head_path(path).unlink()
+
+    assert _audit_alone(tmp_path, key, path) == 1
+    assert "ERROR site-0 ledger [head-missing]: the ledger" in capsys.readouterr().err
+
+
 def test_no_ledger_and_no_head_is_a_new_empty_ledger_anchored_from_its_first_entry(tmp_path, key):
     path = tmp_path / "privacy_ledger.jsonl"
     ledger = SiteLedger(path, site_id="site-0", signing_key=key)

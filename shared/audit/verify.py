@@ -145,7 +145,7 @@ def audit_site_ledger(
     if not path.exists():
         audit.exists = False
         if audit.head is not None:
-            audit.findings.append(Finding(subject, "missing", _head_problem(audit.head, [], path, head_path, False)))
+            audit.findings.extend(_head_findings(subject, audit.head, [], path, head_path, exists=False))
         elif head_ok:  # a site that never trained has no ledger and no head; one that did is caught by the
             # cross-check of the server's attestations
             audit.findings.append(Finding(subject, "missing", f"no ledger at {path}", severity="warning"))
@@ -153,7 +153,7 @@ def audit_site_ledger(
     read = read_chain(path, kind=SITE_LEDGER_KIND, owner=site_id, public_key=public_key, owner_field="site_id")
     audit.findings.extend(Finding(subject, i.kind, i.detail, line=i.line) for i in read.issues)
     if head_ok and all(i.kind == "truncated" for i in read.issues):  # mid-file problems are reported above
-        audit.findings.extend(_head_findings(subject, audit.head, read.records, path, head_path))
+        audit.findings.extend(_head_findings(subject, audit.head, read.records, path, head_path, exists=True))
     if read.issues:
         audit.findings.append(
             Finding(
@@ -231,22 +231,18 @@ def audit_site_ledger(
     return audit
 
 
-def _head_problem(
-    head: HeadRecord | None, records: list[dict[str, Any]], path: Path, head_path: Path, exists: bool
-) -> str:
-    try:
-        unanchored(head, records, ledger_path=path, head_path=head_path, ledger_exists=exists)
-    except HeadError as e:
-        return str(e)
-    raise AssertionError("a missing ledger with a head record is always a problem")
-
-
 def _head_findings(
-    subject: str, head: HeadRecord | None, records: list[dict[str, Any]], path: Path, head_path: Path
+    subject: str,
+    head: HeadRecord | None,
+    records: list[dict[str, Any]],
+    path: Path,
+    head_path: Path,
+    *,
+    exists: bool,
 ) -> list[Finding]:
-    """The ledger against its head record: every entry the head anchors is there, unchanged."""
+    """The ledger against its head record: it exists, and every entry the head anchors is there, unchanged."""
     try:
-        lag = unanchored(head, records, ledger_path=path, head_path=head_path, ledger_exists=True)
+        lag = unanchored(head, records, ledger_path=path, head_path=head_path, ledger_exists=exists)
     except HeadError as e:
         return [Finding(subject, e.kind, str(e))]
     findings = []
