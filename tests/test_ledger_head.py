@@ -624,22 +624,3 @@ def test_the_ledger_and_its_head_are_created_owner_only(tmp_path, key, open_umas
 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(default_head_path(path).stat().st_mode) == 0o600
-
-
-def test_the_run_ledger_is_created_owner_only(tmp_path, key, open_umask):
-    from server.run_ledger import RunLedger
-
-    run = RunLedger(tmp_path / "run_ledger.jsonl", "run-a")
-    run.record_round(
-        1,
-        participants=[],
-        declined=[],
-        survivors=[],
-        dropped=[],
-        aborted=True,
-        aggregate_hash=None,
-        attestations={},
-        metrics={},
-    )
-
-    assert stat.S_IMODE((tmp_path / "run_ledger.jsonl").stat().st_mode) == 0o600
