@@ -103,7 +103,12 @@ def _decline(msg: Message, reason: str) -> Message:
 
 
 def _open_ledger(site: Site) -> SiteLedger:
-    return SiteLedger(site.ledger_path, site_id=site.site_id, signing_key=load_private_key(site.identity_key_path))
+    return SiteLedger(
+        site.ledger_path,
+        site_id=site.site_id,
+        signing_key=load_private_key(site.identity_key_path),
+        head_path=site.ledger_head_path,
+    )
 
 
 def _fingerprint(site: Site, rows: LabelledText) -> str:

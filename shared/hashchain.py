@@ -8,7 +8,8 @@ fails on its first line. The ``signature`` (hex, or absent for an unsigned chain
 
 Crash safety: a record is written with one ``os.write`` of the full line and its ``"\\n"``, then ``fsync``.
 A crash mid-write leaves a last line without its newline, which :func:`read_chain` reports as truncated.
-Nothing here ever rewrites or truncates a file.
+Nothing here ever rewrites or truncates a file. A chained file, and any file written by :func:`write_atomic`,
+is created with mode 0600 (owner read/write only, whatever the umask): ledgers say who trained when, on what.
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 CHAIN_FIELDS = ("prev_hash", "entry_hash", "signature")
+FILE_MODE = 0o600  # every ledger file: readable and writable by its owner only
+
+T = TypeVar("T")
 
 IssueKind = Literal["truncated", "corrupt", "gap", "reordered", "fork", "tampered", "signature", "foreign"]
 
@@ -228,22 +233,55 @@ def read_chain(
     return ChainRead(records, issues, len(data))
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a new or renamed directory entry durable."""
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 @contextmanager
 def _locked_append_fd(path: Path) -> Iterator[int]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # O_EXCL first: only the writer that creates the file sets its mode
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        created = True
+    except FileExistsError:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        created = False
     try:
+        if created:
+            os.fchmod(fd, FILE_MODE)  # exactly 0600: a umask can only have removed bits
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if created:  # make the new directory entry durable too
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        if created:
+            _fsync_dir(path.parent)
         yield fd
     finally:
         os.close(fd)  # releases the lock
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` all at once: a temporary file in the same directory (mode 0600), written
+    and fsynced, renamed over ``path``, then the directory fsynced. A crash leaves the old file or the new one,
+    never a mix (at worst a stray ``.<name>.*.tmp`` beside it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 class ChainWriter:
@@ -288,18 +326,39 @@ class ChainWriter:
     def records(self) -> list[dict[str, Any]]:
         return list(self._read.records)
 
-    def append(self, make_body: Callable[[list[dict[str, Any]]], Mapping[str, Any]]) -> dict[str, Any]:
+    @property
+    def public_key(self) -> Ed25519PublicKey | None:
+        return self._public_key
+
+    def _refresh(self, fd: int) -> None:
+        if os.fstat(fd).st_size != self._read.size:  # someone appended since we read: re-verify
+            self._read = self._verified_read()
+
+    def under_lock(self, action: Callable[[list[dict[str, Any]]], T]) -> T:
+        """Run ``action`` on the chain's records, re-read and re-verified under the file lock; nothing is
+        appended (e.g. to bring a side record such as a ledger's head up to date without racing a writer)."""
+        with _locked_append_fd(self.path) as fd:
+            self._refresh(fd)
+            return action(list(self._read.records))
+
+    def append(
+        self,
+        make_body: Callable[[list[dict[str, Any]]], Mapping[str, Any]],
+        *,
+        after: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> dict[str, Any]:
         """Seal a new record onto the chain and write it durably as one line.
 
         ``make_body`` gets the chain's current records (re-read and re-verified under the file lock when
         another writer appended since) and returns the new record's body; ``seq`` is set here. Anything it
-        raises propagates with nothing written.
+        raises propagates with nothing written. ``after`` gets every record, the new one last, once it is on
+        disk and still under the lock (e.g. to write the ledger's head record); what it raises propagates with
+        the record written.
         """
         if self._public_key is not None and self._signing_key is None:
             raise ChainError(f"{self.path}: opened without a signing key, cannot append to a signed ledger")
         with _locked_append_fd(self.path) as fd:
-            if os.fstat(fd).st_size != self._read.size:  # someone appended since we read: re-verify
-                self._read = self._verified_read()
+            self._refresh(fd)
             body = make_body(list(self._read.records))
             record = seal(
                 {**body, "seq": len(self._read.records)},
@@ -312,5 +371,7 @@ class ChainWriter:
             while written < len(line):  # a short write still appends, in order, under the lock
                 written += os.write(fd, line[written:])
             os.fsync(fd)
-        self._read = ChainRead([*self._read.records, record], [], self._read.size + len(line))
+            self._read = ChainRead([*self._read.records, record], [], self._read.size + len(line))
+            if after is not None:
+                after(list(self._read.records))
         return record

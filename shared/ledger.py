@@ -29,6 +29,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.hashchain import ChainError, ChainWriter, canonical_json, record_hash, signature_valid
+from shared.ledger_head import LedgerAnchor, default_head_path
 from shared.privacy import DpEvent, PrivacyError, check_accountant, check_delta, compose_epsilon
 
 SITE_LEDGER_KIND = "privatune.site-ledger.v1"
@@ -284,7 +285,9 @@ def _utc_now() -> str:
 
 
 class SiteLedger:
-    """A site's append-only privacy ledger file. Opening it verifies the whole chain (and signatures)."""
+    """A site's append-only privacy ledger file. Opening it verifies the whole chain (and signatures) and that
+    nothing was cut off since the last append: the ledger must match its signed head record
+    (:mod:`shared.ledger_head`, at ``head_path``, by default ``<ledger>.head.json`` beside it)."""
 
     def __init__(
         self,
@@ -293,11 +296,13 @@ class SiteLedger:
         site_id: str,
         signing_key: Ed25519PrivateKey | None = None,
         public_key: Ed25519PublicKey | None = None,
+        head_path: Path | None = None,
     ) -> None:
         if not site_id:
             raise LedgerError("site_id must be a non-empty string")
         self.path = Path(path)
         self.site_id = site_id
+        self.head_path = Path(head_path) if head_path is not None else default_head_path(self.path)
         try:
             self._chain = ChainWriter(
                 self.path,
@@ -307,6 +312,7 @@ class SiteLedger:
                 signing_key=signing_key,
                 public_key=public_key,
             )
+            self._anchor = LedgerAnchor(self._chain, self.head_path, signing_key=signing_key)
         except ChainError as e:
             raise LedgerError(f"site ledger of {site_id!r} is invalid: {e}") from e
         self._load(self._chain.records)
@@ -317,7 +323,7 @@ class SiteLedger:
 
     @property
     def public_key(self) -> Ed25519PublicKey | None:
-        return self._chain._public_key
+        return self._chain.public_key
 
     def entries(self) -> list[LedgerEntry]:
         return list(self._entries)
@@ -386,6 +392,7 @@ class SiteLedger:
         event = DpEvent.from_dict(event.to_dict())  # normalized types: a stable hash
 
         def make_body(records: list[dict[str, Any]]) -> dict[str, Any]:
+            self._anchor.check(records)  # nothing was cut off since the last head record
             self._load(records)  # the file as it is now, under the lock
             if self.find(run_id=run_id, server_round=server_round, purpose=purpose):
                 raise LedgerError(
@@ -411,7 +418,7 @@ class SiteLedger:
             }
 
         try:
-            self._chain.append(make_body)
+            self._chain.append(make_body, after=self._anchor.advance)  # then the head record, still locked
         except ChainError as e:
             raise LedgerError(f"cannot append to the site ledger of {self.site_id!r}: {e}") from e
         self._load(self._chain.records)

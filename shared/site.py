@@ -39,6 +39,7 @@ NODE_DEVICE = "device"
 NODE_MAX_EPSILON = "max-epsilon"
 NODE_DELTA = "delta"
 NODE_LEDGER = "ledger-path"
+NODE_LEDGER_HEAD = "ledger-head-path"  # the ledger's signed head record (default: <ledger>.head.json beside it)
 NODE_ROSTER = "roster-path"
 NODE_ACCOUNTANT = "accountant"
 NODE_DATA_SOURCE = "data-source"
@@ -149,6 +150,7 @@ class Site:
     evaluate_noise_multiplier: float = DEFAULT_EVALUATE_NOISE_MULTIPLIER
     secagg_min_cohort: int = 3  # fewest distinct roster sites in a secure round (secagg-min-cohort)
     secagg_threshold_fraction: float = 2 / 3  # t >= ceil(f * (k + 1)) (secagg-threshold-fraction)
+    ledger_head_path: Path | None = None  # None: beside the ledger (shared.ledger_head.default_head_path)
 
     @property
     def simulated(self) -> bool:
@@ -274,6 +276,9 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
             text_column=_text(node_config, NODE_TEXT_COLUMN, "text"),
             label_column=_text(node_config, NODE_LABEL_COLUMN, "label"),
             labels=parse_labels(node_config[NODE_LABELS]),
+            ledger_head_path=(
+                Path(str(node_config[NODE_LEDGER_HEAD])).expanduser() if NODE_LEDGER_HEAD in node_config else None
+            ),
             **own,
         )
 

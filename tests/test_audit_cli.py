@@ -18,7 +18,8 @@ from shared.audit.cli import audit_main
 from shared.audit.example import ExampleFederation, write_example_federation
 from shared.hashchain import ChainWriter, canonical_json
 from shared.identity import Roster, load_private_key, public_key_hex
-from shared.ledger import SITE_LEDGER_KIND, SiteLedger, keyed_fingerprint_rows
+from shared.ledger import SITE_LEDGER_KIND, SiteLedger, fingerprint_rows, keyed_fingerprint_rows
+from shared.ledger_head import default_head_path
 from shared.privacy import DpEvent, compose_epsilon
 
 EVENT = DpEvent(sample_rate=0.02, noise_multiplier=1.0, steps=25, clip_norm=1.0)  # as in the example
@@ -172,6 +173,7 @@ def test_a_ledger_cut_back_at_a_line_boundary_is_a_rollback(fed, tmp_path, capsy
 def test_a_rewritten_history_signed_by_the_site_is_a_fork(fed, tmp_path, capsys):
     path = fed.ledger_path("site-0")
     path.unlink()
+    default_head_path(path).unlink()  # whoever holds the site's key can start over, head record included
     ledger = SiteLedger(path, site_id="site-0", signing_key=load_private_key(fed.key_path("site-0")))
     for server_round in (1, 2, 3):  # a new, valid, signed history that differs from what the server holds
         ledger.append(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -149,3 +151,13 @@ def test_edited_run_ledger_is_rejected(tmp_path, roster):
 
     with pytest.raises(LedgerError, match="line 1: entry_hash does not match"):
         RunLedger(path, "run-a")
+
+
+def test_the_run_ledger_is_created_owner_only_whatever_the_umask(tmp_path, roster):
+    old = os.umask(0)
+    try:
+        _record(RunLedger(tmp_path / "run_ledger.jsonl", "run-a", roster=roster), 1, {})
+    finally:
+        os.umask(old)
+
+    assert stat.S_IMODE((tmp_path / "run_ledger.jsonl").stat().st_mode) == 0o600

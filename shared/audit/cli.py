@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-dir", type=Path, help="a simulation's sites directory (roster.json, sites/<id>/)")
     p.add_argument("--ledger", type=Path, action="append", default=[], help="a site ledger (repeat with --site-id)")
     p.add_argument("--site-id", action="append", default=[], help="the site id of the matching --ledger")
+    p.add_argument(
+        "--ledger-head",
+        action="append",
+        default=[],
+        metavar="SITE=PATH",
+        help="a site's signed head record, when it is not beside its ledger (<ledger>.head.json); repeatable",
+    )
     p.add_argument("--roster", type=Path, help="roster.json of site public keys (default: <sim-dir>/roster.json)")
     p.add_argument(
         "--run-dir",
@@ -97,6 +104,18 @@ def parse_budgets(values: Sequence[str], site_ids: Sequence[str]) -> dict[str, f
         for s in [site] if site else site_ids:
             budgets[s] = value
     return budgets
+
+
+def parse_heads(values: Sequence[str], site_ids: Sequence[str]) -> dict[str, Path]:
+    heads: dict[str, Path] = {}
+    for raw in values:
+        site, sep, path = raw.partition("=")
+        if not sep or not site or not path:
+            raise AuditInputError(f"--ledger-head must be SITE=PATH, got {raw!r}")
+        if site not in site_ids:
+            raise AuditInputError(f"--ledger-head names site {site!r}, which is not audited ({', '.join(site_ids)})")
+        heads[site] = Path(path)
+    return heads
 
 
 def _sites(args: argparse.Namespace) -> tuple[Roster, list[tuple[str, Path]]]:
@@ -224,6 +243,7 @@ def run_audit(args: argparse.Namespace) -> tuple[dict[str, Any], list[Finding]]:
     site_ids = [s for s, _ in pairs]
     budgets = parse_budgets(args.budget, site_ids)
     own = site_accounting_settings(args, site_ids)
+    heads = parse_heads(args.ledger_head, site_ids)
     findings: list[Finding] = []
     sites: dict[str, SiteAudit] = {}
     for site_id, path in pairs:
@@ -240,6 +260,7 @@ def run_audit(args: argparse.Namespace) -> tuple[dict[str, Any], list[Finding]]:
             site_delta=own[site_id][0] if site_id in own else None,
             site_accountant=own[site_id][1] if site_id in own else None,
             settings_from=own[site_id][2] if site_id in own else "the site's configuration",
+            head_path=heads.get(site_id),
         )
         sites[site_id] = audit
         findings.extend(audit.findings)

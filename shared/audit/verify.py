@@ -1,15 +1,18 @@
 """Re-verify the privacy ledgers, independently of what they claim.
 
 For a site ledger: every line complete and valid, the hash chain unbroken (no gap, reordering, fork or
-edit), every signature valid under the site's roster key, and every recorded epsilon equal to the one
-recomputed from the recorded DP events (never read from the recorded values). Then the site's own numbers:
-every entry must be accounted at the site's delta and accountant (from its node config or site.toml when the
-audit is given them, else from the ledger's first entry); an entry at another delta is an error, since its
-epsilon is not the site's. The epsilon spent is recomputed per data source (every entry of the source, and
-every legacy entry, whatever its fingerprint) at the site's delta, and checked against the budget; a source
-whose entries hold several fingerprints is a warning (the data changed under one budget). For the server's run ledger:
-its chain, and every site attestation in it signed by that site and present, identically, in the site's own
-ledger: an attestation the site's ledger does not hold at that position is a fork or a rollback.
+edit), every signature valid under the site's roster key, the ledger as long as its signed head record says
+and ending in the entry it anchors (nothing cut off, the file not deleted: :mod:`shared.ledger_head`), and every
+recorded epsilon equal to the one recomputed from the recorded DP events (never read from the recorded
+values). Then the site's own numbers: every entry must be accounted at the site's delta and accountant (from
+its node config or site.toml when the audit is given them, else from the ledger's first entry); an entry at
+another delta is an error, since its epsilon is not the site's. The epsilon spent is recomputed per data
+source (every entry of the source, and every legacy entry, whatever its fingerprint) at the site's delta, and
+checked against the budget; a source whose entries hold several fingerprints is a warning (the data changed
+under one budget). For the server's run ledger: its chain, and every site attestation in it signed by that site
+and present, identically, in the site's own ledger: an attestation the site's ledger does not hold at that
+position is a fork or a rollback, and a site ledger that is missing while a run ledger attests entries of it
+was deleted.
 
 Nothing here raises on bad content: each problem is a :class:`Finding` naming the file, line and entry, so
 that the audit can list them all and exit non-zero.
@@ -37,6 +40,7 @@ from shared.ledger import (
     cumulative_epsilon,
     verify_attestation,
 )
+from shared.ledger_head import HeadError, HeadRecord, default_head_path, read_head, unanchored
 from shared.privacy import DpEvent, PrivacyError
 
 EPSILON_RTOL = 1e-4  # recomputed vs recorded epsilon (same accountant, same events: equal up to float noise)
@@ -114,6 +118,8 @@ class SiteAudit:
     max_epsilon: float | None = None  # the budget the report draws: given, or the latest recorded
     accounting: SiteAccounting | None = None  # None: no entry verified and none given
     sources: dict[str, SourceSpent] = field(default_factory=dict)
+    exists: bool = True  # False: no ledger file at path
+    head: HeadRecord | None = None  # the verified head record, when there is one
 
     @property
     def ok(self) -> bool:
@@ -173,22 +179,36 @@ def audit_site_ledger(
     site_delta: float | None = None,
     site_accountant: str | None = None,
     settings_from: str = "the site's configuration",
+    head_path: Path | None = None,
 ) -> SiteAudit:
     """Verify one site's ledger file end to end; see the module docstring.
 
     ``site_delta`` and ``site_accountant`` are the site's own (``settings_from`` says where they were read);
-    when not given, those of the ledger's first entry are used, and the report says so.
+    when not given, those of the ledger's first entry are used, and the report says so. ``head_path``: its
+    head record (default: beside the ledger, ``<ledger>.head.json``).
     """
     subject = f"{site_id} ledger"
-    audit = SiteAudit(site_id=site_id, path=Path(path), max_epsilon=max_epsilon)
-    if not Path(path).exists():
-        audit.findings.append(  # a site that never trained has no ledger; one that did is caught by the
-            # cross-check of the server's attestations (a rollback)
-            Finding(subject, "missing", f"no ledger at {path}", severity="warning")
-        )
+    path = Path(path)
+    head_path = Path(head_path) if head_path is not None else default_head_path(path)
+    audit = SiteAudit(site_id=site_id, path=path, max_epsilon=max_epsilon)
+    head_ok = True
+    try:  # the head first, then the ledger: a site appending meanwhile makes the ledger longer, not shorter
+        audit.head = read_head(head_path, site_id=site_id, public_key=public_key)
+    except HeadError as e:
+        audit.findings.append(Finding(subject, e.kind, str(e)))
+        head_ok = False
+    if not path.exists():
+        audit.exists = False
+        if audit.head is not None:
+            audit.findings.extend(_head_findings(subject, audit.head, [], path, head_path, exists=False))
+        elif head_ok:  # a site that never trained has no ledger and no head; one that did is caught by the
+            # cross-check of the server's attestations
+            audit.findings.append(Finding(subject, "missing", f"no ledger at {path}", severity="warning"))
         return audit
     read = read_chain(path, kind=SITE_LEDGER_KIND, owner=site_id, public_key=public_key, owner_field="site_id")
     audit.findings.extend(Finding(subject, i.kind, i.detail, line=i.line) for i in read.issues)
+    if head_ok and all(i.kind == "truncated" for i in read.issues):  # mid-file problems are reported above
+        audit.findings.extend(_head_findings(subject, audit.head, read.records, path, head_path, exists=True))
     if read.issues:
         audit.findings.append(
             Finding(
@@ -358,6 +378,47 @@ def _fingerprint_findings(subject: str, sources: Mapping[str, SourceSpent]) -> l
     return found
 
 
+def _head_findings(
+    subject: str,
+    head: HeadRecord | None,
+    records: list[dict[str, Any]],
+    path: Path,
+    head_path: Path,
+    *,
+    exists: bool,
+) -> list[Finding]:
+    """The ledger against its head record: it exists, and every entry the head anchors is there, unchanged."""
+    try:
+        lag = unanchored(head, records, ledger_path=path, head_path=head_path, ledger_exists=exists)
+    except HeadError as e:
+        return [Finding(subject, e.kind, str(e))]
+    findings = []
+    if lag:
+        findings.append(
+            Finding(
+                subject,
+                "head-lag",
+                f"entry {len(records) - 1} verifies but its head record was not written yet (a crash between "
+                "the append and the head write, or the site is appending now); the site anchors it when it "
+                "next opens the ledger",
+                line=len(records),
+                severity="warning",
+            )
+        )
+    if head is not None and head.adopted_count is not None:
+        findings.append(
+            Finding(
+                subject,
+                "adopted",
+                f"the first {head.adopted_count} entries were written before head records existed and were "
+                "adopted as they were found: entries removed before that cannot be detected from the head "
+                "record, only from the server's attestations (give the audit the run ledgers)",
+                severity="warning",
+            )
+        )
+    return findings
+
+
 def audit_run_ledger(path: Path, *, roster: Roster, run_id: str | None = None) -> RunAudit:
     """Verify the server's ledger of one run and every attestation in it against the roster."""
     path = Path(path)
@@ -414,9 +475,13 @@ def audit_run_ledger(path: Path, *, roster: Roster, run_id: str | None = None) -
 def cross_check_attestations(run: RunAudit, sites: Mapping[str, SiteAudit]) -> list[Finding]:
     """Each attestation the server holds must be, hash for hash, the entry at its seq in the site's ledger."""
     findings: list[Finding] = []
+    deleted: dict[str, list[int]] = {}  # site whose ledger file is missing -> attested seqs
     for (site_id, server_round), attested in sorted(run.attested.items()):
         site = sites.get(site_id)
         subject = f"{site_id} ledger"
+        if site is not None and not site.exists:
+            deleted.setdefault(site_id, []).append(attested.seq)
+            continue
         if site is None:
             findings.append(
                 Finding(
@@ -451,6 +516,15 @@ def cross_check_attestations(run: RunAudit, sites: Mapping[str, SiteAudit]) -> l
                     line=attested.seq + 1,
                 )
             )
+    for site_id, seqs in sorted(deleted.items()):
+        findings.append(
+            Finding(
+                f"{site_id} ledger",
+                "missing",
+                f"the ledger {sites[site_id].path} is missing, but run {run.run_id} holds {len(seqs)} signed "
+                f"entries of it (entries {', '.join(map(str, sorted(seqs)))}): the ledger was deleted",
+            )
+        )
     return findings
 
 
