@@ -18,7 +18,7 @@ from shared.audit.cli import audit_main
 from shared.audit.example import ExampleFederation, write_example_federation
 from shared.hashchain import ChainWriter, canonical_json
 from shared.identity import Roster, load_private_key, public_key_hex
-from shared.ledger import SITE_LEDGER_KIND, SiteLedger, fingerprint_rows, keyed_fingerprint_rows
+from shared.ledger import SITE_LEDGER_KIND, SiteLedger, keyed_fingerprint_rows
 from shared.ledger_head import default_head_path
 from shared.privacy import DpEvent, compose_epsilon
 

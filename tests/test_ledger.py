@@ -164,8 +164,11 @@ def _legacy_record(key, *, seq, prev_hash, server_round, fingerprint, epsilon):
     return seal(body, kind="privatune.site-ledger.v1", prev_hash=prev_hash, signing_key=key)
 
 
-def write_legacy_ledger(path: Path, key: Ed25519PrivateKey, rounds=(0, 1)) -> Path:
+def write_legacy_ledger(path: Path, key: Ed25519PrivateKey, rounds=(0, 1), *, adopt: bool = True) -> Path:
+    """A ledger in the format written before data sources and keyed fingerprints; ``adopt``: anchored once by
+    its operator (``python -m shared.ledger_head adopt``), as every ledger from before head records must be."""
     from shared.hashchain import genesis_hash
+    from shared.ledger_head import adopt_head
 
     prev, lines = genesis_hash("privatune.site-ledger.v1", "site-0"), []
     plain = fingerprint_rows([("a fine film", 1), ("a dull film", 0)])
@@ -175,10 +178,19 @@ def write_legacy_ledger(path: Path, key: Ed25519PrivateKey, rounds=(0, 1)) -> Pa
         lines.append(canonical_json(record) + "\n")
         prev = record["entry_hash"]
     path.write_text("".join(lines))
+    if adopt:
+        adopt_head(path, site_id="site-0", signing_key=key)
     return path
 
 
-def test_a_legacy_ledger_opens_and_its_entries_count_toward_every_source(tmp_path, key):
+def test_a_legacy_ledger_is_refused_until_its_operator_adopts_it(tmp_path, key):
+    path = write_legacy_ledger(tmp_path / "l.jsonl", key, adopt=False)
+
+    with pytest.raises(LedgerError, match="has no head record.*python -m shared.ledger_head adopt"):
+        SiteLedger(path, site_id="site-0", signing_key=key)
+
+
+def test_an_adopted_legacy_ledger_opens_and_its_entries_count_toward_every_source(tmp_path, key):
     path = write_legacy_ledger(tmp_path / "l.jsonl", key)
     before = path.read_bytes()
     ledger = SiteLedger(path, site_id="site-0", signing_key=key)

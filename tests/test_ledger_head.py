@@ -24,7 +24,7 @@ from shared import hashchain, ledger_head
 from shared.audit.cli import audit_main
 from shared.hashchain import ChainError, canonical_json
 from shared.identity import Roster, provision_simulation
-from shared.ledger import LedgerError, SiteLedger, fingerprint_rows
+from shared.ledger import LedgerError, SiteLedger, keyed_fingerprint_rows
 from shared.ledger_head import HeadError, adopt_head, default_head_path, read_head, write_head
 from shared.model import build_model, get_trainable
 from shared.privacy import DpEvent
@@ -33,7 +33,7 @@ from shared.site import site_from_node_config
 
 DELTA = 1e-5
 EVENT = DpEvent(sample_rate=0.05, noise_multiplier=1.2, steps=20, clip_norm=1.0)
-FP = fingerprint_rows([("a fine film", 1), ("a dull film", 0)])
+FP = keyed_fingerprint_rows([("a fine film", 1), ("a dull film", 0)], key=bytes(range(32)))
 RUN_ID = 5150
 
 
@@ -71,8 +71,8 @@ def _keep_lines(path: Path, n: int) -> None:
 def test_a_ledger_cut_back_to_fewer_entries_is_refused_on_reopen(tmp_path, key):
     path = tmp_path / "privacy_ledger.jsonl"
     full = _ledger_with(path, key, 3)
-    budget = full.spent(FP, delta=DELTA, accountant="rdp")  # the site's budget is exactly what it spent
-    assert not decide(full.history(FP), EVENT, max_epsilon=budget, delta=DELTA, accountant="rdp").accept
+    budget = full.spent("default", delta=DELTA, accountant="rdp")  # the site's budget is exactly what it spent
+    assert not decide(full.history("default"), EVENT, max_epsilon=budget, delta=DELTA, accountant="rdp").accept
     _keep_lines(path, 1)  # a valid, shorter chain: every remaining line still verifies
 
     with pytest.raises(LedgerError, match=r"holds 1 entries, but its signed head record says 3 entries: .*removed"):
@@ -434,6 +434,9 @@ def test_a_deployed_site_sets_its_head_path_in_its_node_config(tmp_path):
         "site-id": "hospital-a",
         "site-dir": str(tmp_path),
         "data-path": str(tmp_path / "data.csv"),
+        "delta": 1e-5,
+        "accountant": "prv",
+        "labels": "neg,pos",
         "ledger-head-path": str(tmp_path / "elsewhere" / "head.json"),
     }
     check_node_config(node_config)
