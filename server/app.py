@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ from server.aggregation import INSECURE_WARNING, aggregate_plain
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from server.monitoring import RunMonitor
 from server.optimizer import ServerOptimizer
-from server.outputs import METRICS_FILE, save_adapter, write_json_atomic
+from server.outputs import ADAPTER_DIR, BEST_ADAPTER_DIR, METRICS_FILE, save_adapter, write_json_atomic
 from server.round_result import RoundAggregate
 from server.run_ledger import RunLedger
 from shared import constants as C
@@ -32,8 +33,8 @@ from shared.data import load_labelled_text
 from shared.federation import load_run_dataset, server_test_set
 from shared.identity import Roster, provision_simulation
 from shared.ledger import RUN_LEDGER_FILE, digest_array
-from shared.log import configure_logging
-from shared.metrics import evaluate_model
+from shared.log import RoundProgress, configure_logging
+from shared.metrics import evaluate_model, majority_baseline, quality_warnings
 from shared.model import (
     build_model,
     encode,
@@ -55,6 +56,10 @@ app = ServerApp()
 
 NODE_WAIT_S = 120.0
 NODE_SETTLE_S = 1.0  # at start-up: wait until no more nodes join for this long
+# A DP center whose expected error (noise norm over the noisy row count) exceeds this share of its own norm is
+# not used: with few rows per site it would shift every row by a random vector and the head would learn that.
+CENTER_MAX_ERROR = 0.5
+BEST_BY = "macro_f1"  # the best round: highest macro-F1 on the server's held-out test set (earliest on ties)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, *, timeout_s: float = NODE_WAIT_S, settle_s: float = 0.0) -> list[int]:
@@ -186,6 +191,16 @@ def estimate_feature_center(
     return center, rows, agg
 
 
+def center_error(cfg: RunConfig, *, rows: float, sites: int, hidden_size: int) -> float:
+    """Expected L2 norm of the DP noise in the center: the noise on the summed vector (std
+    ``center-noise-multiplier x sensitivity`` per coordinate and site) over ``sqrt(hidden_size)`` coordinates,
+    divided by the noisy row count. Public numbers only (post-processing)."""
+    if not cfg.dp:
+        return 0.0
+    std = cfg.center_noise_multiplier * sensitivity(cfg.center_clip_norm) * math.sqrt(sites)
+    return std * math.sqrt(hidden_size) / max(rows, 1e-9)
+
+
 def _site_name(agg: RoundAggregate, node: int) -> str:
     return agg.site_ids.get(node, f"node-{node}")
 
@@ -229,6 +244,21 @@ def _center_round(
             else f"no site answered ({agg.abort_reason or 'all dropped or declined'})",
         )
     else:
+        error = center_error(cfg, rows=rows or 0.0, sites=len(agg.survivors), hidden_size=int(previous.shape[0]))
+        if error > CENTER_MAX_ERROR * float(np.linalg.norm(center)):
+            logger.warning(
+                "round 0 | feature centering: the center's expected noise (norm %.2f) exceeds %.0f%% of its norm "
+                "%.2f (%.0f noisy rows over %d sites are too few for center-noise-multiplier %g): training on the "
+                "uncentered vector",
+                error,
+                100 * CENTER_MAX_ERROR,
+                float(np.linalg.norm(center)),
+                rows or 0.0,
+                len(agg.survivors),
+                cfg.center_noise_multiplier,
+            )
+            center = None
+    if center is not None:
         set_feature_center(model, center)
         count_std = row_count_noise_std(noise_multiplier=cfg.center_noise_multiplier, sites=len(agg.survivors))
         if cfg.dp and rows is not None and rows < 3.0 * count_std:
@@ -261,7 +291,7 @@ def _center_round(
         "aborted": agg.aborted,
         "abort_reason": agg.abort_reason,
         "clients": clients,
-        "center": [float(v) for v in center] if center is not None else None,
+        "center": [float(v) for v in center] if center is not None else None,  # None: not used
         "seconds": seconds,
     }
     return record, agg
@@ -273,7 +303,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     run_id = str(context.run_id)
     run_dir = cfg.run_dir(run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.dp:
         logger.warning(
             "DIFFERENTIAL PRIVACY IS OFF: this is a non-private baseline; no epsilon holds, and every "
@@ -300,6 +329,13 @@ def main(grid: Grid, context: Context) -> None:
     else:
         data = load_run_dataset(cfg)
         test = server_test_set(cfg, data, num_partitions=len(nodes))
+    # the data and the model load before anything is written: a bad path or column leaves no run dir and no keys
+    model = build_model(cfg, num_labels=len(data.label_names))
+    tokenizer = load_tokenizer(cfg.model_path)
+    test_enc = encode(tokenizer, test.texts, test.labels, max_length=cfg.max_length)
+    label_names = list(data.label_names)
+    majority = majority_baseline(test.labels, num_classes=len(label_names))
+    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.roster_path:  # deployment: sites were provisioned beforehand (privatune provision)
         roster = Roster.load(Path(cfg.roster_path).expanduser())
     else:  # simulation: the simulated sites' identities are made at start-up
@@ -307,20 +343,20 @@ def main(grid: Grid, context: Context) -> None:
         roster = provision_simulation(sim_dir, len(nodes))
     run_ledger = RunLedger(run_dir / RUN_LEDGER_FILE, run_id, roster=roster)
     monitor = RunMonitor(run_id, port=cfg.metrics_port)  # Prometheus metrics (metrics-port; 0 = not served)
-
-    model = build_model(cfg, num_labels=len(data.label_names))
-    tokenizer = load_tokenizer(cfg.model_path)
-    test_enc = encode(tokenizer, test.texts, test.labels, max_length=cfg.max_length)
     global_arrays = get_trainable(model)
     dim = int(flatten(global_arrays).shape[0])
     logger.info(
-        "run %s: %d sites, %d rounds, %s, %d trainable parameters, test set %d rows, DP %s, secure aggregation %s",
+        "run %s: %d sites, %d rounds, %s, %d trainable parameters, test set %d rows (majority class %r: accuracy "
+        "%.4f, macro-F1 %.4f), DP %s, secure aggregation %s",
         run_id,
         len(nodes),
         cfg.num_server_rounds,
         "FFA-LoRA" if cfg.lora_mode == "ffa" else "plain LoRA",
         dim,
         len(test),
+        label_names[int(majority["class"])],
+        majority["accuracy"],
+        majority["macro_f1"],
         f"on (target epsilon {cfg.target_epsilon:g}, delta {cfg.delta:g})" if cfg.dp else "OFF",
         "on" if cfg.secure_aggregation else "OFF",
     )
@@ -334,12 +370,14 @@ def main(grid: Grid, context: Context) -> None:
     )
     centering: tuple[dict[str, Any], RoundAggregate] | None = None
     if cfg.center_features and not cfg.resume:  # a resumed run takes the center from its checkpoint (below)
-        centering = _center_round(grid, cfg, nodes, model, global_arrays, run_id, roster)
+        with RoundProgress("round 0 (feature centering)"):
+            centering = _center_round(grid, cfg, nodes, model, global_arrays, run_id, roster)
     baseline = evaluate_model(model, test_enc, num_classes=len(data.label_names))
     history: dict[str, Any] = {
         "run_id": run_id,
         "config": cfg.to_flower(),
-        "label_names": list(data.label_names),
+        "label_names": label_names,
+        "majority_baseline": majority,  # always predicting the most frequent test class
         "initial_test": baseline,
         "rounds": [],
     }
@@ -380,7 +418,21 @@ def main(grid: Grid, context: Context) -> None:
         center = (history.get("feature_centering") or {}).get("center")
         if center is not None:
             set_feature_center(model, np.asarray(center, dtype=np.float32))
+        previous_best = Path(cfg.resume) / BEST_ADAPTER_DIR
+        if history.get("best") and previous_best.is_dir():  # the best round so far may be an earlier run's
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(previous_best, run_dir / BEST_ADAPTER_DIR, dirs_exist_ok=True)
+        elif history.get("best"):
+            logger.warning("%s is missing: the best round will be chosen among the resumed rounds", previous_best)
+            history.pop("best")
         logger.info("resuming run %s after its round %d (checkpoint in %s)", ckpt.run_id, ckpt.server_round, cfg.resume)
+    card = {
+        "base_model": cfg.model_path,
+        "classifier_pooling": cfg.classifier_pooling,
+        "label_names": label_names,
+        "max_length": cfg.max_length,
+    }
+    durations: list[float] = []
     for server_round in range(first_round, cfg.num_server_rounds + 1):
         started = time.monotonic()
         nodes = wait_for_nodes(grid, cfg.min_train_nodes)
@@ -393,16 +445,18 @@ def main(grid: Grid, context: Context) -> None:
         )
         if cfg.center_features:
             content[C.CENTER_RECORD] = record_from_arrays({C.CENTER_ARRAY: get_feature_center(model)})
-        agg = _aggregate(
-            grid,
-            cfg,
-            node_ids=sampled,
-            content=content,
-            server_round=server_round,
-            run_id=run_id,
-            dim=dim,
-            roster=roster,
-        )
+        expected = float(np.median(durations)) if durations else None
+        with RoundProgress(f"round {server_round}/{cfg.num_server_rounds}", expected_s=expected):
+            agg = _aggregate(
+                grid,
+                cfg,
+                node_ids=sampled,
+                content=content,
+                server_round=server_round,
+                run_id=run_id,
+                dim=dim,
+                roster=roster,
+            )
         if agg.total is None and not agg.aborted:
             agg.aborted, agg.abort_reason = True, "no site contributed an update"
         if agg.total is not None and agg.total_weight > 0:
@@ -411,6 +465,18 @@ def main(grid: Grid, context: Context) -> None:
             set_trainable(model, global_arrays)
         test_metrics = evaluate_model(model, test_enc, num_classes=len(data.label_names))
         seconds = time.monotonic() - started
+        durations.append(seconds)
+        warnings = quality_warnings(test_metrics, majority, label_names)
+        best = history.get("best")
+        if not agg.aborted and (best is None or test_metrics[BEST_BY] > best["test"][BEST_BY]):
+            # the best round so far, by the server's held-out test set (no site's data: no privacy cost)
+            best_dir = save_adapter(
+                fold_feature_center(model),
+                run_dir,
+                card={**card, "round": server_round, "adapter": "best", "test": test_metrics},
+                name=BEST_ADAPTER_DIR,
+            )
+            history["best"] = {"round": server_round, "by": BEST_BY, "test": test_metrics, "dir": str(best_dir)}
 
         site = partial(_site_name, agg)
         clients = _client_epsilons(agg)
@@ -473,13 +539,19 @@ def main(grid: Grid, context: Context) -> None:
             note = f" | {len(survivors)}/{len(sampled)} sites ({len(dropped)} dropped, {len(declined)} declined)"
         if losses:
             note += f" | NON-PRIVATE train loss {round_record['train_loss']:.4f}"
+        if warnings:
+            note += " | WARNING: " + "; ".join(warnings)
         logger.info(
-            "round %d/%d | test loss %.4f acc %.4f f1 %.4f | max eps %s | %.1fs%s",
+            "round %d/%d | test loss %.4f acc %.4f f1 %.4f (majority %.4f / %.4f) | best round %s | max eps %s | "
+            "%.1fs%s",
             server_round,
             cfg.num_server_rounds,
             test_metrics["loss"],
             test_metrics["accuracy"],
             test_metrics["macro_f1"],
+            majority["accuracy"],
+            majority["macro_f1"],
+            history["best"]["round"] if history.get("best") else "-",
             _fmt_eps(epsilons),
             seconds,
             note,
@@ -487,20 +559,33 @@ def main(grid: Grid, context: Context) -> None:
         if agg.aborted and cfg.secure_aggregation and cfg.secagg_on_abort == "stop":
             raise RuntimeError(f"round {server_round} aborted ({agg.abort_reason}) and secagg-on-abort = 'stop'")
 
+    final_test = history["rounds"][-1]["test"] if history["rounds"] else baseline
+    final_round = history["rounds"][-1]["round"] if history["rounds"] else 0
     adapter_dir = save_adapter(
         fold_feature_center(model),  # the head takes the plain pooled vector: the base model has no center
         run_dir,
-        card={
-            "base_model": cfg.model_path,
-            "classifier_pooling": cfg.classifier_pooling,
-            "label_names": list(data.label_names),
-            "max_length": cfg.max_length,
-            "final_test": history["rounds"][-1]["test"] if history["rounds"] else baseline,
-        },
+        card={**card, "round": final_round, "adapter": "final", "test": final_test, "final_test": final_test},
+        name=ADAPTER_DIR,
     )
     history["adapter_dir"] = str(adapter_dir)
+    history["adapters"] = {"final": {"dir": str(adapter_dir), "round": final_round, "test": final_test}}
+    if history.get("best"):
+        best = history["best"]
+        history["adapters"]["best"] = {"dir": best["dir"], "round": best["round"], "by": BEST_BY, "test": best["test"]}
+    final_warnings = quality_warnings(final_test, majority, label_names)
+    history["final_warnings"] = final_warnings
+    for warning in final_warnings:
+        logger.warning("WARNING: the final model %s", warning)
     if scorer is not None:
         scorer.finish(model, run_dir, run_id=run_id, seed=cfg.seed, delta=cfg.delta)
     write_json_atomic(run_dir / METRICS_FILE, history)
     monitor.close()
-    logger.info("adapter saved to %s; metrics in %s", adapter_dir, run_dir / METRICS_FILE)
+    logger.info("final adapter (round %d) saved to %s; metrics in %s", final_round, adapter_dir, run_dir / METRICS_FILE)
+    if history.get("best"):
+        best = history["best"]
+        logger.info(
+            "best round %d (macro-F1 %.4f on the server's held-out test set): %s",
+            best["round"],
+            best["test"][BEST_BY],
+            best["dir"],
+        )

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 ADAPTER_DIR = "adapter"
+BEST_ADAPTER_DIR = "adapter-best"  # the adapter of the round with the best macro-F1 on the server's test set
 METRICS_FILE = "metrics.json"
 MODEL_CARD = "privatune.json"
 
@@ -44,10 +45,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_adapter(model: nn.Module, run_dir: Path, *, card: dict[str, Any]) -> Path:
+def save_adapter(model: nn.Module, run_dir: Path, *, card: dict[str, Any], name: str = ADAPTER_DIR) -> Path:
     """Save the adapter in PEFT format (adapter_config.json + adapter_model.safetensors) and a small card
-    saying how to load it (base model, label names, max length)."""
-    out = run_dir / ADAPTER_DIR
+    saying how to load it (base model, label names, max length) in ``run_dir / name``."""
+    out = run_dir / name
     model.save_pretrained(str(out))  # type: ignore[operator]
     write_json_atomic(out / MODEL_CARD, card)
     return out

@@ -4,6 +4,7 @@ serve the tuned model."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -36,8 +37,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from shared.simulation import run_simulation, summary
-
     overrides = parse_overrides(args.set or [])
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
@@ -48,16 +47,82 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides["output-dir"] = args.output_dir
     RunConfig.from_flower({**RunConfig().to_flower(), **overrides})  # fail fast, before Ray starts
-    site_settings = {"max-epsilon": args.site_max_epsilon} if args.site_max_epsilon is not None else None
+    return _run(args, overrides, num_clients=args.num_clients)
+
+
+def _run(args: argparse.Namespace, overrides: dict[str, Any], *, num_clients: int) -> int:
+    from shared.simulation import run_simulation, summary
+
+    site_settings: dict[str, Any] = {}
+    if args.site_max_epsilon is not None:
+        site_settings["max-epsilon"] = args.site_max_epsilon
+    gpus = 0.0
+    if args.device:
+        site_settings["device"] = args.device
+        if args.device.startswith("cuda"):
+            gpus = 1.0 / num_clients  # the simulated sites share one GPU
     run_dir = run_simulation(
         overrides,
-        num_clients=args.num_clients,
+        num_clients=num_clients,
         cpus_per_client=args.cpus_per_client,
         verbose=args.verbose,
-        site_settings=site_settings,
+        site_settings=site_settings or None,
+        num_gpus_per_client=gpus,
     )
     print(summary(run_dir))
     return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """Continue an interrupted simulation from its last checkpointed round, with its own run config."""
+    from server.checkpoint import load_checkpoint
+
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    ckpt = load_checkpoint(run_dir)
+    if ckpt.server_round >= int(ckpt.config.get("num-server-rounds", 0)) and (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if metrics.get("adapters"):
+            raise ValueError(f"{run_dir} finished all its {ckpt.server_round} rounds: nothing to resume")
+    num_clients = args.num_clients or _sites_of(ckpt.history)
+    if not num_clients:
+        raise ValueError(f"cannot tell how many sites {run_dir} had: give --num-clients")
+    overrides = {**ckpt.config, "resume": str(run_dir)}
+    if args.output_dir:
+        overrides["output-dir"] = args.output_dir
+    print(f"resuming run {ckpt.run_id} after its round {ckpt.server_round} with {num_clients} sites")
+    return _run(args, overrides, num_clients=num_clients)
+
+
+def _sites_of(history: dict[str, Any]) -> int:
+    """The number of sites a run had: those asked in round 0, or the most sampled in one round."""
+    centering = history.get("feature_centering") or {}
+    counts = [len(centering.get("sampled") or [])] + [len(r.get("sampled") or []) for r in history.get("rounds", [])]
+    return max(counts)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from shared.evaluation import evaluate_adapter
+
+    result = evaluate_adapter(
+        args.adapter,
+        args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        base_model=args.base_model,
+        max_rows=args.max_rows,
+    )
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.report())
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="Where the simulated sites train: cpu (default), cuda, cuda:N, mps (written to each site.toml).",
+    )
+    parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per simulated client.")
+    parser.add_argument("--verbose", action="store_true", help="Show Flower's and Ray's logs too.")
 
 
 def _provision(args: argparse.Namespace) -> int:
@@ -181,9 +246,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="Every simulated site's own budget (written to its site.toml; the server never sees it).",
     )
     sim.add_argument("--output-dir", default=None, help="Where run-<id>/ goes (default: runs).")
-    sim.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per simulated client.")
-    sim.add_argument("--verbose", action="store_true", help="Show Flower's and Ray's logs too.")
+    _add_run_options(sim)
     sim.set_defaults(func=_simulate)
+
+    res = sub.add_parser(
+        "resume", help="Continue an interrupted simulation from its last completed round (same config, same sites)."
+    )
+    res.add_argument("run_dir", metavar="RUN_DIR", help="The interrupted run's directory (runs/run-<id>).")
+    res.add_argument("--num-clients", type=int, default=None, help="Simulated sites (default: as the run had).")
+    res.add_argument(
+        "--site-max-epsilon", type=float, default=None, help="Every simulated site's own budget (site.toml)."
+    )
+    res.add_argument("--output-dir", default=None, help="Where the new run-<id>/ goes (default: the run's).")
+    _add_run_options(res)
+    res.set_defaults(func=_resume)
+
+    ev = sub.add_parser("evaluate", help="Metrics and confusion matrix of a saved adapter on a labelled file.")
+    ev.add_argument("--adapter", required=True, help="An adapter directory (runs/run-<id>/adapter or adapter-best).")
+    ev.add_argument("--data", required=True, help="A .csv / .jsonl / .parquet file with text and label columns.")
+    ev.add_argument("--text-column", default="text", help="Column of the texts (default: text).")
+    ev.add_argument("--label-column", default="label", help="Column of the labels (default: label).")
+    ev.add_argument("--base-model", default=None, help="Where the base model lives here (default: the card's).")
+    ev.add_argument("--max-rows", type=int, default=None, help="Score only the first N rows.")
+    ev.add_argument("--json", action="store_true", help="Print JSON instead of the table.")
+    ev.set_defaults(func=_evaluate)
 
     prov = sub.add_parser(
         "provision",

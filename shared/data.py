@@ -1,14 +1,19 @@
 """Labelled text: loading a local CSV / JSONL / Parquet file, or the bundled Rotten Tomatoes snippets.
 
 Everything a data file can get wrong is a :class:`DataError` naming the file and what is wrong, raised before
-any training starts.
+any training starts. A bad row is named by its line in the file as an editor shows it (1-based, the CSV header
+is line 1; a quoted field spanning lines counts them all), a Parquet row by its 1-based row number.
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
 import importlib.util
+import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +82,7 @@ def load_rotten_tomatoes() -> LabelledText:
         label_column="category",
         labels=list(ROTTEN_TOMATOES_LABELS),
         source=f"{BUILTIN_DATA} ({path.name})",
+        where=lambda row: f"row {row + 1}",
     )
 
 
@@ -107,6 +113,8 @@ def load_labelled_text(
 
     import pandas as pd
 
+    if suffix != ".parquet":
+        _check_utf8(file, suffix)
     try:
         if suffix == ".jsonl":
             frame = pd.read_json(file, lines=True, dtype=False)
@@ -116,7 +124,70 @@ def load_labelled_text(
             frame = pd.read_csv(file, dtype=str, keep_default_na=False)
     except (ValueError, OSError, pd.errors.ParserError) as e:
         raise DataError(f"cannot read data file {file}: {e}") from e
-    return _to_labelled(frame, text_column=text_column, label_column=label_column, labels=labels, source=str(file))
+    if suffix == ".parquet":
+        where: Callable[[int], str] = lambda row: f"row {row + 1}"  # noqa: E731
+    elif suffix == ".jsonl":
+        where = lambda row: f"line {_jsonl_line(file, row)}"  # noqa: E731
+    else:
+        where = lambda row: f"line {_csv_line(file, suffix, row)}"  # noqa: E731
+    return _to_labelled(
+        frame, text_column=text_column, label_column=label_column, labels=labels, source=str(file), where=where
+    )
+
+
+def _read_bytes(file: Path, suffix: str) -> bytes:
+    if suffix == ".csv.bz2":
+        return bz2.decompress(file.read_bytes())
+    if suffix == ".csv.gz":
+        return gzip.decompress(file.read_bytes())
+    return file.read_bytes()
+
+
+def _check_utf8(file: Path, suffix: str) -> None:
+    """A text file that is not UTF-8 is refused naming the line of the first bad byte and the encoding to
+    convert from (Windows-1252 where that decodes the file, which covers most such files, else Latin-1)."""
+    try:
+        raw = _read_bytes(file, suffix)
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"cannot read data file {file}: {e}") from e
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        try:
+            raw.decode("cp1252")
+            encoding = "cp1252"
+        except UnicodeDecodeError:
+            encoding = "latin-1"
+        raise DataError(
+            f"{file} is not UTF-8: byte 0x{raw[e.start]:02x} on line {line} is not valid UTF-8. It is probably "
+            f"{encoding} ({'Windows-1252' if encoding == 'cp1252' else 'ISO-8859-1'}); convert it: "
+            f"iconv -f {encoding} -t utf-8 {file.name} > utf8-{file.name}"
+        ) from e
+
+
+def _csv_line(file: Path, suffix: str, row: int) -> int:
+    """The 1-based line on which data row ``row`` (0-based, after the header) starts."""
+    text = _read_bytes(file, suffix).decode("utf-8")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    end = 0  # the line the previous record ended on
+    for index, _record in enumerate(reader):
+        if index == row + 1:  # record 0 is the header
+            return end + 1
+        end = reader.line_num
+    return end + 1
+
+
+def _jsonl_line(file: Path, row: int) -> int:
+    """The 1-based line of JSON object ``row`` (blank lines are skipped by the reader, counted here)."""
+    seen = -1
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                seen += 1
+                if seen == row:
+                    return number
+    return row + 1
 
 
 def _label_key(value: object) -> str | None:
@@ -129,8 +200,15 @@ def _label_key(value: object) -> str | None:
 
 
 def _to_labelled(
-    frame: object, *, text_column: str, label_column: str, labels: Sequence[str] | None, source: str
+    frame: object,
+    *,
+    text_column: str,
+    label_column: str,
+    labels: Sequence[str] | None,
+    source: str,
+    where: Callable[[int], str],
 ) -> LabelledText:
+    """``where(row)`` names 0-based data row ``row`` as the user finds it in the file ("line 7", "row 6")."""
     import pandas as pd
 
     assert isinstance(frame, pd.DataFrame)
@@ -143,12 +221,11 @@ def _to_labelled(
     texts: list[str] = []
     keys: list[str] = []
     for row, (text, label) in enumerate(zip(frame[text_column], frame[label_column], strict=True)):
-        line = row + 1
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{source}: row {line} has an empty or non-text {text_column!r}: {text!r}")
+            raise DataError(f"{source}: {where(row)} has an empty or non-text {text_column!r}: {text!r}")
         key = _label_key(label)
         if key is None:
-            raise DataError(f"{source}: row {line} has no label in {label_column!r}")
+            raise DataError(f"{source}: {where(row)} has no label in {label_column!r}")
         texts.append(text)
         keys.append(key)
 
@@ -163,7 +240,10 @@ def _to_labelled(
             raise DataError(f"labels {names} has duplicates")
         unknown = sorted(set(keys) - set(names))
         if unknown:
-            raise DataError(f"{source}: unknown label(s) {unknown[:10]} in {label_column!r}; labels are {names}")
+            first = where(next(i for i, k in enumerate(keys) if k in set(unknown)))
+            raise DataError(
+                f"{source}: unknown label(s) {unknown[:10]} in {label_column!r} (first on {first}); labels are {names}"
+            )
     if len(names) < 2:
         raise DataError(f"{source}: needs at least 2 labels, found {names}")
     index = {n: i for i, n in enumerate(names)}

@@ -1,4 +1,5 @@
-"""Classification metrics (loss, accuracy, macro precision / recall / F1) and batched evaluation."""
+"""Classification metrics (loss, accuracy, macro precision / recall / F1, the majority-class baseline, the
+share of the most-predicted class, the confusion matrix) and batched evaluation."""
 
 from __future__ import annotations
 
@@ -25,12 +26,47 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, *, num_classe
         precision.append(p)
         recall.append(r)
         f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    counts = np.bincount(y_pred, minlength=num_classes)
     return {
         "accuracy": float(np.mean(y_true == y_pred)),
         "precision": float(np.mean(precision)),
         "recall": float(np.mean(recall)),
         "macro_f1": float(np.mean(f1)),
+        "top_class": int(np.argmax(counts)),  # the class predicted most often
+        "top_class_share": float(counts.max() / y_pred.size),  # 1.0: the model predicts one class for every row
     }
+
+
+def majority_baseline(y_true: np.ndarray, *, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 of always predicting the most frequent class of ``y_true``: what a model must
+    beat to have learned anything."""
+    y_true = np.asarray(y_true)
+    majority = int(np.argmax(np.bincount(y_true, minlength=num_classes)))
+    scores = classification_metrics(y_true, np.full_like(y_true, majority), num_classes=num_classes)
+    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "class": majority}
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """``m[i, j]``: rows of true class i predicted as class j."""
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return m
+
+
+ONE_CLASS_SHARE = 0.95  # a model that gives one class to this share of the test rows or more is warned about
+
+
+def quality_warnings(test: dict[str, Any], baseline: dict[str, float], label_names: list[str]) -> list[str]:
+    """Loud, one-line warnings about a model's test metrics: it predicts (nearly) one class, or it does worse
+    than always predicting the majority class. Empty when neither holds."""
+    out = []
+    share = float(test.get("top_class_share", 0.0))
+    if share >= ONE_CLASS_SHARE:
+        name = label_names[int(test["top_class"])] if "top_class" in test else "?"
+        out.append(f"predicts {name!r} for {share:.0%} of the test rows")
+    if test["accuracy"] < baseline["accuracy"] - 1e-9:
+        out.append(f"accuracy {test['accuracy']:.4f} is below the majority baseline {baseline['accuracy']:.4f}")
+    return out
 
 
 @torch.no_grad()

@@ -2,12 +2,15 @@
 
 ``flwr run .`` works too (see the README); this path adds what it lacks for a one-line experiment: good
 defaults, Flower's telemetry / update check / runtime installs switched off, FLWR_HOME and Ray's temp dir in a
-temp dir that is removed afterwards, one progress line per round, and no process left running.
+temp dir that is removed afterwards, one progress line per round (and a "still running" line with an ETA inside
+one), no process left running, and the data, model and resume checkpoint checked before Flower and Ray start; a
+run that fails before any site recorded anything leaves no run directory and no keys behind.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,10 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.identity import site_id_for_partition
 from shared.log import configure_logging
-from shared.site import write_site_settings
+from shared.site import LEDGER_FILE, write_site_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +46,61 @@ def offline_environment() -> None:
     os.environ.update(FLOWER_ENV)
 
 
+def preflight(cfg: RunConfig, *, num_clients: int, device: str | None = None) -> None:
+    """What would otherwise fail 10-60 s into a run, checked in this process before Flower and Ray start: the
+    data file, its columns and labels, that it splits over ``num_clients`` sites, the server's evaluation file,
+    the model path, and the checkpoint to resume from. Raises ``ValueError`` (a ``DataError``, ``ModelError``,
+    ``ConfigError``...) naming what is wrong."""
+    from shared.data import load_labelled_text
+    from shared.federation import load_run_dataset, simulated_split
+    from shared.model import resolve_model_path
+
+    if num_clients < cfg.min_train_nodes:
+        raise ValueError(f"num_clients={num_clients} is below min-train-nodes={cfg.min_train_nodes}")
+    data = load_run_dataset(cfg)
+    parts, _ = simulated_split(cfg, data, num_clients)
+    smallest = min(len(p) for p in parts)
+    if smallest == 0:
+        raise ValueError(f"{data.source}: {len(data)} rows leave a site with no training rows at {num_clients} sites")
+    if cfg.eval_data_path:
+        load_labelled_text(
+            cfg.eval_data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names
+        )
+    try:
+        resolve_model_path(cfg.model_path)
+    except ImportError as e:
+        raise ValueError(str(e)) from e
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA device on this machine")
+    if cfg.resume:
+        from server.checkpoint import load_checkpoint
+
+        if not cfg.sim_dir:
+            raise ConfigError("resume in a simulation needs sim-dir set: the sites' ledgers must outlive the restart")
+        load_checkpoint(Path(cfg.resume))
+
+
+def _recorded_anything(run_dir: Path) -> bool:
+    """Whether a failed run left a record that must be kept: its metrics, or a site ledger with an entry."""
+    if (run_dir / "metrics.json").is_file():
+        return True
+    return any(p.stat().st_size > 0 for p in run_dir.rglob(LEDGER_FILE))
+
+
+def discard_failed_run(cfg: RunConfig, run_id: int | str) -> bool:
+    """Remove the run dir of a run that failed before anything was recorded (its keys, roster, empty ledgers:
+    nothing a later run or an audit needs). A run dir holding metrics or a site ledger entry is kept, and so is
+    an explicit ``sim-dir`` outside it (its sites persist across runs). True if removed."""
+    run_dir = cfg.run_dir(run_id)
+    if not run_dir.is_dir() or _recorded_anything(run_dir):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
 def run_simulation(
     overrides: Mapping[str, Any],
     *,
@@ -50,15 +108,21 @@ def run_simulation(
     cpus_per_client: float = 1.0,
     verbose: bool = False,
     site_settings: Mapping[str, Any] | None = None,
+    num_gpus_per_client: float = 0.0,
 ) -> Path:
-    """Simulate ``num_clients`` sites with the run config ``overrides`` (kebab-case keys); returns the run dir."""
+    """Simulate ``num_clients`` sites with the run config ``overrides`` (kebab-case keys); returns the run dir.
+
+    ``site_settings`` go to every simulated site's ``site.toml`` (its budget, its ``device``);
+    ``num_gpus_per_client`` is what Ray reserves for each (a share of one GPU, for ``device = "cuda"``)."""
     offline_environment()
     cfg = RunConfig.from_flower({**RunConfig().to_flower(), **overrides})  # validate before starting anything
-    if num_clients < cfg.min_train_nodes:
-        raise ValueError(f"num_clients={num_clients} is below min-train-nodes={cfg.min_train_nodes}")
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise RuntimeError(f"{PROJECT_ROOT} has no pyproject.toml: install PrivaTune editable (pip install -e .)")
     configure_logging(verbose=verbose)
+    preflight(cfg, num_clients=num_clients, device=(site_settings or {}).get("device"))
+    logging.getLogger("privatune").info(
+        "starting %d simulated sites (Flower, Ray); loading the model takes a while", num_clients
+    )
 
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -79,6 +143,8 @@ def run_simulation(
     run = Run.create_empty(run_id=run_id)
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
     run.federation_id = NOOP_FEDERATION_ID
+    if not cfg.sim_dir:  # name the sites' home explicitly, so that `privatune resume` finds the same sites
+        cfg = RunConfig.from_flower({**cfg.to_flower(), "sim-dir": str(cfg.simulation_dir(run_id))})
     run.override_config = dict(cfg.to_flower())
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
@@ -89,7 +155,7 @@ def run_simulation(
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
     cpus = os.cpu_count() or 1
     backend: dict[str, Any] = {
-        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": num_gpus_per_client},
         "init_args": {
             "num_cpus": cpus,
             "logging_level": "WARNING" if verbose else "ERROR",
@@ -114,22 +180,44 @@ def run_simulation(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        removed = discard_failed_run(cfg, run_id)  # only if nothing was recorded (no metrics, no ledger entry)
     run_dir = cfg.run_dir(run_id)
     if not (run_dir / "metrics.json").is_file():
-        raise RuntimeError(f"the simulation ended without writing {run_dir / 'metrics.json'}; see the log above")
+        raise RuntimeError(
+            "the simulation ended without writing metrics.json; see the log above"
+            + (f" ({run_dir} held nothing recorded and was removed)" if removed else f" (kept: {run_dir})")
+        )
     return run_dir
 
 
 def summary(run_dir: Path) -> str:
+    """The run's result as a person reads it: majority baseline, final and best round, warnings, epsilon."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     last = metrics["rounds"][-1] if metrics["rounds"] else None
     lines = [f"run {metrics['run_id']} -> {run_dir}"]
+    majority = metrics.get("majority_baseline")
+    if majority:
+        names = metrics.get("label_names") or []
+        name = names[int(majority["class"])] if int(majority["class"]) < len(names) else majority["class"]
+        lines.append(
+            f"majority baseline (always {name!r}): accuracy {majority['accuracy']:.4f}  "
+            f"macro-F1 {majority['macro_f1']:.4f}"
+        )
     if last:
         t = last["test"]
         lines.append(
-            f"final test: accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  "
+            f"final test (round {last['round']}): accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  "
             f"precision {t['precision']:.4f}  recall {t['recall']:.4f}  loss {t['loss']:.4f}"
         )
+    best = metrics.get("best")
+    if best:
+        t = best["test"]
+        lines.append(
+            f"best round {best['round']} (by macro-F1 on the server's held-out test set): "
+            f"accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}"
+        )
+    for warning in metrics.get("final_warnings") or []:
+        lines.append(f"WARNING: the final model {warning}")
     eps: dict[str, Any] = {}
     for r in metrics["rounds"]:
         for site, m in r["clients"].items():
@@ -137,5 +225,11 @@ def summary(run_dir: Path) -> str:
     if eps:
         shown = ", ".join(f"{s}={'inf' if v is None else f'{v:.3f}'}" for s, v in sorted(eps.items()))
         lines.append(f"cumulative epsilon per site (delta {metrics['config']['delta']:g}): {shown}")
-    lines.append(f"adapter: {metrics.get('adapter_dir')}")
+    adapters = metrics.get("adapters") or {}
+    if "final" in adapters:
+        lines.append(f"final adapter (round {adapters['final']['round']}): {adapters['final']['dir']}")
+    else:
+        lines.append(f"adapter: {metrics.get('adapter_dir')}")
+    if "best" in adapters:
+        lines.append(f"best-round adapter (round {adapters['best']['round']}): {adapters['best']['dir']}")
     return "\n".join(lines)

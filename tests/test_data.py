@@ -51,8 +51,8 @@ def test_custom_column_names(tmp_path):
             "label-column 'label' not found",
         ),
         (lambda p: write_csv(p / "u.csv", [("a", "fresh"), ("b", "meh")]), "unknown label(s) ['meh']"),
-        (lambda p: write_csv(p / "n.csv", [("a", "fresh"), ("b", "")]), "row 2 has no label"),
-        (lambda p: write_csv(p / "t.csv", [("a", "fresh"), (" ", "rotten")]), "row 2 has an empty"),
+        (lambda p: write_csv(p / "n.csv", [("a", "fresh"), ("b", "")]), "line 3 has no label"),
+        (lambda p: write_csv(p / "t.csv", [("a", "fresh"), (" ", "rotten")]), "line 3 has an empty"),
     ],
 )
 def test_bad_data_file_is_a_clear_error(tmp_path, setup, message):
@@ -76,3 +76,35 @@ def test_bundled_rotten_tomatoes_is_binary_fresh_vs_rotten():
     assert data.label_names == ("rotten", "fresh")
     assert len(data) == 7403 + 5405  # the 1,097 "plot" rows are not reviews
     assert int(data.labels.sum()) == 7403
+
+
+def test_a_bad_row_is_named_by_its_line_in_the_file_as_an_editor_shows_it(tmp_path):
+    # header = line 1; a quoted text spanning two lines pushes every later row one line down
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"one\nreview",fresh\nfine,rotten\nbad,\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 5 has no label in 'label'"):
+        load_labelled_text(path, labels=["rotten", "fresh"])
+    path.write_text("text,label\na,fresh\nb,meh\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"unknown label\(s\) \['meh'\] in 'label' \(first on line 3\)"):
+        load_labelled_text(path, labels=["rotten", "fresh"])
+
+
+def test_a_bad_jsonl_or_parquet_row_is_named_by_line_or_1_based_row(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a", "label": "fresh"}\n\n{"text": "b", "label": null}\n')
+    with pytest.raises(DataError, match="line 3 has no label"):
+        load_labelled_text(jsonl, labels=["rotten", "fresh"])
+    parquet = tmp_path / "d.parquet"
+    pd.DataFrame([("a", "fresh"), ("", "rotten")], columns=["text", "label"]).to_parquet(parquet)
+    with pytest.raises(DataError, match="row 2 has an empty"):
+        load_labelled_text(parquet, labels=["rotten", "fresh"])
+
+
+def test_a_file_that_is_not_utf8_names_the_line_and_the_encoding_to_convert_from(tmp_path):
+    path = tmp_path / "win.csv"
+    path.write_bytes("text,label\nfine,fresh\nit\u2019s great,fresh\n".encode("cp1252"))
+    with pytest.raises(DataError) as err:
+        load_labelled_text(path, labels=["rotten", "fresh"])
+    message = str(err.value)
+    assert "is not UTF-8" in message and "line 3" in message and "0x92" in message
+    assert "iconv -f cp1252 -t utf-8 win.csv" in message
