@@ -61,7 +61,12 @@ class RunConfig:
     lora_target_modules: str = field(default="query,value", metadata=_help("Comma-separated module names."))
     optimizer: Literal["adam", "sgd"] = field(default="sgd", metadata=_help("Client optimizer (fresh each round)."))
     learning_rate: float = field(default=10.0, metadata=_help("Client learning rate."))
-    local_steps: int = field(default=1, metadata=_help("DP-SGD steps per client per round."))
+    local_steps: int = field(
+        default=4,
+        metadata=_help(
+            "DP-SGD steps per client per round (4: a 3-round run still takes 12 steps; docs/benchmarks.md)."
+        ),
+    )
     batch_size: int = field(default=256, metadata=_help("Expected (Poisson) batch size."))
     # differential privacy
     dp: bool = field(default=True, metadata=_help("DP-SGD on every client. Off = non-private baseline."))
@@ -69,10 +74,10 @@ class RunConfig:
     noise_multiplier: float = field(default=0.0, metadata=_help("Set the noise directly (then target-epsilon = 0)."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Per-sample gradient clip norm."))
     center_noise_multiplier: float = field(
-        default=20.0,
+        default=5.0,
         metadata=_help(
-            "Noise multiplier of the centering query (Gaussian on sum and count; epsilon 0.16 alone, 0.003 of the "
-            "composed 8)."
+            "Noise multiplier of the centering query (Gaussian on sum and count; epsilon 0.73 alone, part of the "
+            "composed budget). A center whose expected noise exceeds half its norm is not used (too few rows)."
         ),
     )
     center_clip_norm: float = field(

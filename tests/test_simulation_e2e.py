@@ -35,7 +35,7 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     for r in metrics["rounds"]:
         assert sorted(r["survivors"]) == ["site-0", "site-1", "site-2"]
         assert not r["aborted"] and r["secure_aggregation"] is secure
-        assert set(r["test"]) == {"loss", "accuracy", "precision", "recall", "macro_f1"}
+        assert set(r["test"]) == {"loss", "accuracy", "precision", "recall", "macro_f1", "top_class", "top_class_share"}
     eps_round1 = [c["epsilon"] for c in metrics["rounds"][0]["clients"].values()]
     eps_round2 = [c["epsilon"] for c in metrics["rounds"][1]["clients"].values()]
     assert all(0 < a < b for a, b in zip(eps_round1, eps_round2, strict=True))  # cumulative, not per round
@@ -56,10 +56,20 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     )
     run_rounds = [json.loads(line)["round"] for line in (run_dir / "run_ledger.jsonl").read_text().splitlines()]
     assert run_rounds == [0, 1, 2]
-    assert "final test: accuracy" in summary(run_dir)
+    text = summary(run_dir)
+    assert "final test (round 2): accuracy" in text and "majority baseline (always " in text
+    best = metrics["best"]
+    assert best["round"] in (1, 2) and best["by"] == "macro_f1"
+    assert best["test"]["macro_f1"] == max(r["test"]["macro_f1"] for r in metrics["rounds"])
+    assert metrics["adapters"]["final"]["round"] == 2 and metrics["adapters"]["best"]["round"] == best["round"]
+    best_card = json.loads((run_dir / "adapter-best" / "privatune.json").read_text())
+    final_card = json.loads((run_dir / "adapter" / "privatune.json").read_text())
+    assert (best_card["adapter"], best_card["round"]) == ("best", best["round"])
+    assert (final_card["adapter"], final_card["round"]) == ("final", 2)
+    assert f"best-round adapter (round {best['round']}): {run_dir / 'adapter-best'}" in text
     out = capsys.readouterr().out
     assert "round 0 | feature centering: 3/3 sites" in out
-    assert "round 1/2 | test loss" in out and "round 2/2" in out
+    assert "round 1/2 | test loss" in out and "round 2/2" in out and "(majority " in out
     assert "train loss" not in out and all("train_loss" not in r for r in metrics["rounds"])  # DP: none released
 
 
