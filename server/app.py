@@ -414,7 +414,13 @@ def main(grid: Grid, context: Context) -> None:
         rng, first_round, lineage = ckpt.rng(), ckpt.server_round + 1, [*ckpt.lineage, ckpt.run_id]
         if ckpt.strategy_state:
             server_opt = ServerOptimizer.from_state_dict(ckpt.strategy_state)
-        history = {**ckpt.history, "run_id": run_id, "config": cfg.to_flower(), "resumed_from": lineage}
+        history = {
+            **ckpt.history,
+            "run_id": run_id,
+            "config": cfg.to_flower(),
+            "resumed_from": lineage,
+            "majority_baseline": majority,
+        }
         center = (history.get("feature_centering") or {}).get("center")
         if center is not None:
             set_feature_center(model, np.asarray(center, dtype=np.float32))
@@ -422,6 +428,7 @@ def main(grid: Grid, context: Context) -> None:
         if history.get("best") and previous_best.is_dir():  # the best round so far may be an earlier run's
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(previous_best, run_dir / BEST_ADAPTER_DIR, dirs_exist_ok=True)
+            history["best"] = {**history["best"], "dir": str(run_dir / BEST_ADAPTER_DIR)}
         elif history.get("best"):
             logger.warning("%s is missing: the best round will be chosen among the resumed rounds", previous_best)
             history.pop("best")
@@ -580,12 +587,12 @@ def main(grid: Grid, context: Context) -> None:
         scorer.finish(model, run_dir, run_id=run_id, seed=cfg.seed, delta=cfg.delta)
     write_json_atomic(run_dir / METRICS_FILE, history)
     monitor.close()
-    logger.info("final adapter (round %d) saved to %s; metrics in %s", final_round, adapter_dir, run_dir / METRICS_FILE)
+    logger.info("final adapter saved to %s (round %d); metrics in %s", adapter_dir, final_round, run_dir / METRICS_FILE)
     if history.get("best"):
         best = history["best"]
         logger.info(
-            "best round %d (macro-F1 %.4f on the server's held-out test set): %s",
+            "best-round adapter saved to %s (round %d, macro-F1 %.4f on the server's held-out test set)",
+            best["dir"],
             best["round"],
             best["test"][BEST_BY],
-            best["dir"],
         )

@@ -57,8 +57,13 @@ def preflight(cfg: RunConfig, *, num_clients: int, device: str | None = None) ->
 
     if num_clients < cfg.min_train_nodes:
         raise ValueError(f"num_clients={num_clients} is below min-train-nodes={cfg.min_train_nodes}")
+    from shared.partition import PartitionError
+
     data = load_run_dataset(cfg)
-    parts, _ = simulated_split(cfg, data, num_clients)
+    try:
+        parts, _ = simulated_split(cfg, data, num_clients)
+    except PartitionError as e:
+        raise ValueError(f"{data.source}: {len(data)} rows at {num_clients} sites: {e}") from e
     smallest = min(len(p) for p in parts)
     if smallest == 0:
         raise ValueError(f"{data.source}: {len(data)} rows leave a site with no training rows at {num_clients} sites")

@@ -10,6 +10,7 @@ shows what the head's hyper-parameters do, not what LoRA adds.
 
     python simulations/utility_grid.py --data builtin:rotten-tomatoes --data tweets.csv --data drugs.csv
     python simulations/utility_grid.py --data my.csv --preset default --sites 3,5,10 --rounds 3,10 --rows 500,5000
+    python simulations/utility_grid.py --data my.csv --set fast:learning_rate=3,local_steps=8   # a preset of yours
 
 It prints, per data set, preset and grid cell, the majority-class accuracy and the mean final and best-round
 accuracy and macro-F1 over ``--seeds``, and the fraction of runs whose final model predicts one class.
@@ -52,8 +53,25 @@ class Preset:
     target_epsilon: float = 8.0
 
 
+def _defaults() -> Preset:
+    cfg = RunConfig()
+    return Preset(
+        learning_rate=cfg.learning_rate,
+        local_steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        center_noise_multiplier=cfg.center_noise_multiplier,
+        center_clip_norm=cfg.center_clip_norm,
+        center_features=cfg.center_features,
+        center_max_error=0.5,  # server/app.py CENTER_MAX_ERROR
+        update_clip_norm=cfg.update_clip_norm,
+        target_epsilon=cfg.target_epsilon,
+    )
+
+
 PRESETS = {
-    "old": Preset(),
+    "old": Preset(),  # the defaults before 2026-12-01: 1 local step, center noise multiplier 20, no center check
+    "default": _defaults(),  # today's run-config defaults
+    "nonprivate": replace(_defaults(), target_epsilon=0.0),  # the same without DP noise on the training steps
 }
 
 
