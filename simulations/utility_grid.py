@@ -222,9 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         presets[name] = replace(Preset(), **values)  # type: ignore[arg-type]
     chosen = args.preset or sorted(presets)
     labels = args.labels or [""] * len(args.data)
-    grid = list(
-        itertools.product(*(tuple(int(v) for v in s.split(",")) for s in (args.sites, args.rounds, args.rows)))
-    )
+    grid = list(itertools.product(*(tuple(int(v) for v in s.split(",")) for s in (args.sites, args.rounds, args.rows))))
     for data_path, label_list in zip(args.data, labels, strict=True):
         x, y = features(data_path, label_list, args.cache, args.max_rows)
         print(f"\n{data_path}: {len(x)} rows, {int(y.max()) + 1} classes")

@@ -160,3 +160,71 @@ def test_logging_is_quiet_about_progress_when_the_round_is_fast(capsys):
     with RoundProgress("round 1/1", interval_s=5.0):
         pass
     assert "running" not in capsys.readouterr().out
+
+
+def test_the_summary_names_the_baseline_both_adapters_and_a_one_class_final_model(tmp_path):
+    from shared.simulation import summary
+
+    test = {"loss": 0.7, "accuracy": 0.6, "precision": 0.3, "recall": 0.5, "macro_f1": 0.375}
+    best = {**test, "accuracy": 0.7, "macro_f1": 0.66}
+    metrics = {
+        "run_id": "7",
+        "config": {"delta": 1e-5},
+        "label_names": ["neg", "pos"],
+        "majority_baseline": {"accuracy": 0.6, "macro_f1": 0.375, "class": 1},
+        "rounds": [{"round": 2, "test": best, "clients": {}}, {"round": 3, "test": test, "clients": {}}],
+        "best": {"round": 2, "by": "macro_f1", "test": best, "dir": str(tmp_path / "adapter-best")},
+        "adapters": {
+            "final": {"dir": str(tmp_path / "adapter"), "round": 3},
+            "best": {"dir": str(tmp_path / "adapter-best"), "round": 2},
+        },
+        "final_warnings": ["predicts 'pos' for 100% of the test rows"],
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    text = summary(tmp_path)
+    assert "majority baseline (always 'pos'): accuracy 0.6000  macro-F1 0.3750" in text
+    assert "final test (round 3): accuracy 0.6000" in text
+    assert "best round 2 (by macro-F1 on the server's held-out test set): accuracy 0.7000" in text
+    assert "WARNING: the final model predicts 'pos' for 100% of the test rows" in text
+    assert f"final adapter (round 3): {tmp_path / 'adapter'}" in text
+    assert f"best-round adapter (round 2): {tmp_path / 'adapter-best'}" in text
+
+
+def _checkpointed_run(tmp_path: Path, *, server_round: int, rounds: int) -> Path:
+    from server.checkpoint import Checkpoint, save_checkpoint
+
+    run_dir = tmp_path / "runs" / "run-5"
+    run_dir.mkdir(parents=True)
+    config = {**RunConfig().to_flower(), "num-server-rounds": rounds, "sim-dir": str(run_dir / "federation")}
+    history = {"feature_centering": {"sampled": ["site-0", "site-1", "site-2", "site-3"]}, "rounds": []}
+    rng = np.random.default_rng(0)
+    ckpt = Checkpoint("5", [], server_round, config, dict(rng.bit_generator.state), history, None, {"b": np.zeros(2)})
+    save_checkpoint(run_dir, ckpt)
+    return run_dir
+
+
+def test_resume_reruns_the_checkpointed_config_with_as_many_sites(tmp_path, monkeypatch, capsys):
+    import shared.simulation
+
+    run_dir = _checkpointed_run(tmp_path, server_round=1, rounds=3)
+    calls = []
+
+    def fake_run(overrides, **kwargs):
+        calls.append((overrides, kwargs))
+        return run_dir
+
+    monkeypatch.setattr(shared.simulation, "run_simulation", fake_run)
+    monkeypatch.setattr(shared.simulation, "summary", lambda d: f"summary of {d}")
+    assert main(["resume", str(run_dir), "--device", "cpu"]) == 0
+    ((overrides, kwargs),) = calls
+    assert overrides["resume"] == str(run_dir.resolve()) and overrides["num-server-rounds"] == 3
+    assert overrides["sim-dir"] == str(run_dir / "federation")
+    assert kwargs["num_clients"] == 4 and kwargs["site_settings"] == {"device": "cpu"}
+    assert "resuming run 5 after its round 1 with 4 sites" in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_resume(tmp_path, capsys):
+    run_dir = _checkpointed_run(tmp_path, server_round=3, rounds=3)
+    (run_dir / "metrics.json").write_text(json.dumps({"adapters": {"final": {"round": 3}}}))
+    assert main(["resume", str(run_dir)]) == 2
+    assert "finished all its 3 rounds: nothing to resume" in capsys.readouterr().err
