@@ -583,6 +583,13 @@ def main(grid: Grid, context: Context) -> None:
     history["final_warnings"] = final_warnings
     for warning in final_warnings:
         logger.warning("WARNING: the final model %s", warning)
+    if final_warnings and history.get("best") and history["best"]["round"] != final_round:
+        logger.warning(
+            "WARNING: round %d did better (macro-F1 %.4f); its adapter is %s",
+            history["best"]["round"],
+            history["best"]["test"][BEST_BY],
+            history["best"]["dir"],
+        )
     if scorer is not None:
         scorer.finish(model, run_dir, run_id=run_id, seed=cfg.seed, delta=cfg.delta)
     write_json_atomic(run_dir / METRICS_FILE, history)

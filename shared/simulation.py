@@ -223,6 +223,8 @@ def summary(run_dir: Path) -> str:
         )
     for warning in metrics.get("final_warnings") or []:
         lines.append(f"WARNING: the final model {warning}")
+    if metrics.get("final_warnings") and best and last and best["round"] != last["round"]:
+        lines.append(f"WARNING: round {best['round']} did better: use the best-round adapter below")
     eps: dict[str, Any] = {}
     for r in metrics["rounds"]:
         for site, m in r["clients"].items():

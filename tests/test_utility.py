@@ -186,6 +186,7 @@ def test_the_summary_names_the_baseline_both_adapters_and_a_one_class_final_mode
     assert "final test (round 3): accuracy 0.6000" in text
     assert "best round 2 (by macro-F1 on the server's held-out test set): accuracy 0.7000" in text
     assert "WARNING: the final model predicts 'pos' for 100% of the test rows" in text
+    assert "WARNING: round 2 did better: use the best-round adapter below" in text
     assert f"final adapter (round 3): {tmp_path / 'adapter'}" in text
     assert f"best-round adapter (round 2): {tmp_path / 'adapter-best'}" in text
 
