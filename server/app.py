@@ -583,7 +583,7 @@ def main(grid: Grid, context: Context) -> None:
     history["final_warnings"] = final_warnings
     for warning in final_warnings:
         logger.warning("WARNING: the final model %s", warning)
-    if final_warnings and history.get("best") and history["best"]["round"] != final_round:
+    if final_warnings and history.get("best") and history["best"]["test"][BEST_BY] > final_test[BEST_BY]:
         logger.warning(
             "WARNING: round %d did better (macro-F1 %.4f); its adapter is %s",
             history["best"]["round"],

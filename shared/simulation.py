@@ -223,7 +223,7 @@ def summary(run_dir: Path) -> str:
         )
     for warning in metrics.get("final_warnings") or []:
         lines.append(f"WARNING: the final model {warning}")
-    if metrics.get("final_warnings") and best and last and best["round"] != last["round"]:
+    if metrics.get("final_warnings") and best and last and best["test"]["macro_f1"] > last["test"]["macro_f1"]:
         lines.append(f"WARNING: round {best['round']} did better: use the best-round adapter below")
     eps: dict[str, Any] = {}
     for r in metrics["rounds"]:

@@ -189,6 +189,9 @@ def test_the_summary_names_the_baseline_both_adapters_and_a_one_class_final_mode
     assert "WARNING: round 2 did better: use the best-round adapter below" in text
     assert f"final adapter (round 3): {tmp_path / 'adapter'}" in text
     assert f"best-round adapter (round 2): {tmp_path / 'adapter-best'}" in text
+    metrics["best"]["test"] = metrics["rounds"][1]["test"]  # a tie: the earlier round is kept, but is no better
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert "did better" not in summary(tmp_path)
 
 
 def _checkpointed_run(tmp_path: Path, *, server_round: int, rounds: int) -> Path:
