@@ -24,8 +24,14 @@ from server.outputs import (
     publish_adapter,
     save_adapter,
 )
-from shared.model import build_model, fold_feature_center, get_trainable, load_tokenizer, set_feature_center
-from shared.model import set_trainable
+from shared.model import (
+    build_model,
+    fold_feature_center,
+    get_trainable,
+    load_tokenizer,
+    set_feature_center,
+    set_trainable,
+)
 from shared.predict import load_classifier
 
 TEXTS = ["a sharp, moving film", "dull", "the plot was really quite tedious and the ending flat and messy"]
