@@ -172,7 +172,8 @@ def model_card(
     labels = list(card["label_names"])
     pooling, max_length = card["classifier_pooling"], int(card["max_length"])
     rounds = history.get("rounds") or []
-    final = (rounds[-1].get("test") if rounds else None) or history.get("initial_test") or {}
+    # this adapter's own metrics (privatune.json's final_test), else the last round's
+    final = card.get("final_test") or (rounds[-1].get("test") if rounds else None) or history.get("initial_test") or {}
     baseline = majority_baseline(history)
     privacy = attested_privacy(run_records)
     dp = bool(config.get("dp", True))
@@ -221,7 +222,7 @@ def model_card(
         lines.append("No site attested a release in this run.")
     lines += [
         "",
-        "## Test metrics (the server's held-out set, final model)",
+        "## Test metrics (the server's held-out set, this adapter)",
         "",
         "| accuracy | macro-F1 | loss | majority-class baseline (accuracy) |",
         "|---|---|---|---|",

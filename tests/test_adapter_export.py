@@ -196,3 +196,18 @@ def test_the_model_card_shows_the_majority_baseline_when_the_run_recorded_it():
 )
 def test_public_names_keep_builtin_names_and_drop_directories(path, shown):
     assert public_name(path) == shown
+
+
+def test_the_card_shows_the_metrics_privatune_json_gives_for_this_adapter():
+    history = {"run_id": "1", "rounds": [{"round": 2, "test": {"accuracy": 0.5, "macro_f1": 0.33, "loss": 0.9}}]}
+    card = {
+        "base_model": "builtin:all-minilm-l6-v2",
+        "classifier_pooling": "mean",
+        "label_names": ["a", "b"],
+        "max_length": 48,
+        "final_test": {"accuracy": 0.71, "macro_f1": 0.7, "loss": 0.55},  # e.g. the best round's adapter
+    }
+
+    text = model_card(card=card, history=history, run_records=[], data_path="builtin:x", exported=True)
+
+    assert "| 0.7100 | 0.7000 | 0.5500 | not recorded |" in text
