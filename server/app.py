@@ -21,7 +21,7 @@ from server.aggregation import INSECURE_WARNING, aggregate_plain
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from server.monitoring import RunMonitor
 from server.optimizer import ServerOptimizer
-from server.outputs import METRICS_FILE, save_adapter, write_json_atomic
+from server.outputs import METRICS_FILE, publish_adapter, save_adapter, write_json_atomic
 from server.round_result import RoundAggregate
 from server.run_ledger import RunLedger
 from shared import constants as C
@@ -499,6 +499,14 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     history["adapter_dir"] = str(adapter_dir)
+    publish_adapter(  # the export plain transformers code loads, and the model card (README.md)
+        adapter_dir,
+        fold_feature_center(model),
+        history=history,
+        run_records=run_ledger.records(),
+        data_path=cfg.data_path,
+        tokenizer=load_tokenizer(cfg.model_path),
+    )
     if scorer is not None:
         scorer.finish(model, run_dir, run_id=run_id, seed=cfg.seed, delta=cfg.delta)
     write_json_atomic(run_dir / METRICS_FILE, history)

@@ -57,6 +57,9 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     run_rounds = [json.loads(line)["round"] for line in (run_dir / "run_ledger.jsonl").read_text().splitlines()]
     assert run_rounds == [0, 1, 2]
     assert "final test: accuracy" in summary(run_dir)
+    card = (run_dir / "adapter" / "README.md").read_text()  # the model card, from the attested run ledger
+    assert "| rounds | 2 of 2 planned |" in card and all(f"| site-{i} | " in card for i in range(3))
+    assert (run_dir / "adapter" / "merged" / "head.safetensors").is_file()  # loads without this project
     out = capsys.readouterr().out
     assert "round 0 | feature centering: 3/3 sites" in out
     assert "round 1/2 | test loss" in out and "round 2/2" in out
