@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -116,6 +118,59 @@ def _fingerprint(site: Site, rows: LabelledText) -> str:
     return keyed_fingerprint_rows(rows.rows(), key=load_fingerprint_key(site.fingerprint_key_path))
 
 
+@dataclass(frozen=True)
+class Release:
+    """One accounted release of the site's data: which run, round and purpose, its DP event and accounting."""
+
+    run_id: str
+    server_round: int
+    purpose: str
+    event: DpEvent
+    delta: float
+    accountant: str
+
+
+def _accounted_reply(
+    msg: Message,
+    ledger: SiteLedger,
+    site: Site,
+    release: Release,
+    *,
+    adapter_hash: str,
+    dataset_fingerprint: str,
+    metrics: Mapping[str, float | int | list[float]],
+    records: Mapping[str, ArrayRecord] | None = None,
+    seeded_noise: bool = False,
+) -> Message:
+    """Record ``release`` in the site's ledger, then reply with what it covers: ``metrics`` and ``records`` plus
+    the cumulative epsilon, the DP event and the site-signed attestation of the new ledger entry."""
+    entry = ledger.append(
+        run_id=release.run_id,
+        server_round=release.server_round,
+        adapter_hash=adapter_hash,
+        dataset_fingerprint=dataset_fingerprint,
+        event=release.event,
+        delta=release.delta,
+        accountant=release.accountant,
+        max_epsilon=None if math.isinf(site.max_epsilon) else site.max_epsilon,
+        seeded_noise=seeded_noise,
+        data_source=site.data_source,
+        purpose=release.purpose,
+    )
+    epsilon = entry.epsilon if math.isfinite(entry.epsilon) else -1.0
+    return Message(
+        RecordDict(
+            {
+                **(records or {}),
+                C.METRICS_RECORD: MetricRecord({**metrics, C.METRIC_EPSILON: epsilon, C.METRIC_DELTA: release.delta}),
+                C.DP_EVENT_RECORD: ConfigRecord({**release.event.to_dict(), "site-id": site.site_id}),
+                C.ATTESTATION_RECORD: ConfigRecord(ledger.attestation(entry)),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
@@ -219,38 +274,19 @@ def train(msg: Message, context: Context) -> Message:
     if norm > bound:  # the norm is logged at the site only: under DP it is not released (issue 10, item 6)
         logger.warning("%s norm %.3f clipped to %.3f", "update" if task == C.TASK_TRAIN else "answer", norm, bound)
 
-    entry = ledger.append(
-        run_id=run_id,
-        server_round=server_round,
+    # Under DP nothing about the rows leaves the site outside the accounted mechanism: no loss, no update norm. A
+    # non-private round (epsilon = inf already) may report its train loss.
+    loss_metric = {C.METRIC_TRAIN_LOSS: loss} if not cfg.dp and loss is not None and math.isfinite(loss) else {}
+    return _accounted_reply(
+        msg,
+        ledger,
+        site,
+        Release(run_id, server_round, purpose, planned, delta, accountant),
         adapter_hash=digest_arrays(global_arrays),
         dataset_fingerprint=fingerprint,
-        event=planned,
-        delta=delta,
-        accountant=accountant,
-        max_epsilon=None if math.isinf(site.max_epsilon) else site.max_epsilon,
         seeded_noise=cfg.dp and cfg.reproducible_noise,
-        data_source=site.data_source,
-        purpose=purpose,
-    )
-    metrics = MetricRecord(
-        {
-            C.METRIC_EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0,
-            C.METRIC_DELTA: delta,
-            # Under DP nothing about the rows leaves the site outside the accounted mechanism: no loss, no update
-            # norm. A non-private round (epsilon = inf already) may report its train loss.
-            **({C.METRIC_TRAIN_LOSS: loss} if not cfg.dp and loss is not None and math.isfinite(loss) else {}),
-        }
-    )
-    return Message(
-        RecordDict(
-            {
-                C.UPDATE_RECORD: ArrayRecord({C.UPDATE_ARRAY: Array(update.astype(np.float32))}),
-                C.METRICS_RECORD: metrics,
-                C.DP_EVENT_RECORD: ConfigRecord({**planned.to_dict(), "site-id": site.site_id}),
-                C.ATTESTATION_RECORD: ConfigRecord(ledger.attestation(entry)),
-            }
-        ),
-        reply_to=msg,
+        metrics=loss_metric,
+        records={C.UPDATE_RECORD: ArrayRecord({C.UPDATE_ARRAY: Array(update.astype(np.float32))})},
     )
 
 
@@ -305,34 +341,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     predictions, _ = predict(model, data, device=site.device)  # the loss stays here: unbounded per row
     counts = confusion_counts(rows.labels, predictions, num_classes=len(rows.label_names))
     noisy = noisy_counts(counts, noise_multiplier=planned.noise_multiplier)
-    entry = ledger.append(  # recorded before anything is released
-        run_id=run_id,
-        server_round=server_round,
+    return _accounted_reply(  # recorded in the ledger before anything is released
+        msg,
+        ledger,
+        site,
+        Release(run_id, server_round, PURPOSE_EVALUATE, planned, delta, accountant),
         adapter_hash=digest_arrays(global_arrays),
         dataset_fingerprint=fingerprint,
-        event=planned,
-        delta=delta,
-        accountant=accountant,
-        max_epsilon=None if math.isinf(site.max_epsilon) else site.max_epsilon,
-        data_source=site.data_source,
-        purpose=PURPOSE_EVALUATE,
-    )
-    metrics = MetricRecord(
-        {
-            **released_metrics(noisy),
-            C.METRIC_EPSILON: entry.epsilon if math.isfinite(entry.epsilon) else -1.0,
-            C.METRIC_DELTA: delta,
-        }
-    )
-    return Message(
-        RecordDict(
-            {
-                C.METRICS_RECORD: metrics,
-                C.DP_EVENT_RECORD: ConfigRecord({**planned.to_dict(), "site-id": site.site_id}),
-                C.ATTESTATION_RECORD: ConfigRecord(ledger.attestation(entry)),
-            }
-        ),
-        reply_to=msg,
+        metrics=released_metrics(noisy),
     )
 
 

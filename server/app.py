@@ -22,7 +22,14 @@ from server.aggregation import INSECURE_WARNING, aggregate_plain
 from server.checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from server.monitoring import RunMonitor
 from server.optimizer import ServerOptimizer
-from server.outputs import ADAPTER_DIR, BEST_ADAPTER_DIR, METRICS_FILE, save_adapter, write_json_atomic
+from server.outputs import (
+    ADAPTER_DIR,
+    BEST_ADAPTER_DIR,
+    METRICS_FILE,
+    publish_adapter,
+    save_adapter,
+    write_json_atomic,
+)
 from server.round_result import RoundAggregate
 from server.run_ledger import RunLedger
 from shared import constants as C
@@ -236,6 +243,7 @@ def _center_round(
     )
     site = partial(_site_name, agg)
     clients = _client_epsilons(agg)
+    error: float | None = None
     if center is None:
         logger.warning(
             "round 0 | feature centering: %s; training on the uncentered vector",
@@ -292,6 +300,7 @@ def _center_round(
         "abort_reason": agg.abort_reason,
         "clients": clients,
         "center": [float(v) for v in center] if center is not None else None,  # None: not used
+        "expected_noise": error,  # the center's expected noise norm (not used above CENTER_MAX_ERROR x its norm)
         "seconds": seconds,
     }
     return record, agg
@@ -590,6 +599,14 @@ def main(grid: Grid, context: Context) -> None:
             history["best"]["test"][BEST_BY],
             history["best"]["dir"],
         )
+    publish_adapter(  # the export plain transformers code loads, and the model card (README.md)
+        adapter_dir,
+        fold_feature_center(model),
+        history=history,
+        run_records=run_ledger.records(),
+        data_path=cfg.data_path,
+        tokenizer=load_tokenizer(cfg.model_path),
+    )
     if scorer is not None:
         scorer.finish(model, run_dir, run_id=run_id, seed=cfg.seed, delta=cfg.delta)
     write_json_atomic(run_dir / METRICS_FILE, history)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shared.hashchain import write_atomic
 
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_VERSION = 1
@@ -56,24 +57,6 @@ class Checkpoint:
         return rng
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{name: np.asarray(a) for name, a in arrays.items()})  # type: ignore[arg-type]  # numpy stubs
@@ -86,7 +69,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     blob = _npz_bytes(ckpt.arrays)
     arrays_name = f"checkpoint-r{ckpt.server_round}.npz"
-    _write_atomic(run_dir / arrays_name, blob)
+    write_atomic(run_dir / arrays_name, blob)
     meta = {
         "version": CHECKPOINT_VERSION,
         "run_id": ckpt.run_id,
@@ -102,7 +85,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
         "history": ckpt.history,
     }
     path = run_dir / CHECKPOINT_FILE
-    _write_atomic(path, json.dumps(meta, indent=1, allow_nan=False).encode())
+    write_atomic(path, json.dumps(meta, indent=1, allow_nan=False).encode())
     for old in run_dir.glob("checkpoint-r*.npz"):
         if old.name != arrays_name:
             old.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ epsilon, budget overspent) must fail the audit with exit status 1, naming the fi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -436,3 +437,147 @@ def test_rounds_with_seeded_noise_are_flagged_in_the_guarantee(tmp_path, capsys)
     assert status == 0  # a warning: the run was honest about it
     assert "WARNING site-a ledger line 1 [seeded-noise]" in capsys.readouterr().err
     assert any("1 of its rounds drew their DP noise and sampling from the run's seed" in s for s in guarantee)
+
+
+# -- what a privacy officer reads: budget, rounds, summary, configuration, canary, quality, rounded numbers
+
+
+def _page_and_report(fed: ExampleFederation, out: Path, *extra: str) -> tuple[str, dict]:
+    assert _audit(fed, out, *extra) == 0
+    return (out / "report.html").read_text(), json.loads((out / "report.json").read_text())
+
+
+def _svg_of(page: str, site_id: str) -> str:
+    start = page.index(f"<h2>Site {site_id}</h2>")
+    return page[page.index("<svg", start) : page.index("</svg>", start)]
+
+
+def _edit_metrics(fed: ExampleFederation, change) -> None:
+    for run_dir in fed.run_dirs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        change(metrics)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_the_budget_a_site_set_is_a_red_line_on_its_epsilon_plot(fed, tmp_path):
+    page, report = _page_and_report(fed, tmp_path / "out")
+
+    small = _svg_of(page, "site-2")
+    assert "budget: max-epsilon = 1.7" in small and 'stroke="#b00020"' in small
+    assert "Budget: max-epsilon = 1.7 (from the site&#x27;s ledger)" in page
+    assert report["sites"][-1]["budget"] == {"status": "set", "max_epsilon": 1.7, "from": "the site's ledger"}
+
+
+def test_a_site_without_a_budget_says_none_set_and_shows_the_runs_target_instead(fed, tmp_path):
+    _edit_metrics(fed, lambda m: m["config"].update({"dp": True, "target-epsilon": 8.0, "noise-multiplier": 0.0}))
+
+    page, report = _page_and_report(fed, tmp_path / "out")
+
+    plot = _svg_of(page, "site-0")
+    assert "run target-epsilon = 8 (planned; this site set no budget)" in plot and "#b00020" not in plot
+    assert "Budget: none set (the site&#x27;s config has no max-epsilon" in page
+    assert "not recorded" not in page.split("<h2>Model quality</h2>")[0]
+    assert report["sites"][0]["budget"]["status"] == "none"
+
+
+def test_the_epsilon_plot_counts_rounds_of_each_run_not_ledger_entries(fed, tmp_path):
+    page, _ = _page_and_report(fed, tmp_path / "out")
+
+    plot = _svg_of(page, "site-0")  # 6 entries: rounds 1-3 of run 1000, then rounds 1-3 of run 1001
+    ticks = re.findall(r'text-anchor="middle" font-size="11"[^>]*>([^<]+)</text>', plot)
+    assert ticks == ["1", "2", "3", "1", "2", "3"]
+    assert "round (of each of the 2 runs" in plot and "ledger entry" not in plot
+    assert ">run 1000<" in plot and ">run 1001<" in plot
+
+
+def test_the_summary_table_gives_every_site_in_one_place(fed, tmp_path):
+    page, report = _page_and_report(fed, tmp_path / "out")
+
+    rows = {r["site_id"]: r for r in report["summary"]}
+    assert rows["site-2"]["budget_status"] == "set" and rows["site-2"]["declined_rounds"] == 4
+    assert rows["site-2"]["budget_used"] == pytest.approx(rows["site-2"]["epsilon"] / 1.7)
+    assert rows["site-0"]["budget_status"] == "none" and rows["site-0"]["releases"] == 6
+    summary = page[page.index("Every site at a glance") : page.index("The guarantee, in plain words")]
+    assert summary.count("<tr>") == 1 + len(fed.site_ids)
+    assert f"1.7 ({100 * rows['site-2']['epsilon'] / 1.7:.3g}% used)" in summary and "none set" in summary
+
+
+def test_each_run_shows_its_configuration_f1_and_majority_baseline(fed, tmp_path):
+    def change(m):
+        m["config"].update({"num-server-rounds": 3, "learning-rate": 0.3333333333333333})
+        m["majority_baseline"] = 0.5416666666666666
+
+    _edit_metrics(fed, change)
+    page, report = _page_and_report(fed, tmp_path / "out")
+
+    run = page[page.index("<h2>Run 1000</h2>") : page.index("<h2>Run 1001</h2>")]
+    assert "<h3>Run configuration</h3>" in run and "<td>num-server-rounds</td><td>3</td>" in run
+    assert "<td>learning-rate</td><td>0.3333</td>" in run
+    assert "test macro-F1" in run and "Majority-class baseline (always predicting the most frequent label): " in run
+    assert "accuracy 0.5417." in run
+    assert "majority-class baseline 0.542" in page  # the line on the accuracy plot
+    assert report["runs"][0]["majority_baseline"] == pytest.approx(0.5416666666666666)
+    assert 'stroke-dasharray="6 3"' in page.split("<h2>Model quality</h2>")[1]  # macro-F1, dashed
+
+
+def test_a_run_without_a_recorded_majority_baseline_says_so(fed, tmp_path):
+    page, report = _page_and_report(fed, tmp_path / "out")
+
+    assert report["runs"][0]["majority_baseline"] is None
+    assert "Majority-class baseline (always predicting the most frequent label): not recorded." in page
+
+
+def test_whether_a_canary_audit_ran_is_stated_per_run(fed, tmp_path):
+    _edit_metrics(fed, lambda m: m["config"].update({"canaries": 0}))
+    config = json.loads((fed.run_dirs[0] / "metrics.json").read_text())
+    config["config"]["canaries"] = 50
+    (fed.run_dirs[0] / "metrics.json").write_text(json.dumps(config))
+    rows = [{"site": "site-0", "included": i % 2 == 0, "score": float(i % 7)} for i in range(60)]
+    (fed.run_dirs[1] / "canary_scores.json").write_text(json.dumps({"canaries": rows}))
+
+    page, report = _page_and_report(fed, tmp_path / "out")
+
+    assert [r["canary_audit"] for r in report["runs"]] == [
+        "NOT RUN: the run config asked for 50 canaries, but the run left no canary_scores.json",
+        "ran: 60 canaries (canary_scores.json)",
+    ]
+    assert "Empirical canary audit: NOT RUN: the run config asked for 50 canaries" in page
+    assert "Empirical audit (canaries, one run)" in page
+
+
+def test_numbers_are_rounded_on_the_page_and_on_stdout(fed, tmp_path, capsys):
+    def change(m):
+        m["rounds"][0]["test"]["accuracy"] = 0.3333333333333333
+
+    _edit_metrics(fed, change)
+    capsys.readouterr()
+
+    page, _ = _page_and_report(fed, tmp_path / "out")
+
+    out = capsys.readouterr().out
+    long_float = re.compile(r"\d\.\d{6,}")
+    assert not long_float.search(page), long_float.search(page)
+    assert not long_float.search(out), out
+    assert "| epsilon 2.046 at delta 1e-05" in out and "| budget none set" in out
+    assert "| budget max-epsilon 1.7, 95% used" in out
+
+
+def test_library_warnings_go_to_stderr_once_not_to_stdout(fed, tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from shared.audit import cli
+
+    real = cli.audit_site_ledger
+
+    def noisy(*args, **kwargs):
+        warnings.warn("Optimal order is the largest alpha.", UserWarning, stacklevel=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "audit_site_ledger", noisy)
+    capsys.readouterr()
+
+    assert _audit(fed, tmp_path / "out") == 0
+
+    captured = capsys.readouterr()
+    assert "Optimal order" not in captured.out
+    assert captured.err.count("note from a library: UserWarning: Optimal order is the largest alpha.") == 1

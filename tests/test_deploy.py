@@ -446,7 +446,11 @@ def test_server_killed_in_round_2_of_4_resumes_and_matches_an_uninterrupted_run(
     assert audit_main([*ledgers, *audit, "--out", str(tmp_path / "audit"), "--no-cross-check"]) == 0
 
 
-def test_client_killed_mid_round_leaves_the_round_to_the_dropout_path(fed, tiny_model_dir):
+def test_a_client_killed_mid_round_makes_a_three_site_round_abort_and_reveal_nothing(fed, tiny_model_dir):
+    """With 3 sites, a site killed after the keys are shared leaves 2 survivors: below every site's minimum cohort
+    (3 by default: with 2, each would learn the other's update from the sum), so they refuse to sign the survivor
+    set and nothing is unmasked; the run goes on (secagg-on-abort = skip). The dropout path that recovers the sum
+    needs more sites and is tested through real Flower messages in tests/test_secagg_flower.py."""
     victim = "lab-c"
     node = fed.procs[f"node-{victim}"]
     config = run_config(fed, tiny_model_dir, **{"num-server-rounds": 1, "secagg-timeout": 25.0})
@@ -454,8 +458,8 @@ def test_client_killed_mid_round_leaves_the_round_to_the_dropout_path(fed, tiny_
     already = node.text().count("Sent successfully")
     proc, _ = submit(fed, config, "dropout")
     deadline = time.monotonic() + 300
-    # the four secagg stages of round 0 (the feature-mean query), then round 1's keys advertised and shares sent
-    while node.text().count("Sent successfully") < already + 4 + 2:
+    # the five secagg stages of round 0 (the feature-mean query), then round 1's keys advertised and shares sent
+    while node.text().count("Sent successfully") < already + 5 + 2:
         assert time.monotonic() < deadline, node.text()
         time.sleep(0.2)
     node.stop(signal.SIGKILL)
@@ -466,6 +470,5 @@ def test_client_killed_mid_round_leaves_the_round_to_the_dropout_path(fed, tiny_
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(metrics["feature_centering"]["survivors"]) == sorted(SITES)
     (record,) = metrics["rounds"]
-    assert not record["aborted"] and record["dropped"] == [victim]
-    assert sorted(record["survivors"]) == sorted(set(SITES) - {victim})
-    assert "secagg round 1: 2 survivors, 1 dropped" in proc.text()
+    assert record["aborted"] and victim in record["dropped"] and record["survivors"] == []
+    assert "secagg round 1 ABORTED, nothing revealed" in proc.text()

@@ -51,9 +51,12 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     assert all(ledger.entries()[0].event.sample_rate == 1.0 for ledger in ledgers)
     centering = metrics["feature_centering"]
     assert sorted(centering["survivors"]) == ["site-0", "site-1", "site-2"] and not centering["aborted"]
-    assert len(centering["center"]) == 32 and all(
-        0 < c["epsilon"] < min(eps_round1) for c in centering["clients"].values()
-    )
+    assert all(0 < c["epsilon"] < min(eps_round1) for c in centering["clients"].values())
+    out = capsys.readouterr().out
+    if centering["center"] is None:  # 240 tiny rows: the center's noise may exceed half its norm (then not used)
+        assert centering["expected_noise"] > 0 and "training on the uncentered vector" in out
+    else:
+        assert len(centering["center"]) == 32
     run_rounds = [json.loads(line)["round"] for line in (run_dir / "run_ledger.jsonl").read_text().splitlines()]
     assert run_rounds == [0, 1, 2]
     text = summary(run_dir)
@@ -67,7 +70,10 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     assert (best_card["adapter"], best_card["round"]) == ("best", best["round"])
     assert (final_card["adapter"], final_card["round"]) == ("final", 2)
     assert f"best-round adapter (round {best['round']}): {run_dir / 'adapter-best'}" in text
-    out = capsys.readouterr().out
+    card = (run_dir / "adapter" / "README.md").read_text()  # the model card, from the attested run ledger
+    assert "| rounds | 2 of 2 planned |" in card and all(f"| site-{i} | " in card for i in range(3))
+    assert (run_dir / "adapter" / "merged" / "head.safetensors").is_file()  # loads without this project
+    out += capsys.readouterr().out
     assert "round 0 | feature centering: 3/3 sites" in out
     assert "round 1/2 | test loss" in out and "round 2/2" in out and "(majority " in out
     assert "train loss" not in out and all("train_loss" not in r for r in metrics["rounds"])  # DP: none released

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -294,22 +295,39 @@ def run_audit(args: argparse.Namespace) -> tuple[dict[str, Any], list[Finding]]:
     return report, findings
 
 
+def _eps(value: Any) -> str:
+    v = float(value) if value is not None else math.nan
+    return "n/a" if math.isnan(v) else "inf" if math.isinf(v) else f"{v:.3f}"
+
+
+def _budget(budget: Mapping[str, Any], epsilon: Any) -> str:
+    if budget["status"] == "set":
+        limit, spent = float(budget["max_epsilon"]), float(epsilon)
+        used = f", {spent / limit:.0%} used" if math.isfinite(spent) else ""
+        return f"max-epsilon {limit:g}{used}"
+    return "none set" if budget["status"] == "none" else "not recorded"
+
+
 def audit_main(argv: list[str] | None = None) -> int:
     """Entry point of ``privatune audit``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        report, findings = run_audit(args)
-    except AuditInputError as e:
-        print(f"privatune audit: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings(record=True) as caught:  # the accountants' warnings: to stderr, once each
+        warnings.simplefilter("always")
+        try:
+            report, findings = run_audit(args)
+        except AuditInputError as e:
+            print(f"privatune audit: error: {e}", file=sys.stderr)
+            return 2
+    for message in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+        print(f"privatune audit: note from a library: {message}", file=sys.stderr)
     html_path, json_path = write_reports(report, args.out)
     for site in report["sites"]:
         for source, d in site["data_sources"].items():
             print(
                 f"{site['site_id']}: {site['verified_entries']} entries verified | data source {source!r} "
-                f"| epsilon {d['epsilon']} at delta {d['delta']:g} ({d['accountant']}, from "
+                f"| epsilon {_eps(d['epsilon'])} at delta {d['delta']:g} ({d['accountant']}, from "
                 f"{d['accounting_from']}) over {d['rounds']} release(s) in {len(d['runs'])} run(s) "
-                f"| budget {site['max_epsilon']}"
+                f"| budget {_budget(site['budget'], d['epsilon'])}"
             )
     for f in findings:
         print(str(f), file=sys.stderr)

@@ -26,6 +26,7 @@ class Rule:
     value: float
     label: str
     color: str = "#555555"
+    dash: str = "8 4"  # horizontal rules: the budget's long dashes; a reference line uses short ones
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,10 @@ class Chart:
     vrules: Sequence[Rule] = field(default_factory=tuple)
     y_min: float | None = None
     y_max: float | None = None
+    x_min: float | None = None  # the x range, when several plots share one axis (else: the data's)
+    x_max: float | None = None
     integer_x: bool = True  # rounds, ledger entries
+    x_ticks: Sequence[tuple[float, str]] | None = None  # explicit (position, label) ticks instead of round numbers
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5, *, min_step: float = 0.0) -> list[float]:
@@ -83,6 +87,8 @@ def render_svg(chart: Chart, *, width: int = 640, height: int = 300) -> str:
     xs = [x for x, _ in finite] + [r.value for r in chart.vrules]
     ys = [y for _, y in finite] + [r.value for r in chart.hrules if math.isfinite(r.value)]
     x_lo, x_hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    x_lo = chart.x_min if chart.x_min is not None else x_lo
+    x_hi = chart.x_max if chart.x_max is not None else x_hi
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
     y_lo = chart.y_min if chart.y_min is not None else min([0.0, *ys])
@@ -110,11 +116,16 @@ def render_svg(chart: Chart, *, width: int = 640, height: int = 300) -> str:
         y = py(t)
         out.append(_tag("line", x1=left, y1=y, x2=left + pw, y2=y, stroke="#e6e6e6"))
         out.append(_tag("text", _fmt(t), x=left - 6, y=y + 4, text_anchor="end", font_size=11))
-    for t in nice_ticks(x_lo, x_hi, count=8, min_step=1.0 if chart.integer_x else 0.0):
+    if chart.x_ticks is not None:
+        every = max(1, math.ceil(len(chart.x_ticks) / 24))  # at most ~24 labels fit under 640 pixels
+        x_ticks = [(float(t), label) for i, (t, label) in enumerate(chart.x_ticks) if i % every == 0]
+    else:
+        x_ticks = [(t, _fmt(t)) for t in nice_ticks(x_lo, x_hi, count=8, min_step=1.0 if chart.integer_x else 0.0)]
+    for t, label in x_ticks:
         if x_lo <= t <= x_hi:
             x = px(t)
             out.append(_tag("line", x1=x, y1=top + ph, x2=x, y2=top + ph + 4, stroke="#333333"))
-            out.append(_tag("text", _fmt(t), x=x, y=top + ph + 16, text_anchor="middle", font_size=11))
+            out.append(_tag("text", label, x=x, y=top + ph + 16, text_anchor="middle", font_size=11))
     out.append(_tag("rect", x=left, y=top, width=pw, height=ph, fill="none", stroke="#333333"))
     out.append(_tag("text", chart.x_label, x=left + pw / 2, y=height - 8, text_anchor="middle", font_size=12))
     mid = top + ph / 2
@@ -145,7 +156,7 @@ def render_svg(chart: Chart, *, width: int = 640, height: int = 300) -> str:
                     y2=y,
                     stroke=r.color,
                     stroke_width=2,
-                    stroke_dasharray="8 4",
+                    stroke_dasharray=r.dash,
                 )
             )
             out.append(_tag("text", r.label, x=left + pw - 4, y=y - 4, text_anchor="end", font_size=11, fill=r.color))

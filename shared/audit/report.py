@@ -13,6 +13,7 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,37 @@ def _num(value: Any) -> float:
 def _eps(value: Any) -> str:
     v = _num(value)
     return "n/a" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.3f}")
+
+
+def _n(value: Any, digits: int = 4) -> str:
+    """A number as a person reads it: ``digits`` significant digits (0.3333, 1e-05, 256), inf, or n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return "n/a"
+    return "inf" if math.isinf(v) else f"{v:.{digits}g}"
+
+
+def majority_baseline(metrics: Mapping[str, Any] | None) -> float | None:
+    """The accuracy of always predicting the test set's most frequent label, if the run recorded it
+    (``majority_baseline`` in metrics.json: a number, or an object with ``accuracy``)."""
+    rounds = (metrics or {}).get("rounds") or []
+    last_test = rounds[-1].get("test") if rounds and isinstance(rounds[-1], Mapping) else None
+    for where in (metrics or {}, last_test or {}):
+        value = where.get("majority_baseline") if isinstance(where, Mapping) else None
+        if isinstance(value, Mapping):
+            value = value.get("accuracy")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
 
 
 def short_fingerprint(fingerprint: str) -> str:
@@ -141,11 +173,37 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
         "verified": site.ok,
         "verified_entries": len(site.checks),
         "max_epsilon": site.max_epsilon,
+        "budget": site_budget(site),
         "data_sources": data_sources,
         "dp_parameters": list(parameters.values()),
         "entries": entries,
         "findings": [f.to_dict() for f in site.findings],
     }
+
+
+def site_budget(site: SiteAudit) -> dict[str, Any]:
+    """The site's budget as the report states it: ``set`` (a finite max-epsilon, from its ledger or from
+    ``--budget``), ``none`` (its ledger records that it set none) or ``not recorded`` (older entries only)."""
+    recorded = [c.entry.max_epsilon for c in site.checks if c.entry.max_epsilon is not None]
+    value = site.max_epsilon
+    if value is not None and math.isfinite(value):
+        where = "the site's ledger" if recorded and recorded[-1] == value else "--budget of the audit command"
+        return {"status": "set", "max_epsilon": value, "from": where}
+    if value is not None or any(c.entry.data_source is not None for c in site.checks):
+        return {"status": "none", "max_epsilon": None, "from": "the site's ledger: its config sets no max-epsilon"}
+    return {"status": "not recorded", "max_epsilon": None, "from": "older ledger entries, which do not record it"}
+
+
+def canary_status(config: Mapping[str, Any], canary: Mapping[str, Any] | None) -> str:
+    """Whether the run's empirical canary audit ran, in words."""
+    if canary is not None:
+        return f"ran: {canary.get('canaries')} canaries (canary_scores.json)"
+    wanted = config.get("canaries")
+    if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0:
+        return f"NOT RUN: the run config asked for {wanted} canaries, but the run left no canary_scores.json"
+    if "canaries" in config:
+        return "not run (canaries = 0 in the run config)"
+    return "not run (no canary_scores.json)"
 
 
 def run_section(
@@ -171,12 +229,15 @@ def run_section(
         if not row["test"]:
             row["test"] = dict(rec.get("metrics") or {})
     initial = (metrics or {}).get("initial_test")
+    config = (metrics or {}).get("config") or {}
     return {
         "run_id": run_id,
         "run_dir": str(run_dir),
         "run_ledger": str(run.path) if run is not None else None,
         "verified": run.ok if run is not None else None,
-        "config": (metrics or {}).get("config", {}),
+        "config": config,
+        "majority_baseline": majority_baseline(metrics),
+        "canary_audit": canary_status(config, canary),
         "initial_test": dict(initial) if isinstance(initial, Mapping) else None,
         "rounds": [rounds_by_number[k] for k in sorted(rounds_by_number)],
         "secure_aggregation": any(r.get("secure_aggregation") for r in rounds_by_number.values()),
@@ -227,6 +288,36 @@ def guarantee_statements(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapp
     return out
 
 
+def summary(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per site across every run: what it released, its largest epsilon (over its data sources) and
+    how much of its budget that is, the rounds it declined, and whether its ledger verified."""
+    rows = []
+    for s in sites:
+        sources = list(s["data_sources"].values())
+        worst = max(sources, key=lambda d: _num(d["epsilon"])) if sources else None
+        budget = s["budget"]
+        eps = _num(worst["epsilon"]) if worst else math.nan
+        used = eps / budget["max_epsilon"] if budget["status"] == "set" and math.isfinite(eps) else None
+        declined = sum(s["site_id"] in (r.get("declined") or {}) for run in runs for r in run["rounds"])
+        rows.append(
+            {
+                "site_id": s["site_id"],
+                "verified": s["verified"],
+                "releases": sum(d["rounds"] for d in sources),
+                "runs": len({run for d in sources for run in d["runs"]}),
+                "epsilon": eps,
+                "delta": worst["delta"] if worst else None,
+                "accountant": worst["accountant"] if worst else None,
+                "budget": budget["max_epsilon"],
+                "budget_status": budget["status"],
+                "budget_used": used,
+                "declined_rounds": declined,
+                "errors": sum(f["severity"] == "error" for f in s["findings"]),
+            }
+        )
+    return rows
+
+
 def build_report(
     *,
     sites: Sequence[SiteAudit],
@@ -243,6 +334,7 @@ def build_report(
             "errors": len(errors),
             "warnings": len(findings) - len(errors),
             "findings": [f.to_dict() for f in findings],
+            "summary": summary(site_sections, runs),
             "sites": site_sections,
             "runs": list(runs),
             "guarantee": guarantee_statements(site_sections, runs),
@@ -277,56 +369,116 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, raw: bool = 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def epsilon_chart(site: Mapping[str, Any]) -> Chart:
-    """Epsilon at the site's delta after each ledger entry (x: entry number, across runs), one line per data
-    source (legacy entries, which have none, count toward every source)."""
+@dataclass(frozen=True)
+class RoundAxis:
+    """The x axis of the epsilon plots: one position per (run, round), runs in the order the ledgers recorded
+    them, each run's rounds side by side; the same positions on every site's plot."""
+
+    positions: dict[tuple[str, int], float]
+    ticks: list[tuple[float, str]]
+    run_starts: list[Rule]
+
+    @property
+    def label(self) -> str:
+        runs = len(self.run_starts)
+        return "round" if runs <= 1 else f"round (of each of the {runs} runs, in the order the ledgers recorded them)"
+
+
+def round_axis(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]]) -> RoundAxis:
+    rounds: dict[str, set[int]] = {}
+    for site in sites:  # a ledger is in time order: the order its runs first appear in is the runs' order
+        for e in sorted(site["entries"], key=lambda e: e["seq"]):
+            rounds.setdefault(str(e["run_id"]), set()).add(int(e["round"]))
+    for run in runs:  # runs no ledger recorded (every site declined) still get their rounds
+        numbers = rounds.setdefault(str(run["run_id"]), set())
+        numbers.update(int(r["round"]) for r in run["rounds"])
+    positions: dict[tuple[str, int], float] = {}
+    ticks: list[tuple[float, str]] = []
+    starts: list[Rule] = []
+    offset = 0.0
+    for run_id, numbers in rounds.items():
+        if not numbers:
+            continue
+        lo, hi = min(numbers), max(numbers)
+        starts.append(Rule(offset - 0.5, f"run {run_id}"))
+        for number in range(lo, hi + 1):
+            positions[(run_id, number)] = offset + number - lo
+            ticks.append((offset + number - lo, str(number)))
+        offset += hi - lo + 1
+    return RoundAxis(positions, ticks, starts)
+
+
+def run_targets(runs: Sequence[Mapping[str, Any]]) -> list[float]:
+    """The distinct target-epsilon values the runs planned their noise for (DP runs that set no noise)."""
+    found = []
+    for run in runs:
+        config = run.get("config") or {}
+        target = config.get("target-epsilon")
+        planned = config.get("dp", True) and not _num(config.get("noise-multiplier", 0.0)) > 0
+        if planned and isinstance(target, (int, float)) and not isinstance(target, bool) and target > 0:
+            found.append(float(target))
+    return sorted(set(found))
+
+
+def epsilon_chart(site: Mapping[str, Any], axis: RoundAxis | None = None, targets: Sequence[float] = ()) -> Chart:
+    """The site's cumulative epsilon at its own delta after each round (x: rounds, across runs), one line per
+    data source (legacy entries, which have none, count toward every source), and its budget as a red line;
+    a site without a budget gets the runs' planned target-epsilon as a grey reference line instead."""
+    axis = axis or round_axis([site], [])
     series = []
     for i, source in enumerate(site["data_sources"]):
-        pts = [(e["seq"] + 1, _num(e["epsilon_site"])) for e in site["entries"] if e["data_source"] in (None, source)]
-        series.append(
-            Series(
-                f"data source {source}",
-                [x for x, _ in pts],
-                [y for _, y in pts],
-                color=PALETTE[i % len(PALETTE)],
-            )
-        )
-    vrules, previous = [], None
-    for e in site["entries"]:
-        if e["run_id"] != previous:
-            vrules.append(Rule(e["seq"] + 0.5, f"run {e['run_id']}"))
-            previous = e["run_id"]
-    budget = _num(site.get("max_epsilon"))
-    hrules = [Rule(budget, f"budget max_epsilon = {budget:g}", color="#b00020")] if math.isfinite(budget) else []
+        last: dict[float, float] = {}  # the epsilon after the round's last release (training, evaluation)
+        for e in sorted(site["entries"], key=lambda e: e["seq"]):
+            if e["data_source"] in (None, source):
+                last[axis.positions[(str(e["run_id"]), int(e["round"]))]] = _num(e["epsilon_site"])
+        xs = sorted(last)
+        series.append(Series(f"data source {source}", xs, [last[x] for x in xs], color=PALETTE[i % len(PALETTE)]))
+    budget = site.get("budget") or {}
+    if budget.get("status") == "set":
+        value = _num(budget["max_epsilon"])
+        hrules = [Rule(value, f"budget: max-epsilon = {_n(value)}", color="#b00020")]
+    else:
+        hrules = [
+            Rule(t, f"run target-epsilon = {_n(t)} (planned; this site set no budget)", dash="2 4") for t in targets
+        ]
     return Chart(
         title=f"{site['site_id']}: cumulative epsilon over rounds and runs",
-        x_label="ledger entry (one per round trained, all runs)",
+        x_label=axis.label,
         y_label="epsilon",
         series=series,
         hrules=hrules,
-        vrules=vrules,
+        vrules=axis.run_starts,
+        x_ticks=axis.ticks,
+        x_min=-0.5 if axis.ticks else None,
+        x_max=axis.ticks[-1][0] + 0.5 if axis.ticks else None,
     )
 
 
 def accuracy_chart(runs: Sequence[Mapping[str, Any]]) -> Chart:
+    """Test accuracy (solid) and macro-F1 (dashed) per run over rounds, and the majority-class baseline."""
     series = []
     for i, run in enumerate(runs):
-        pts = [(0, _num(run["initial_test"].get("accuracy")))] if run.get("initial_test") else []
-        pts += [(r["round"], _num(r.get("test", {}).get("accuracy"))) for r in run["rounds"]]
-        pts = [(x, y) for x, y in pts if not math.isnan(y)]
-        series.append(
-            Series(
-                f"run {run['run_id']}",
-                [x for x, _ in pts],
-                [y for _, y in pts],
-                color=PALETTE[i % len(PALETTE)],
-            )
-        )
+        for metric, name, dashed in (("accuracy", "accuracy", False), ("macro_f1", "macro-F1", True)):
+            pts = [(0, _num(run["initial_test"].get(metric)))] if run.get("initial_test") else []
+            pts += [(r["round"], _num(r.get("test", {}).get(metric))) for r in run["rounds"]]
+            pts = [(x, y) for x, y in pts if not math.isnan(y)]
+            if pts or not dashed:
+                series.append(
+                    Series(
+                        f"run {run['run_id']} {name}",
+                        [x for x, _ in pts],
+                        [y for _, y in pts],
+                        color=PALETTE[i % len(PALETTE)],
+                        dashed=dashed,
+                    )
+                )
+    baselines = sorted({b for b in (run.get("majority_baseline") for run in runs) if b is not None})
     return Chart(
-        title="Test accuracy of the global model over rounds",
+        title="Test accuracy and macro-F1 of the global model over rounds",
         x_label="round (0: before training)",
-        y_label="accuracy",
+        y_label="accuracy, macro-F1",
         series=series,
+        hrules=[Rule(b, f"majority-class baseline {_n(b, 3)}", dash="2 4") for b in baselines],
         y_min=0.0,
         y_max=1.0,
     )
@@ -348,15 +500,22 @@ def _findings_html(findings: Sequence[Mapping[str, Any]]) -> str:
     return _table(["", "subject", "line", "kind", "finding"], rows, raw=True)
 
 
-def _site_html(site: Mapping[str, Any]) -> str:
+def budget_text(budget: Mapping[str, Any]) -> str:
+    if budget["status"] == "set":
+        return f"max-epsilon = {_n(budget['max_epsilon'])} (from {budget['from']})"
+    if budget["status"] == "none":
+        return "none set (the site's config has no max-epsilon: nothing at the site limited its epsilon)"
+    return f"not recorded ({budget['from']})"
+
+
+def _site_html(site: Mapping[str, Any], axis: RoundAxis, targets: Sequence[float]) -> str:
     status = '<span class="ok">verified</span>' if site["verified"] else '<span class="fail">FAILED</span>'
-    budget = _eps(site["max_epsilon"]) if site.get("max_epsilon") is not None else "not recorded"
     parts = [
         f"<h2>Site {_e(site['site_id'])}</h2>",
         f"<p>Ledger <code>{_e(site['ledger'])}</code>: {status}, {site['verified_entries']} entries verified "
         f"(chain, signatures, epsilon recomputed from the events). Budget: "
-        f"{_e(budget)}.</p>",
-        f'<div class="figure">{render_svg(epsilon_chart(site))}</div>',
+        f"{_e(budget_text(site['budget']))}.</p>",
+        f'<div class="figure">{render_svg(epsilon_chart(site, axis, targets))}</div>',
         "<h3>Privacy spent per data source</h3>",
         _table(
             [
@@ -376,7 +535,7 @@ def _site_html(site: Mapping[str, Any]) -> str:
                     d["rounds"],
                     ", ".join(map(str, d["runs"])),
                     _eps(d["epsilon"]),
-                    f"{d['delta']:g}",
+                    _n(d["delta"]),
                     d["accountant"],
                     d["accounting_from"],
                     _eps(d.get("epsilon_pld")),
@@ -398,11 +557,11 @@ def _site_html(site: Mapping[str, Any]) -> str:
             ],
             [
                 (
-                    p["sample_rate"],
-                    p["noise_multiplier"],
-                    p["steps"],
-                    p["clip_norm"],
-                    p["delta"],
+                    _n(p["sample_rate"]),
+                    _n(p["noise_multiplier"]),
+                    _n(p["steps"]),
+                    _n(p["clip_norm"]),
+                    _n(p["delta"]),
                     p["accountant"],
                     p["rounds"],
                 )
@@ -448,14 +607,72 @@ def _site_html(site: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+RUN_CONFIG_KEYS = (  # what a privacy officer checks first; the whole config follows in a <details>
+    "num-server-rounds",
+    "data-path",
+    "model-path",
+    "dp",
+    "target-epsilon",
+    "noise-multiplier",
+    "max-grad-norm",
+    "delta",
+    "accountant",
+    "batch-size",
+    "local-steps",
+    "learning-rate",
+    "lora-mode",
+    "lora-r",
+    "center-features",
+    "secure-aggregation",
+    "secagg-threshold",
+    "canaries",
+    "reproducible-noise",
+)
+
+
+def _config_value(value: Any) -> str:
+    return _n(value) if isinstance(value, (int, float)) else str(value)
+
+
+def _config_html(config: Mapping[str, Any]) -> str:
+    if not config:
+        return "<p>Run configuration: not recorded (metrics.json has no config).</p>"
+    shown = [(k, _config_value(config[k])) for k in RUN_CONFIG_KEYS if k in config]
+    return "\n".join(
+        [
+            "<h3>Run configuration</h3>",
+            _table(["key", "value"], shown),
+            "<details><summary>The whole run configuration</summary>",
+            _table(["key", "value"], [(k, _config_value(v)) for k, v in sorted(config.items())]),
+            "</details>",
+        ]
+    )
+
+
+def _quality_text(run: Mapping[str, Any]) -> str:
+    final = run["rounds"][-1].get("test", {}) if run["rounds"] else {}
+    baseline = run.get("majority_baseline")
+    parts = [
+        f"Final model (round {run['rounds'][-1]['round']}): " if run["rounds"] else "No round completed. ",
+        f"accuracy {_n(final.get('accuracy'))}, macro-F1 {_n(final.get('macro_f1'))}. " if run["rounds"] else "",
+        "Majority-class baseline (always predicting the most frequent label): "
+        + (f"accuracy {_n(baseline)}." if baseline is not None else "not recorded."),
+    ]
+    if baseline is not None and run["rounds"] and _num(final.get("accuracy")) <= baseline:
+        parts.append(" The final model is NOT better than the majority-class baseline.")
+    return "".join(parts)
+
+
 def _run_html(run: Mapping[str, Any]) -> str:
     rows = []
     for r in run["rounds"]:
         declined = r.get("declined", {})
+        test = r.get("test", {})
         rows.append(
             (
                 r["round"],
-                _eps(r.get("test", {}).get("accuracy")),
+                _n(test.get("accuracy")),
+                _n(test.get("macro_f1")),
                 ", ".join(r.get("survivors", [])),
                 "; ".join(f"{k} ({v})" if v else k for k, v in declined.items()),
                 ", ".join(r.get("dropped", [])),
@@ -467,13 +684,19 @@ def _run_html(run: Mapping[str, Any]) -> str:
     status = {True: '<span class="ok">verified</span>', False: '<span class="fail">FAILED</span>'}.get(
         run["verified"], '<span class="warn">no run ledger</span>'
     )
+    canary = run.get("canary_audit") or canary_status(run.get("config") or {}, run.get("canary"))
     parts = [
         f"<h2>Run {_e(run['run_id'])}</h2>",
         f"<p>Run ledger <code>{_e(run['run_ledger'])}</code>: {status}.</p>",
+        f"<p>{_e(_quality_text(run))}</p>",
+        f"<p>Empirical canary audit: {_e(canary)}.</p>",
+        _config_html(run.get("config") or {}),
+        "<h3>Rounds</h3>",
         _table(
             [
                 "round",
                 "test acc.",
+                "test macro-F1",
                 "trained (in aggregate)",
                 "declined",
                 "dropped",
@@ -515,7 +738,7 @@ def _canary_html(c: Mapping[str, Any]) -> str:
                         _eps(claimed),
                         _eps(lower),
                         f"{_num(c.get('confidence')):.0%}",
-                        c.get("delta"),
+                        _n(c.get("delta")),
                         f"{c.get('canaries')} ({c.get('included')})",
                         f"{c.get('guesses')} ({c.get('k_plus')}, {c.get('k_minus')})",
                         c.get("correct"),
@@ -528,6 +751,35 @@ def _canary_html(c: Mapping[str, Any]) -> str:
     )
 
 
+def _summary_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return "<p>No site ledger was audited.</p>"
+    table = []
+    for r in rows:
+        if r["budget_status"] == "set":
+            budget = f"{_n(r['budget'])} ({_n(100 * _num(r['budget_used']), 3)}% used)"
+        else:
+            budget = "none set" if r["budget_status"] == "none" else "not recorded"
+        table.append(
+            (
+                r["site_id"],
+                '<span class="ok">verified</span>' if r["verified"] else '<span class="fail">FAILED</span>',
+                _e(r["releases"]),
+                _e(r["runs"]),
+                _e(_eps(r["epsilon"])),
+                _e(_n(r["delta"])),
+                _e(r["accountant"] or "n/a"),
+                _e(budget),
+                _e(r["declined_rounds"]),
+                _e(r["errors"]),
+            )
+        )
+    header = ["site", "ledger", "releases", "runs", "epsilon", "delta", "accountant", "budget", "declined", "errors"]
+    return _table(header, [(_e(row[0]), *row[1:]) for row in table], raw=True) + (
+        "<p>Epsilon: the largest over the site's data sources, composed over every run, at the site's own delta.</p>"
+    )
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     ok = report["verdict"] == "verified"
     verdict = (
@@ -535,15 +787,18 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"{report['errors']} error(s), {report['warnings']} warning(s).</p>"
     )
     runs = report["runs"]
+    axis, targets = round_axis(report["sites"], runs), run_targets(runs)
     body = [
         "<h1>PrivaTune privacy audit</h1>",
         f"<p>Generated {_e(report['generated'])}.</p>",
         verdict,
+        "<h2>Every site at a glance</h2>",
+        _summary_html(report.get("summary") or summary(report["sites"], runs)),
         "<h2>The guarantee, in plain words</h2>",
         "".join(f"<p>{_e(s)}</p>" for s in report["guarantee"]),
         "<h2>All findings</h2>",
         _findings_html(report["findings"]),
-        *(_site_html(s) for s in report["sites"]),
+        *(_site_html(s, axis, targets) for s in report["sites"]),
     ]
     if runs:
         body.append("<h2>Model quality</h2>")
