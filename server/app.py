@@ -198,6 +198,13 @@ def estimate_feature_center(
     return center, rows, agg
 
 
+def center_is_usable(cfg: RunConfig, center: np.ndarray, *, rows: float, sites: int) -> tuple[bool, float]:
+    """Whether the noisy center is worth using (its expected noise norm at most ``CENTER_MAX_ERROR`` x its norm),
+    and that expected noise norm; public numbers only, so the decision costs no privacy."""
+    error = center_error(cfg, rows=rows, sites=sites, hidden_size=int(center.shape[0]))
+    return error <= CENTER_MAX_ERROR * float(np.linalg.norm(center)), error
+
+
 def center_error(cfg: RunConfig, *, rows: float, sites: int, hidden_size: int) -> float:
     """Expected L2 norm of the DP noise in the center: the noise on the summed vector (std
     ``center-noise-multiplier x sensitivity`` per coordinate and site) over ``sqrt(hidden_size)`` coordinates,
@@ -252,8 +259,8 @@ def _center_round(
             else f"no site answered ({agg.abort_reason or 'all dropped or declined'})",
         )
     else:
-        error = center_error(cfg, rows=rows or 0.0, sites=len(agg.survivors), hidden_size=int(previous.shape[0]))
-        if error > CENTER_MAX_ERROR * float(np.linalg.norm(center)):
+        usable, error = center_is_usable(cfg, center, rows=rows or 0.0, sites=len(agg.survivors))
+        if not usable:
             logger.warning(
                 "round 0 | feature centering: the center's expected noise (norm %.2f) exceeds %.0f%% of its norm "
                 "%.2f (%.0f noisy rows over %d sites are too few for center-noise-multiplier %g): training on the "
