@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from server.app import CENTER_MAX_ERROR  # noqa: E402
 from shared.centering import ANSWER_SCALE, center_from_sum, query_event  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.partition import iid_partitions, train_test_split  # noqa: E402
@@ -62,7 +63,7 @@ def _defaults() -> Preset:
         center_noise_multiplier=cfg.center_noise_multiplier,
         center_clip_norm=cfg.center_clip_norm,
         center_features=cfg.center_features,
-        center_max_error=0.5,  # server/app.py CENTER_MAX_ERROR
+        center_max_error=CENTER_MAX_ERROR,
         update_clip_norm=cfg.update_clip_norm,
         target_epsilon=cfg.target_epsilon,
     )
