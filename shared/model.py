@@ -60,14 +60,18 @@ def load_tokenizer(model_path: str) -> Any:
 
 @dataclass(frozen=True)
 class Encoded:
-    """Tokenised rows, padded to the run's max length (batches are trimmed to their longest row)."""
+    """Tokenised rows, padded to the run's max length (batches are trimmed to their longest row).
+
+    ``labels`` holds one class index per row (a classifier) or one target token per position, -100 where no loss
+    is taken (a causal LM: the prompt and the padding).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.input_ids.shape[0])
 
 
 def encode(tokenizer: object, texts: tuple[str, ...] | list[str], labels: np.ndarray, *, max_length: int) -> Encoded:

@@ -1,0 +1,133 @@
+"""What a task is: the one interface the ServerApp and ClientApp loops call and never look inside.
+
+A task (text classification, causal-LM fine-tuning) says how rows are read and split, how they are encoded, how
+the model every party builds identically is made, the loss of a batch (mean over its rows, so that Opacus's
+per-sample gradients are each row's own), how the server evaluates on its held-out rows, and how the adapter is
+saved. The loops in ``server/`` and ``client/`` hold no ``if task == ...``: what differs between tasks is here,
+in one file per task (``shared/tasks/classifier.py``, ``shared/tasks/causal_lm.py``), and one contract test
+(``tests/test_task_contract.py``) runs against every task.
+
+Choosing a task: ``task`` in the run config (``"classify"``, the default, or ``"causal-lm"``); see
+:func:`shared.tasks.get_task`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from shared.config import RunConfig
+    from shared.model import Encoded
+    from shared.site import Site
+
+
+@runtime_checkable
+class Rows(Protocol):
+    """A task's rows: one DP record each. Immutable; ``subset`` keeps the order given."""
+
+    source: str  # where the rows came from (a file path or a ``builtin:`` name), for messages
+
+    def __len__(self) -> int: ...
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Rows: ...
+
+    def rows(self) -> Iterable[Sequence[str | int]]:
+        """Each row as a tuple of its fields, in order: what the site's keyed fingerprint hashes."""
+        ...
+
+    @property
+    def strata(self) -> np.ndarray:
+        """An int64 class per row for stratified and label-skewed splits (all zeros: no classes)."""
+        ...
+
+
+# What the server's evaluation returns: flat metric name -> number (always "loss"; JSON numbers only).
+Metrics = dict[str, float]
+# A loss function the local DP step calls: (model, batch) -> scalar, the mean over the batch's rows of each row's
+# own loss (never a mean over tokens of the whole batch: that would couple rows and break per-sample clipping).
+LossFn = Callable[["nn.Module", "Encoded"], "torch.Tensor"]
+
+
+class Task(Protocol):
+    """One kind of fine-tuning. Instances are stateless apart from caches; every party builds the same one from
+    the run config with :func:`shared.tasks.get_task`."""
+
+    name: ClassVar[str]  # the run config's ``task`` value
+    # the run-config values this task uses where the run config leaves a key at RunConfig's default (which are
+    # the classifier's); applied identically by every party in RunConfig.from_flower
+    presets: ClassVar[Mapping[str, Any]]
+    best_by: ClassVar[str]  # the metric the best round is chosen by (higher is better; see ``score``)
+
+    # -- rows --------------------------------------------------------------------------------------------------
+    def load_run_rows(self, cfg: RunConfig) -> Rows:
+        """The run's whole dataset (``data-path``), which a simulation splits among sites and the server's test."""
+        ...
+
+    def load_eval_rows(self, cfg: RunConfig) -> Rows:
+        """The server's own held-out file in a deployment (``eval-data-path``), read with the run config's fields."""
+        ...
+
+    def load_site_rows(self, site: Site) -> Rows:
+        """A deployed site's own file, read with the site's own node config (its columns / fields, its labels)."""
+        ...
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def fresh_model(self, cfg: RunConfig, rows: Rows) -> nn.Module:
+        """The PEFT model every party builds identically from the run config and seed (LoRA A from the seed under
+        FFA-LoRA); a fresh copy per call. ``rows`` tells what the model needs from the data (e.g. the labels)."""
+        ...
+
+    def encode(self, cfg: RunConfig, rows: Rows) -> Encoded:
+        """The rows as model inputs: ``labels`` per row (a class) or per token (``-100`` = no loss)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Encoded) -> torch.Tensor:
+        """The batch's loss: the mean over its rows of each row's own loss (see :data:`LossFn`)."""
+        ...
+
+    # -- evaluation on the server's held-out rows (no site's privacy budget covers them) -------------------------
+    def evaluator(self, cfg: RunConfig, rows: Rows, *, device: str = "cpu") -> Callable[[nn.Module], Metrics]:
+        """A function that evaluates a model on the held-out ``rows``, encoded once."""
+        ...
+
+    def reference(self, rows: Rows) -> Metrics:
+        """What a model must beat on ``rows`` without training (the classifier: always predicting the majority
+        class); shown next to every round's metrics."""
+        ...
+
+    def score(self, metrics: Metrics) -> float:
+        """The number the best round is chosen by (higher is better): ``metrics[best_by]`` or its negation."""
+        ...
+
+    def describe(self, metrics: Metrics, reference: Metrics) -> str:
+        """The metrics part of the round's progress line, e.g. ``test loss 0.61 acc 0.70 f1 0.69 (majority ...)``."""
+        ...
+
+    def warnings(self, metrics: Metrics, reference: Metrics) -> list[str]:
+        """Loud one-line warnings about a model's metrics (predicts one class; worse than the reference)."""
+        ...
+
+    # -- output ----------------------------------------------------------------------------------------------
+    def save_adapter(self, model: nn.Module, directory: Path, *, card: Mapping[str, Any]) -> Path:
+        """Save the adapter (PEFT format) and this project's small card (``privatune.json``) in ``directory``."""
+        ...
+
+    def publish(
+        self,
+        adapter_dir: Path,
+        model: nn.Module,
+        *,
+        cfg: RunConfig,
+        history: Mapping[str, Any],
+        run_records: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Make a saved adapter usable without this project: no local path in ``adapter_config.json``, the model
+        card in ``README.md`` (base model, data, rounds, epsilon and delta per site, test metrics)."""
+        ...
