@@ -7,15 +7,23 @@ Only for comparison and debugging: every individual update is visible to the ser
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from server.optimizer import ServerOptimizer
 from server.round_result import RoundAggregate
 from shared import constants as C
+from shared.config import RunConfig
+from shared.identity import Roster
+from shared.updates import mean_from_sum
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger("privatune.server")
 
@@ -123,3 +131,56 @@ def _check_update(content: RecordDict, *, dim: int, bound: float) -> str | None:
     if norm > bound * (1 + 1e-4):
         return f"L2 norm {norm:.4g} over update-clip-norm {bound:g}"
     return None
+
+
+def aggregate(
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    node_ids: list[int],
+    content: RecordDict,
+    server_round: int,
+    run_id: str,
+    dim: int,
+    roster: Roster | None,
+    clip_norm: float | None = None,
+) -> RoundAggregate:
+    """One round's sum of the sampled sites' updates (``dim`` values, each clipped to ``clip_norm``, by default
+    ``update-clip-norm``): securely (the server learns only the sum) unless ``secure-aggregation = false``."""
+    bound = cfg.update_clip_norm if clip_norm is None else clip_norm
+    if cfg.secure_aggregation:
+        from server.secagg_workflow import aggregate_secure, settings_from_config
+
+        return aggregate_secure(
+            grid,
+            node_ids=node_ids,
+            content=content,
+            server_round=server_round,
+            run_id=run_id,
+            settings=settings_from_config(cfg, num_clients=len(node_ids), dim=dim, clip_norm=bound),
+            timeout_s=cfg.secagg_timeout * 4,  # the stage that includes local training
+            roster=roster,
+        )
+    return aggregate_plain(
+        grid,
+        node_ids=node_ids,
+        content=content,
+        update_clip_norm=bound,
+        dim=dim,
+        timeout_s=cfg.secagg_timeout * 4,
+    )
+
+
+def apply_update(
+    agg: RoundAggregate, global_arrays: OrderedDict[str, np.ndarray], server_opt: ServerOptimizer, model: nn.Module
+) -> OrderedDict[str, np.ndarray]:
+    """The new global tensors: the server optimizer's step from the sites' mean update, set into ``model``; the
+    old ones when the round yielded no sum (aborted, or no site contributed)."""
+    if agg.total is None or agg.total_weight <= 0:
+        return global_arrays
+    from shared.model import flatten, set_trainable, unflatten
+
+    mean = mean_from_sum(agg.total, agg.total_weight)
+    updated = unflatten(flatten(global_arrays) + server_opt.step(mean), global_arrays)
+    set_trainable(model, updated)
+    return updated

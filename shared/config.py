@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shared.privacy import ACCOUNTANTS
+from shared.tasks.presets import CAUSAL_LM, TASK_PRESETS
 
 BUILTIN_DATA = "builtin:rotten-tomatoes"
 BUILTIN_MODEL = "builtin:all-minilm-l6-v2"
@@ -29,6 +30,14 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class RunConfig:
+    # task
+    task: Literal["classify", "causal-lm"] = field(
+        default="classify",
+        metadata=_help(
+            "What is fine-tuned: classify (text classifier) or causal-lm (generative LM); a task's presets "
+            "(shared/tasks/presets.py) replace the keys left at these defaults."
+        ),
+    )
     # federation
     num_server_rounds: int = field(default=8, metadata=_help("Number of federated rounds."))
     fraction_train: float = field(default=1.0, metadata=_help("Fraction of connected nodes sampled per round."))
@@ -138,6 +147,8 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        self._apply_presets()
+
         def need(cond: bool, key: str, value: Any, what: str) -> None:
             if not cond:
                 raise ConfigError(f"{key.replace('_', '-')} must be {what}, got {value!r}")
@@ -211,6 +222,7 @@ class RunConfig:
                 f"canaries = {self.canaries} inserts records into sites' data: simulation only "
                 "(roster-path must be empty)"
             )
+        self._check_task()
         need(self.noise_multiplier >= 0.0, "noise_multiplier", self.noise_multiplier, ">= 0")
         need(self.target_epsilon >= 0.0, "target_epsilon", self.target_epsilon, ">= 0")
         if self.dp:
@@ -227,6 +239,42 @@ class RunConfig:
                 )
             if math.isinf(self.target_epsilon):
                 raise ConfigError(f"target-epsilon must be finite, got {self.target_epsilon}")
+
+    def _apply_presets(self) -> None:
+        """Set the task's presets (:mod:`shared.tasks.presets`) on every key left at RunConfig's default.
+
+        Deterministic and idempotent (a preset value is not a default, so converting a run's own ``to_flower()``
+        again changes nothing): the server and every site get the same values from the same run config, whether
+        it came through :meth:`from_flower` or was built directly."""
+        if self.task not in TASK_PRESETS:
+            raise ConfigError(f"task must be one of {list(TASK_PRESETS)}, got {self.task!r}")
+        defaults = RunConfig.__dataclass_fields__
+        for key, value in TASK_PRESETS[self.task].items():
+            name = key.replace("-", "_")
+            if getattr(self, name) == defaults[name].default:
+                object.__setattr__(self, name, value)  # frozen: set once, here, before anything reads it
+
+    def _check_task(self) -> None:
+        """Settings the chosen task cannot honour: an error naming the key (a silently ignored key would let a
+        run believe it got, e.g., label-skewed sites)."""
+        if self.task != CAUSAL_LM:
+            return
+        defaults = RunConfig.__dataclass_fields__
+        refused = {
+            "partitioning": (self.partitioning == "dirichlet", "a Dirichlet label skew needs labels; use 'iid'"),
+            "canaries": (self.canaries > 0, "the canary audit is the classifier's (random labels); set 0"),
+            "classifier_pooling": (
+                self.classifier_pooling != defaults["classifier_pooling"].default,
+                "a causal LM has no classification head; leave it at its default",
+            ),
+            "center_features": (self.center_features, "a causal LM has no head input to center; set false"),
+            "labels": (bool(self.labels), "a causal LM's rows have no label set; leave it empty"),
+        }
+        for key, (bad, why) in refused.items():
+            if bad:
+                raise ConfigError(
+                    f"{key.replace('_', '-')} = {getattr(self, key)!r} does not apply to task = {self.task!r}: {why}"
+                )
 
     @property
     def target_modules(self) -> list[str]:

