@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -39,8 +39,7 @@ from shared.site import Site, site_from_context
 from shared.updates import clip_to_norm
 
 if TYPE_CHECKING:
-    from shared.data import LabelledText
-    from shared.model import Encoded
+    from shared.tasks.base import Rows, Task
 
 # torch, transformers, Opacus and scipy are imported inside the handlers: in a deployment Flower starts one
 # ClientApp process per message, and the secure-aggregation stages (3 of a round's 4 messages) need none of them.
@@ -91,12 +90,13 @@ def centering_event(cfg: RunConfig) -> DpEvent:
     return query_event(clip_norm=cfg.center_clip_norm, noise_multiplier=cfg.center_noise_multiplier if cfg.dp else 0.0)
 
 
-def _task(msg: Message) -> str:
+def _request_kind(msg: Message) -> str:
+    """What the server asks for: a training round (``train``) or round 0's feature-mean query."""
     record = msg.content.config_records.get(C.TRAIN_CONFIG_RECORD)
-    task = C.TASK_TRAIN if record is None else record.get(C.KEY_TASK, C.TASK_TRAIN)
-    if task not in (C.TASK_TRAIN, C.TASK_FEATURE_MEAN):
-        raise MessageError(f"ConfigRecord {C.TRAIN_CONFIG_RECORD!r} key {C.KEY_TASK!r}: unknown task {task!r}")
-    return str(task)
+    kind = C.TASK_TRAIN if record is None else record.get(C.KEY_TASK, C.TASK_TRAIN)
+    if kind not in (C.TASK_TRAIN, C.TASK_FEATURE_MEAN):
+        raise MessageError(f"ConfigRecord {C.TRAIN_CONFIG_RECORD!r} key {C.KEY_TASK!r}: unknown task {kind!r}")
+    return str(kind)
 
 
 def _decline(msg: Message, reason: str) -> Message:
@@ -113,9 +113,12 @@ def _open_ledger(site: Site) -> SiteLedger:
     )
 
 
-def _fingerprint(site: Site, rows: LabelledText) -> str:
+def _fingerprint(site: Site, rows: Rows) -> str:
     """The rows' keyed fingerprint (HMAC under the site's own key): it identifies nothing outside the site."""
-    return keyed_fingerprint_rows(rows.rows(), key=load_fingerprint_key(site.fingerprint_key_path))
+    # keyed_fingerprint_rows takes (text, int) pairs today (shared/ledger.py): a task whose rows are other tuples
+    # needs it widened to any tuple of str and int fields (TODO(merge), shared/ledger.py is helper ddp's)
+    pairs = cast("list[tuple[str, int]]", list(rows.rows()))
+    return keyed_fingerprint_rows(pairs, key=load_fingerprint_key(site.fingerprint_key_path))
 
 
 @dataclass(frozen=True)
@@ -176,13 +179,13 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
     server_round = int(config_value(msg.content, C.TRAIN_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
-    task = _task(msg)
+    kind = _request_kind(msg)
     run_id = str(context.run_id)
-    try:  # a deployed site's data, device, budget and ledger are its own: a run config overriding them is refused
+    try:  # a deployed site's data, device, budget, task and ledger are its own: a run config overriding them is refused
         check_site_policy(cfg, site, context.node_config)
     except SitePolicyError as e:
         return _decline(msg, str(e))
-    if task == C.TASK_FEATURE_MEAN and not (cfg.center_features and server_round == 0):
+    if kind == C.TASK_FEATURE_MEAN and not (cfg.center_features and server_round == 0):
         # the query is part of a centered run's plan (its cost is in the calibration), once, before round 1
         return _decline(
             msg,
@@ -190,30 +193,28 @@ def train(msg: Message, context: Context) -> Message:
             f"(this is round {server_round}, center-features = {cfg.center_features})",
         )
     from client.train import noisy_feature_sum, train_round
-    from shared.canary_data import add_site_canaries
     from shared.centering import answer_bound
     from shared.federation import site_training_rows
-    from shared.model import (
-        encode,
-        flatten,
-        fresh_model,
-        get_trainable,
-        load_tokenizer,
-        set_feature_center,
-        set_trainable,
-    )
+    from shared.model import flatten, get_trainable, set_trainable
+    from shared.tasks import get_task
 
+    task = get_task(cfg)
+    refused = _missing_capability(cfg, task)
+    if refused:
+        return _decline(msg, refused)
     delta, accountant = site.accounting()  # the site's own, never the run config's
-    purpose = PURPOSE_FEATURE_MEAN if task == C.TASK_FEATURE_MEAN else PURPOSE_TRAIN
+    purpose = PURPOSE_FEATURE_MEAN if kind == C.TASK_FEATURE_MEAN else PURPOSE_TRAIN
 
-    rows = add_site_canaries(site_training_rows(cfg, site), canaries=cfg.canaries, seed=cfg.seed, site=site)
+    rows = site_training_rows(cfg, site, task)
+    if cfg.canaries and task.canary_audit is not None:
+        rows = task.canary_audit.add_site_canaries(rows, cfg, site)
     fingerprint = _fingerprint(site, rows)
     ledger = _open_ledger(site)
     if ledger.find(run_id=run_id, server_round=server_round, purpose=purpose) is not None:
         return _decline(msg, f"round {server_round} of run {run_id} was already trained by this site (replay)")
 
     sample_rate = poisson_sample_rate(len(rows), cfg.batch_size)
-    if task == C.TASK_FEATURE_MEAN:
+    if kind == C.TASK_FEATURE_MEAN:
         planned = centering_event(cfg)
     elif cfg.dp:
         planned = DpEvent(
@@ -234,15 +235,13 @@ def train(msg: Message, context: Context) -> Message:
     if not decision.accept:
         return _decline(msg, f"site {site.site_id}: {decision.reason}")
 
-    tokenizer = load_tokenizer(cfg.model_path)
-    model = fresh_model(cfg, num_labels=len(rows.label_names))
+    model = task.fresh_model(cfg, rows)
     global_arrays = arrays_from_record(msg.content, C.GLOBAL_RECORD)
     set_trainable(model, global_arrays)
-    if C.CENTER_RECORD in msg.content.array_records:
-        set_feature_center(model, arrays_from_record(msg.content, C.CENTER_RECORD)[C.CENTER_ARRAY])
-    data = encode(tokenizer, rows.texts, rows.labels, max_length=cfg.max_length)
+    _set_center(msg, task, model)
+    data = task.encode(cfg, rows)
     seed = _round_seed(cfg.seed, site.site_id, server_round) if cfg.reproducible_noise else None
-    if task == C.TASK_FEATURE_MEAN:
+    if kind == C.TASK_FEATURE_MEAN:
         vector = noisy_feature_sum(
             model,
             data,
@@ -254,7 +253,7 @@ def train(msg: Message, context: Context) -> Message:
         bound, loss = answer_bound(cfg.center_clip_norm), None  # clipping the noisy answer: post-processing
     else:
         before = flatten(get_trainable(model))
-        result = train_round(
+        result = train_round(  # TODO(merge): loss_fn=task.loss (helper dpstep adds train_round's loss_fn)
             model,
             data,
             steps=cfg.local_steps,
@@ -272,7 +271,7 @@ def train(msg: Message, context: Context) -> Message:
         vector, bound, loss = flatten(get_trainable(model)) - before, cfg.update_clip_norm, result.mean_loss
     update, norm = clip_to_norm(vector, bound)
     if norm > bound:  # the norm is logged at the site only: under DP it is not released (issue 10, item 6)
-        logger.warning("%s norm %.3f clipped to %.3f", "update" if task == C.TASK_TRAIN else "answer", norm, bound)
+        logger.warning("%s norm %.3f clipped to %.3f", "update" if kind == C.TASK_TRAIN else "answer", norm, bound)
 
     # Under DP nothing about the rows leaves the site outside the accounted mechanism: no loss, no update norm. A
     # non-private round (epsilon = inf already) may report its train loss.
@@ -290,19 +289,38 @@ def train(msg: Message, context: Context) -> Message:
     )
 
 
+def _missing_capability(cfg: RunConfig, task: Task) -> str | None:
+    """Why the site cannot run what the run config asks of this task (None: it can)."""
+    if cfg.center_features and task.centering is None:
+        return f"run config center-features = true, but task {task.name!r} has no feature centering"
+    if cfg.canaries and task.canary_audit is None:
+        return f"run config canaries = {cfg.canaries}, but task {task.name!r} has no canary audit"
+    return None
+
+
+def _set_center(msg: Message, task: Task, model: Any) -> None:
+    """Set the feature center the server sent (a centered run), through the task's centering capability."""
+    if C.CENTER_RECORD not in msg.content.array_records:
+        return
+    if task.centering is None:
+        raise MessageError(f"the server sent a feature center, but task {task.name!r} has no feature centering")
+    task.centering.set_center(model, arrays_from_record(msg.content, C.CENTER_RECORD)[C.CENTER_ARRAY])
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the server's adapter on the site's own rows, if the site agreed to: DP-noised counts only.
+    """Evaluate the server's adapter on the site's own rows, if the site agreed to and its task can: DP-noised
+    releases only.
 
     A site answers only when its own config opts in (node config ``allow-evaluate = true``, or a simulated
-    site's site.toml); the answer is the confusion matrix with Gaussian noise (client/evaluation.py), checked
-    against the site's budget and recorded in its ledger as an ``evaluate`` release, once per round of a run.
-    The default ServerApp evaluates centrally on held-out data and never sends this request.
+    site's site.toml) and its task has the ``site_evaluation`` capability (the classifier: the confusion matrix
+    with Gaussian noise, client/evaluation.py); the release is checked against the site's budget and recorded in
+    its ledger as an ``evaluate`` release, once per round of a run. The default ServerApp evaluates centrally on
+    held-out data and never sends this request.
     """
-    from client.evaluation import confusion_counts, evaluation_event, noisy_counts, released_metrics
     from shared.federation import site_training_rows
-    from shared.metrics import predict
-    from shared.model import encode, fresh_model, load_tokenizer, set_feature_center, set_trainable
+    from shared.model import set_trainable
+    from shared.tasks import get_task
 
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
@@ -318,29 +336,31 @@ def evaluate(msg: Message, context: Context) -> Message:
         check_site_policy(cfg, site, context.node_config)
     except SitePolicyError as e:
         return _decline(msg, str(e))
+    task = get_task(cfg)
+    evaluation = task.site_evaluation
+    if evaluation is None:
+        return _decline(msg, f"task {task.name!r} has no DP-noised site evaluation: nothing about the rows is released")
     delta, accountant = site.accounting()
 
-    rows: LabelledText = site_training_rows(cfg, site)
+    rows = site_training_rows(cfg, site, task)
     fingerprint = _fingerprint(site, rows)
     ledger = _open_ledger(site)
     if ledger.find(run_id=run_id, server_round=server_round, purpose=PURPOSE_EVALUATE) is not None:
         return _decline(msg, f"round {server_round} of run {run_id} was already evaluated by this site (replay)")
-    planned = evaluation_event(site.evaluate_noise_multiplier)
+    planned = evaluation.event(site.evaluate_noise_multiplier)
     decision = decide(
         ledger.history(site.data_source), planned, max_epsilon=site.max_epsilon, delta=delta, accountant=accountant
     )
     if not decision.accept:
         return _decline(msg, f"site {site.site_id}: {decision.reason}")
 
-    model = fresh_model(cfg, num_labels=len(rows.label_names))
+    model = task.fresh_model(cfg, rows)
     global_arrays = arrays_from_record(msg.content, C.GLOBAL_RECORD)
     set_trainable(model, global_arrays)
-    if C.CENTER_RECORD in msg.content.array_records:
-        set_feature_center(model, arrays_from_record(msg.content, C.CENTER_RECORD)[C.CENTER_ARRAY])
-    data: Encoded = encode(load_tokenizer(cfg.model_path), rows.texts, rows.labels, max_length=cfg.max_length)
-    predictions, _ = predict(model, data, device=site.device)  # the loss stays here: unbounded per row
-    counts = confusion_counts(rows.labels, predictions, num_classes=len(rows.label_names))
-    noisy = noisy_counts(counts, noise_multiplier=planned.noise_multiplier)
+    _set_center(msg, task, model)
+    released = evaluation.release(
+        model, task.encode(cfg, rows), rows, noise_multiplier=planned.noise_multiplier, device=site.device
+    )
     return _accounted_reply(  # recorded in the ledger before anything is released
         msg,
         ledger,
@@ -348,7 +368,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         Release(run_id, server_round, PURPOSE_EVALUATE, planned, delta, accountant),
         adapter_hash=digest_arrays(global_arrays),
         dataset_fingerprint=fingerprint,
-        metrics=released_metrics(noisy),
+        metrics=released,
     )
 
 

@@ -6,11 +6,13 @@ The run config comes from the server, so a run config that tries to set one of t
 before anything is read or trained; the reason goes back to the server as the round's decline reason (and
 into the server's log). The run-config keys that count as site-owned in a deployment:
 
-- ``data-path``: must be the default (then it only names the server's data) or the site's own data path;
+- ``data-path``: must be the task's default (then it only names the server's data) or the site's own data path;
 - ``sim-dir``: simulation only, must be empty;
 - ``target-epsilon``: must not exceed the site's ``max-epsilon``;
 - ``delta``: must not exceed the site's ``delta`` (the site accounts at its own delta and accountant whatever
   the run config says; a looser one is refused so that the server does not believe a weaker guarantee);
+- ``task``: must be the site's own ``task`` (node config, default ``classify``): a server must not get a site's
+  rows read, trained on and released under another task than the one its operator declared;
 - ``labels``: must be the site's ``labels``, in the same order (the class order is part of the model: a
   permuted list would train the head on swapped classes);
 - ``dp = false``: refused unless the site has no budget (``max-epsilon`` unset);
@@ -31,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.config import BUILTIN_DATA, RunConfig
+from shared.config import RunConfig
 from shared.secagg.constants import NODE_MIN_COHORT, NODE_REQUIRE_SECAGG, NODE_THRESHOLD_FRACTION
 from shared.site import (
     NODE_ACCOUNTANT,
@@ -49,6 +51,7 @@ from shared.site import (
     NODE_ROSTER,
     NODE_SITE_DIR,
     NODE_SITE_ID,
+    NODE_TASK,
     NODE_TEXT_COLUMN,
     Site,
     SiteConfigError,
@@ -77,6 +80,7 @@ DEPLOYED_NODE_KEYS = frozenset(
         NODE_LABELS,
         NODE_ALLOW_EVALUATE,
         NODE_EVALUATE_NOISE,
+        NODE_TASK,
     }
 )
 
@@ -105,7 +109,13 @@ def site_policy_violations(cfg: RunConfig, site: Site, node_config: Mapping[str,
         return []
     check_node_config(node_config)
     found = []
-    if cfg.data_path != BUILTIN_DATA and not (site.data_path and _same_path(cfg.data_path, site.data_path)):
+    if cfg.task != site.task:
+        found.append(
+            f"run config task={cfg.task!r}, but this site's data is for task={site.task!r} (node config "
+            f"{NODE_TASK!r}); it is never read under another task"
+        )
+    default_data = RunConfig(task=cfg.task).data_path  # the task's default: it only names the server's data
+    if cfg.data_path != default_data and not (site.data_path and _same_path(cfg.data_path, site.data_path)):
         found.append(f"run config data-path={cfg.data_path!r}, but this site trains only on its own data-path")
     if cfg.sim_dir:
         found.append(f"run config sim-dir={cfg.sim_dir!r} is for simulations; this site keeps its own files")

@@ -12,6 +12,7 @@ from typing import Any
 
 from server.serving.cli import add_serving_commands
 from shared.config import ConfigError, RunConfig
+from shared.tasks.presets import TASK_NAMES
 
 
 def _parse_value(raw: str) -> Any:
@@ -46,6 +47,8 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides["secure-aggregation"] = False
     if args.output_dir:
         overrides["output-dir"] = args.output_dir
+    if args.task is not None:
+        overrides["task"] = args.task
     RunConfig.from_flower({**RunConfig().to_flower(), **overrides})  # fail fast, before Ray starts
     return _run(args, overrides, num_clients=args.num_clients)
 
@@ -237,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--num-clients", type=int, default=10, help="Simulated sites (default 10).")
     sim.add_argument("--rounds", type=int, default=None, help="Override num-server-rounds.")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override any run-config key.")
+    sim.add_argument(
+        "--task",
+        choices=TASK_NAMES,
+        default=None,
+        help="What is fine-tuned: classify (default) or causal-lm; sets the run config's task (and its presets).",
+    )
     sim.add_argument("--no-dp", action="store_true", help="Non-private baseline (loudly marked).")
     sim.add_argument("--no-secure-aggregation", action="store_true", help="Plain aggregation (loudly marked).")
     sim.add_argument(

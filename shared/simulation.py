@@ -47,19 +47,19 @@ def offline_environment() -> None:
 
 
 def preflight(cfg: RunConfig, *, num_clients: int, device: str | None = None) -> None:
-    """What would otherwise fail 10-60 s into a run, checked in this process before Flower and Ray start: the
-    data file, its columns and labels, that it splits over ``num_clients`` sites, the server's evaluation file,
-    the model path, and the checkpoint to resume from. Raises ``ValueError`` (a ``DataError``, ``ModelError``,
-    ``ConfigError``...) naming what is wrong."""
-    from shared.data import load_labelled_text
-    from shared.federation import load_run_dataset, simulated_split
-    from shared.model import resolve_model_path
+    """What would otherwise fail 10-60 s into a run, checked in this process before Flower and Ray start, through
+    the run's task: the data file (the classifier: its columns and labels), that it splits over ``num_clients``
+    sites, the server's evaluation file, the model path, and the checkpoint to resume from. Raises ``ValueError``
+    (a ``DataError``, ``ModelError``, ``ConfigError``...) naming what is wrong."""
+    from shared.federation import simulated_split
+    from shared.tasks import get_task
 
     if num_clients < cfg.min_train_nodes:
         raise ValueError(f"num_clients={num_clients} is below min-train-nodes={cfg.min_train_nodes}")
     from shared.partition import PartitionError
 
-    data = load_run_dataset(cfg)
+    task = get_task(cfg)
+    data = task.load_run_rows(cfg)
     try:
         parts, _ = simulated_split(cfg, data, num_clients)
     except PartitionError as e:
@@ -68,13 +68,8 @@ def preflight(cfg: RunConfig, *, num_clients: int, device: str | None = None) ->
     if smallest == 0:
         raise ValueError(f"{data.source}: {len(data)} rows leave a site with no training rows at {num_clients} sites")
     if cfg.eval_data_path:
-        load_labelled_text(
-            cfg.eval_data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names
-        )
-    try:
-        resolve_model_path(cfg.model_path)
-    except ImportError as e:
-        raise ValueError(str(e)) from e
+        task.load_eval_rows(cfg)
+    task.check_model(cfg)
     if device is not None and device.startswith("cuda"):
         import torch
 
@@ -209,22 +204,22 @@ def summary(run_dir: Path) -> str:
             f"macro-F1 {majority['macro_f1']:.4f}"
         )
     if last:
-        t = last["test"]
-        lines.append(
-            f"final test (round {last['round']}): accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}  "
-            f"precision {t['precision']:.4f}  recall {t['recall']:.4f}  loss {t['loss']:.4f}"
-        )
+        lines.append(f"final test (round {last['round']}): {_shown_metrics(last['test'])}")
     best = metrics.get("best")
     if best:
-        t = best["test"]
+        by = str(best.get("by", "macro_f1"))
         lines.append(
-            f"best round {best['round']} (by macro-F1 on the server's held-out test set): "
-            f"accuracy {t['accuracy']:.4f}  macro-F1 {t['macro_f1']:.4f}"
+            f"best round {best['round']} (by {_METRIC_NAMES.get(by, by)} on the server's held-out test set): "
+            f"{_shown_metrics(best['test'], _BEST_SHOWN)}"
         )
     for warning in metrics.get("final_warnings") or []:
         lines.append(f"WARNING: the final model {warning}")
-    if metrics.get("final_warnings") and best and last and best["test"]["macro_f1"] > last["test"]["macro_f1"]:
-        lines.append(f"WARNING: round {best['round']} did better: use the best-round adapter below")
+    if metrics.get("final_warnings") and best and last:
+        from shared.tasks import get_task
+
+        score = get_task(str(metrics["config"].get("task", "classify"))).score
+        if score(best["test"]) > score(last["test"]):
+            lines.append(f"WARNING: round {best['round']} did better: use the best-round adapter below")
     eps: dict[str, Any] = {}
     for r in metrics["rounds"]:
         for site, m in r["clients"].items():
@@ -240,3 +235,19 @@ def summary(run_dir: Path) -> str:
     if "best" in adapters:
         lines.append(f"best-round adapter (round {adapters['best']['round']}): {adapters['best']['dir']}")
     return "\n".join(lines)
+
+
+# how summary() names and orders a round's test metrics (any task's; others follow in their own order)
+_METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "precision": "precision", "recall": "recall"}
+_SHOWN_FIRST = ("accuracy", "macro_f1", "precision", "recall", "loss")
+_BEST_SHOWN = ("accuracy", "macro_f1")
+_NOT_SHOWN = ("top_class", "top_class_share")  # the one-class warning says what matters of these
+
+
+def _shown_metrics(test: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:
+    """``accuracy 0.7431  macro-F1 0.7289 ...``: the test metrics in summary()'s order, 4 decimals."""
+    names = keys or (*[k for k in _SHOWN_FIRST if k in test], *[k for k in test if k not in _SHOWN_FIRST])
+    shown = [k for k in names if k in test and k not in _NOT_SHOWN and isinstance(test[k], (int, float))]
+    if keys is not None and not shown:  # a task without these: its own metrics
+        return _shown_metrics(test)
+    return "  ".join(f"{_METRIC_NAMES.get(k, k)} {float(test[k]):.4f}" for k in shown)

@@ -26,6 +26,7 @@ from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, site_id_for_partitio
 from shared.ledger import DEFAULT_DATA_SOURCE, SiteLedger
 from shared.privacy import ACCOUNTANTS
 from shared.secagg.constants import NODE_MIN_COHORT, NODE_THRESHOLD_FRACTION
+from shared.tasks.presets import CLASSIFY, TASK_NAMES, TASK_REQUIRED_SITE_KEYS, TASK_SITE_KEYS
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 FINGERPRINT_KEY_FILE = "fingerprint.key"  # the site's secret HMAC key of its data fingerprints (0600)
@@ -48,6 +49,7 @@ NODE_LABEL_COLUMN = "label-column"
 NODE_LABELS = "labels"
 NODE_ALLOW_EVALUATE = "allow-evaluate"
 NODE_EVALUATE_NOISE = "evaluate-noise-multiplier"
+NODE_TASK = "task"  # what the site's data is for (shared.tasks.presets.TASK_NAMES); default "classify"
 # Set by Flower's simulation engine
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
@@ -151,6 +153,7 @@ class Site:
     secagg_min_cohort: int = 3  # fewest distinct roster sites in a secure round (secagg-min-cohort)
     secagg_threshold_fraction: float = 2 / 3  # t >= ceil(f * (k + 1)) (secagg-threshold-fraction)
     ledger_head_path: Path | None = None  # None: beside the ledger (shared.ledger_head.default_head_path)
+    task: str = CLASSIFY  # what a deployed site's data is for (node config ``task``); a run of another is refused
 
     @property
     def simulated(self) -> bool:
@@ -247,11 +250,29 @@ def _own_settings(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+def _site_task(node_config: Mapping[str, Any], site_id: str) -> str:
+    """The deployed site's task (``task``, default ``classify``); a key only another task reads is an error."""
+    task = node_config.get(NODE_TASK, CLASSIFY)
+    if task not in TASK_NAMES:
+        raise SiteConfigError(
+            f"node config of site {site_id!r}: {NODE_TASK!r} must be one of {list(TASK_NAMES)}, got {task!r}"
+        )
+    others = sorted({k for keys in TASK_SITE_KEYS.values() for k in keys} - set(TASK_SITE_KEYS[task]))
+    stray = [k for k in others if k in node_config]
+    if stray:
+        raise SiteConfigError(
+            f"node config of site {site_id!r}: {stray} do(es) not apply to its task {task!r} (set {NODE_TASK!r} if "
+            "the site's data is for another task)"
+        )
+    return str(task)
+
+
 def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> Site:
     """Build the :class:`Site` from a node config (deployment) or from the simulation's partition id."""
     if NODE_SITE_ID in node_config:  # a deployed site: everything explicit
         site_id = str(node_config[NODE_SITE_ID])
-        for required in (NODE_SITE_DIR, NODE_DATA_PATH, NODE_DELTA, NODE_ACCOUNTANT, NODE_LABELS):
+        task = _site_task(node_config, site_id)
+        for required in (NODE_SITE_DIR, NODE_DATA_PATH, NODE_DELTA, NODE_ACCOUNTANT, *TASK_REQUIRED_SITE_KEYS[task]):
             if required not in node_config:
                 raise SiteConfigError(
                     f"node config of site {site_id!r} must set {required!r}"
@@ -275,7 +296,8 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
             data_source=_text(node_config, NODE_DATA_SOURCE, DEFAULT_DATA_SOURCE),
             text_column=_text(node_config, NODE_TEXT_COLUMN, "text"),
             label_column=_text(node_config, NODE_LABEL_COLUMN, "label"),
-            labels=parse_labels(node_config[NODE_LABELS]),
+            labels=parse_labels(node_config[NODE_LABELS]) if NODE_LABELS in node_config else None,
+            task=task,
             ledger_head_path=(
                 Path(str(node_config[NODE_LEDGER_HEAD])).expanduser() if NODE_LEDGER_HEAD in node_config else None
             ),

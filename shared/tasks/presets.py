@@ -29,3 +29,9 @@ TASK_PRESETS: Mapping[str, Mapping[str, Any]] = {
         "learning-rate": 0.5,
     },
 }
+
+# A deployed site's node-config keys that only some tasks read (the classifier's file columns and label set), and
+# those it must set: a site of another task that sets one is told so (a setting that silently did nothing would
+# mislead its operator).
+TASK_SITE_KEYS: Mapping[str, tuple[str, ...]] = {CLASSIFY: ("text-column", "label-column", "labels"), CAUSAL_LM: ()}
+TASK_REQUIRED_SITE_KEYS: Mapping[str, tuple[str, ...]] = {CLASSIFY: ("labels",), CAUSAL_LM: ()}
