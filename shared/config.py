@@ -256,7 +256,8 @@ class RunConfig:
 
     def _check_task(self) -> None:
         """Settings the chosen task cannot honour: an error naming the key (a silently ignored key would let a
-        run believe it got, e.g., label-skewed sites)."""
+        run believe it got, e.g., label-skewed sites). ``center-features`` needs no check here: the causal
+        preset turns it off, and the loops refuse it for a task without the centering capability."""
         if self.task != CAUSAL_LM:
             return
         defaults = RunConfig.__dataclass_fields__
@@ -267,7 +268,6 @@ class RunConfig:
                 self.classifier_pooling != defaults["classifier_pooling"].default,
                 "a causal LM has no classification head; leave it at its default",
             ),
-            "center_features": (self.center_features, "a causal LM has no head input to center; set false"),
             "labels": (bool(self.labels), "a causal LM's rows have no label set; leave it empty"),
         }
         for key, (bad, why) in refused.items():
