@@ -119,10 +119,16 @@ class Task(Protocol):
     # the classifier's); applied identically by every party in RunConfig.from_flower
     presets: ClassVar[Mapping[str, Any]]
     best_by: ClassVar[str]  # the metric the best round is chosen by (higher is better; see ``score``)
-    # optional capabilities (see the module docstring): None where the task has none
-    centering: FeatureCentering | None
-    canary_audit: CanaryAudit | None
-    site_evaluation: SiteEvaluation | None
+
+    # -- optional capabilities (see the module docstring): None where the task has none; a plain attribute will do
+    @property
+    def centering(self) -> FeatureCentering | None: ...
+
+    @property
+    def canary_audit(self) -> CanaryAudit | None: ...
+
+    @property
+    def site_evaluation(self) -> SiteEvaluation | None: ...
 
     # -- rows --------------------------------------------------------------------------------------------------
     def load_run_rows(self, cfg: RunConfig) -> Rows:

@@ -48,7 +48,7 @@ def _label_names(model: nn.Module) -> list[str]:
     return [str(id2label[i]) for i in sorted(id2label)]
 
 
-class Centering:
+class MeanFeatureCentering:
     """The classifier's feature centering (mean pooling only): the head's input minus a DP estimate of the
     sites' mean pooled vector (:mod:`shared.centering`)."""
 
@@ -63,7 +63,7 @@ class Centering:
         set_feature_center(model, center)
 
 
-class CanaryAudit:
+class RandomLabelCanaries:
     """Canary rows (a random text with a random label) for the one-run privacy audit (:mod:`shared.canary_data`)."""
 
     def add_site_canaries(self, rows: Rows, cfg: RunConfig, site: Site) -> Rows:
@@ -113,8 +113,8 @@ class ClassifierTask:
     presets: ClassVar[Mapping[str, Any]] = TASK_PRESETS[CLASSIFY]
     best_by: ClassVar[str] = "macro_f1"  # highest macro-F1 on the server's held-out rows (earliest on ties)
 
-    centering: Centering | None = Centering()
-    canary_audit: CanaryAudit | None = CanaryAudit()
+    centering: MeanFeatureCentering | None = MeanFeatureCentering()
+    canary_audit: RandomLabelCanaries | None = RandomLabelCanaries()
     site_evaluation: NoisyConfusionMatrix | None = NoisyConfusionMatrix()
 
     # -- rows --------------------------------------------------------------------------------------------------
@@ -237,3 +237,9 @@ def _pooling(model: nn.Module) -> str:
     from shared.model import MeanPoolingClassifier, _base_model
 
     return "mean" if isinstance(_base_model(model), MeanPoolingClassifier) else "cls"
+
+
+if TYPE_CHECKING:  # mypy holds the class to the interface
+    from shared.tasks.base import Task
+
+    _: Task = ClassifierTask()
