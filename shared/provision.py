@@ -201,6 +201,10 @@ def node_config_template(site_id: str, site_dir: Path) -> str:
 # The server cannot change any of these; a run whose config disagrees with them is refused by this site.
 site-id = "{site_id}"
 site-dir = "{site_dir}"
+# What your data is for: "classify" (a text classifier: the columns and labels below) or "causal-lm" (JSONL
+# with prompt/response, messages or text fields: then delete text-column, label-column and labels). A run of
+# another task is refused.
+task = "classify"
 # Your training data (.csv/.jsonl/.parquet with the run's text and label columns). EDIT THIS.
 data-path = "{site_dir / "data.csv"}"
 # cpu, cuda:0, ...
