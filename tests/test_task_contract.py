@@ -207,3 +207,25 @@ def test_an_unknown_task_or_a_missing_task_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(TASK_CLASSES, "classify", ("shared.tasks.no_such_task", "NoSuchTask"))
     with pytest.raises(TaskError, match=r"shared/tasks/no_such_task\.py"):
         get_task("classify")
+
+
+def test_the_capabilities_a_task_has_work_on_its_model(setup):
+    """Optional capabilities (None where a task lacks them): the center round-trips through the model, a site's
+    evaluation release is a DP event and JSON numbers."""
+    task, cfg = setup
+    rows = task.load_run_rows(cfg)
+    model = task.fresh_model(cfg, rows)
+    if task.centering is not None:
+        center = task.centering.get_center(model)
+        assert center.ndim == 1 and not center.any()  # zeros before round 0
+        task.centering.set_center(model, center + 0.5)
+        assert np.allclose(task.centering.get_center(model), center + 0.5)
+    if task.site_evaluation is not None:
+        assert task.site_evaluation.event(20.0).noise_multiplier == 20.0
+        some = rows.subset(range(6))
+        released = task.site_evaluation.release(
+            model, task.encode(cfg, some), some, noise_multiplier=20.0, device="cpu"
+        )
+        json.dumps(released, allow_nan=False)
+    if task.canary_audit is not None:
+        assert task.canary_audit.start(model, cfg, rows, num_sites=3) is None  # canaries = 0: no audit
