@@ -119,7 +119,9 @@ def _aggregate(
             content=content,
             server_round=server_round,
             run_id=run_id,
-            settings=settings_from_config(cfg, num_clients=len(node_ids), dim=dim, clip_norm=bound),
+            settings=settings_from_config(
+                cfg, num_clients=len(node_ids), dim=dim, clip_norm=bound, distributed_noise=clip_norm is None
+            ),
             timeout_s=cfg.secagg_timeout * 4,  # the stage that includes local training
             roster=roster,
         )
@@ -373,7 +375,12 @@ def main(grid: Grid, context: Context) -> None:
         label_names[int(majority["class"])],
         majority["accuracy"],
         majority["macro_f1"],
-        f"on (target epsilon {cfg.target_epsilon:g}, delta {cfg.delta:g})" if cfg.dp else "OFF",
+        (
+            f"on, {cfg.dp_noise} noise (target epsilon {cfg.target_epsilon:g}, noise multiplier "
+            f"{cfg.noise_multiplier:g}, delta {cfg.delta:g})"
+        )
+        if cfg.dp
+        else "OFF",  # fmt: skip
         "on" if cfg.secure_aggregation else "OFF",
     )
     scorer = CanaryScorer.start(
@@ -519,6 +526,7 @@ def main(grid: Grid, context: Context) -> None:
             "aborted": agg.aborted,
             "abort_reason": agg.abort_reason,
             "secure_aggregation": cfg.secure_aggregation,
+            "dp_noise": cfg.dp_noise,
             "seconds": seconds,
         }
         if losses:  # a non-private round: the sites' exact mean train loss (a DP round releases none)
@@ -535,6 +543,7 @@ def main(grid: Grid, context: Context) -> None:
             attestations={site(n): att for n, att in agg.attestations.items()},
             metrics=test_metrics,
             secure_aggregation=cfg.secure_aggregation,
+            dp_noise=cfg.dp_noise if cfg.dp else None,
         )
         write_json_atomic(run_dir / METRICS_FILE, history)
         records = run_ledger.records()

@@ -21,6 +21,7 @@ from typing import Any
 from shared.audit.plots import PALETTE, Chart, Rule, Series, render_svg
 from shared.audit.verify import Finding, RunAudit, SiteAudit
 from shared.hashchain import json_safe
+from shared.privacy import DpEvent
 
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
@@ -139,12 +140,21 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
             "runs": d.runs,
             "seeded_noise_rounds": d.seeded_noise_rounds,
             "fingerprints": {fp: seqs for fp, seqs in d.fingerprints.items()},
+            "distributed_rounds": d.distributed_rounds,
+            "epsilon_aggregate": d.epsilon_aggregate,
+            "epsilon_fallback": d.epsilon_fallback,
         }
         for name, d in site.sources.items()
     }
     parameters: dict[tuple[Any, ...], dict[str, Any]] = {}
     for c in site.checks:
         e = c.entry
+        if not isinstance(e.event, DpEvent):  # a distributed-noise round: its own parameters
+            row = {**e.event.to_dict(), "delta": e.delta, "accountant": "rdp", "rounds": 0}
+            del row["steps"]
+            p = parameters.setdefault(tuple(sorted((k, str(v)) for k, v in row.items())), row)
+            p["rounds"] += 1
+            continue
         key = (
             e.event.sample_rate,
             e.event.noise_multiplier,
@@ -246,6 +256,21 @@ def run_section(
     }
 
 
+def distributed_statement(what: str, d: Mapping[str, Any]) -> str:
+    """Plain words for a data source with distributed-noise rounds: its two epsilons and which one is enforced."""
+    agg, fb = _num(d["epsilon_aggregate"]), _num(d["epsilon_fallback"])
+    return (
+        f"{what}: {d['distributed_rounds']} of its rounds used distributed noise: the site added only its share of "
+        "the noise, the other sites of the round the rest, and secure aggregation revealed only the sum. Against "
+        f"anyone who sees only that sum (the server, the other sites, whoever gets the model) epsilon is "
+        f"{agg:.3f} (the aggregate guarantee: it needs the round's minimum number of honest sites to have added "
+        f"their shares). If the server broke secure aggregation together with colluding sites and saw this "
+        f"site's update alone, only the site's own share protects it: epsilon {fb:.3f} (the fallback "
+        "guarantee). Both at the site's delta, RDP accountant. The epsilon above is the one the site enforced "
+        "its budget on, as its own node config chose (budget-guarantee)."
+    )
+
+
 def guarantee_statements(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Plain-language statements of what the verified ledgers prove, and what they do not."""
     out = []
@@ -269,6 +294,8 @@ def guarantee_statements(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapp
                 f"e^{eps:.3f} = {math.exp(eps):.2f}, except with probability {delta:g}, whether or not "
                 "any one record was used."
             )
+            if d.get("distributed_rounds"):
+                out.append(distributed_statement(what, d))
             if d.get("seeded_noise_rounds"):
                 out.append(
                     f"{what}: {d['seeded_noise_rounds']} of its rounds drew their DP noise and sampling from "
