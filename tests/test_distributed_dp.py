@@ -314,3 +314,49 @@ def test_sizing_refuses_more_shares_than_sites() -> None:
     with pytest.raises(DistributedDpError, match="shares must be in 1..3"):
         size_noise(noise_multiplier=1.0, sensitivity=SENSITIVITY, dimension=DIM, clip_norm=1.0, max_weight=1.0,
                    num_nodes=3, shares=4)  # fmt: skip
+
+
+# --- the site ledger ----------------------------------------------------------------------------------------
+
+
+def _append(ledger, g: Guarantees, event=None, server_round: int = 1):  # type: ignore[no-untyped-def]
+    from shared.ledger import keyed_fingerprint_rows
+
+    return ledger.append(
+        run_id="r",
+        server_round=server_round,
+        adapter_hash="sha256:x",
+        dataset_fingerprint=keyed_fingerprint_rows([("a", 1)], key=b"k" * 32),
+        event=g.budgeted if event is None else event,
+        delta=1e-5,
+        accountant="prv",
+        guarantees=g,
+    )
+
+
+def test_ledger_records_both_guarantees_and_reopens_them(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from shared.ledger import SiteLedger
+
+    key = Ed25519PrivateKey.generate()
+    ledger = SiteLedger(tmp_path / "l.jsonl", site_id="s", signing_key=key)
+    g = guarantees()
+    entry = _append(ledger, g)
+    assert entry.guarantees == g and entry.event == g.fallback
+    assert entry.epsilon == pytest.approx(compose([g.fallback], delta=1e-5, accountant="prv"))
+    reopened = SiteLedger(tmp_path / "l.jsonl", site_id="s", public_key=key.public_key()).entries()[0]
+    assert reopened.guarantees == g
+    assert reopened.event_for("aggregate") == g.aggregate
+
+
+def test_ledger_refuses_an_event_that_is_not_the_enforced_guarantee(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from shared.ledger import LedgerError, SiteLedger
+
+    ledger = SiteLedger(tmp_path / "l.jsonl", site_id="s", signing_key=Ed25519PrivateKey.generate())
+    g = guarantees()
+    with pytest.raises(LedgerError, match="its event is the enforced one"):
+        _append(ledger, g, event=g.aggregate)  # fallback enforced: recording the weaker-looking aggregate is refused
+    assert ledger.entries() == []
