@@ -255,6 +255,44 @@ def compose(events: Iterable[AnyDpEvent], *, delta: float, accountant: str) -> f
     return epsilon_from_rdp(total, delta=delta)
 
 
+def calibrate_aggregate_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    rounds: int,
+    prior: Sequence[AnyDpEvent] = (),
+    tolerance: float = 0.002,
+) -> float:
+    """The smallest aggregate noise multiplier (``sigma / Delta``, to within ``tolerance`` relative) whose
+    ``rounds`` distributed rounds at ``sample_rate``, after the ``prior`` events, spend at most
+    ``target_epsilon`` at ``delta`` under the aggregate guarantee (``tau`` taken as 0: shares of std >> 1)."""
+    check_delta(delta)
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0.0):
+        raise PrivacyError(f"target epsilon must be finite and > 0, got {target_epsilon}")
+    if rounds < 1:
+        raise PrivacyError(f"rounds must be >= 1, got {rounds}")
+
+    def eps(z: float) -> float:
+        event = DiscreteGaussianDpEvent(
+            sample_rate=sample_rate, steps=rounds, l2_sensitivity=1.0, noise_stddev=z, shares=1, dimension=1
+        )
+        return compose([*prior, event], delta=delta, accountant="rdp")
+
+    high = 1.0
+    while eps(high) > target_epsilon:
+        high *= 2.0
+        if high > 1e4:
+            raise PrivacyError(f"no noise multiplier reaches epsilon {target_epsilon} in {rounds} rounds")
+    low = high / 2.0
+    while low > 1e-3 and eps(low) <= target_epsilon:
+        low /= 2.0
+    while (high - low) / high > tolerance:
+        mid = (low + high) / 2.0
+        low, high = (low, mid) if eps(mid) <= target_epsilon else (mid, high)
+    return high
+
+
 # -- sizing: the scale, the aggregate noise and the wrap-around bound ----------------------------------------
 
 

@@ -360,3 +360,17 @@ def test_ledger_refuses_an_event_that_is_not_the_enforced_guarantee(tmp_path: Pa
     with pytest.raises(LedgerError, match="its event is the enforced one"):
         _append(ledger, g, event=g.aggregate)  # fallback enforced: recording the weaker-looking aggregate is refused
     assert ledger.entries() == []
+
+
+def test_calibrated_aggregate_noise_spends_the_target_epsilon() -> None:
+    from shared.distributed_dp import calibrate_aggregate_noise
+
+    z = calibrate_aggregate_noise(target_epsilon=3.0, delta=1e-5, sample_rate=0.05, rounds=20)
+    event = DiscreteGaussianDpEvent(
+        sample_rate=0.05, steps=20, l2_sensitivity=1.0, noise_stddev=z, shares=1, dimension=1
+    )
+    assert compose([event], delta=1e-5, accountant="rdp") <= 3.0
+    weaker = DiscreteGaussianDpEvent(
+        sample_rate=0.05, steps=20, l2_sensitivity=1.0, noise_stddev=z * 0.99, shares=1, dimension=1
+    )
+    assert compose([weaker], delta=1e-5, accountant="rdp") > 3.0
