@@ -226,7 +226,9 @@ def train(msg: Message, context: Context) -> Message:
 
         length = sum(a.size for a in arrays_from_record(msg.content, C.GLOBAL_RECORD).values())
         try:
-            guarantees = plan_round(cfg, context, server_round=server_round, sample_rate=sample_rate, dimension=length)
+            guarantees = plan_round(
+                cfg, context, site, server_round=server_round, sample_rate=sample_rate, dimension=length
+            )
         except DistributedDpError as e:
             return _decline(msg, f"site {site.site_id}: {e}")
         planned = guarantees.budgeted

@@ -21,6 +21,7 @@ import numpy as np
 from shared.config import RunConfig
 from shared.distributed_dp import (
     DistributedDpError,
+    DistributedPolicy,
     Guarantees,
     gradient_sum_update,
     plan_guarantees,
@@ -31,6 +32,7 @@ from shared.privacy import DpEvent
 from shared.secagg import constants as K
 from shared.secagg.client import PHASE_READY, ClientRoundState
 from shared.secagg.errors import SecAggMessageError
+from shared.site import Site, read_site_settings
 
 
 def masking_round(context: Any) -> int | None:
@@ -40,7 +42,17 @@ def masking_round(context: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def plan_round(cfg: RunConfig, context: Any, *, server_round: int, sample_rate: float, dimension: int) -> Guarantees:
+def site_distributed_policy(context: Any, site: Site) -> DistributedPolicy:
+    """The site's ``min-survivors`` and ``budget-guarantee``: its node config, or a simulated site's site.toml."""
+    settings = dict(context.node_config)
+    if site.simulated:
+        settings.update(read_site_settings(site.site_dir))
+    return policy_from_node_config(settings)
+
+
+def plan_round(
+    cfg: RunConfig, context: Any, site: Site, *, server_round: int, sample_rate: float, dimension: int
+) -> Guarantees:
     """Both guarantees of this round at this site, the enforced one chosen by its node config.
 
     Raises :class:`DistributedDpError` (the site declines) unless this is the masked-input stage of secure round
@@ -65,7 +77,7 @@ def plan_round(cfg: RunConfig, context: Any, *, server_round: int, sample_rate: 
             "the run config asks for dp-noise = 'distributed' but the secure-aggregation round carries no "
             "distributed noise: the site would send a noiseless gradient sum"
         )
-    policy = policy_from_node_config(context.node_config)
+    policy = site_distributed_policy(context, site)
     if sizing.shares < policy.min_survivors:
         raise DistributedDpError(
             f"the round's noise is split into {sizing.shares} shares, fewer than this site's min-survivors "

@@ -30,8 +30,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
+from client.distributed_round import site_distributed_policy
 from shared import constants as C
-from shared.distributed_dp import DistributedDpError, policy_from_node_config
+from shared.distributed_dp import DistributedDpError
 from shared.identity import IdentityError, load_private_key, load_site_roster
 from shared.secagg import constants as K
 from shared.secagg.client import ClientRoundState, SecAggClient
@@ -87,7 +88,7 @@ def _load_client(context: Context, site: Site) -> SecAggClient:
         policy=ClientPolicy(
             min_cohort=site.secagg_min_cohort,
             threshold_fraction=site.secagg_threshold_fraction,
-            min_survivors=policy_from_node_config(context.node_config).min_survivors,
+            min_survivors=site_distributed_policy(context, site).min_survivors,
         ),
     )
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import BUILTIN_DATA, RunConfig
+from shared.distributed_dp import NODE_BUDGET_GUARANTEE, NODE_MIN_SURVIVORS
 from shared.secagg.constants import NODE_MIN_COHORT, NODE_REQUIRE_SECAGG, NODE_THRESHOLD_FRACTION
 from shared.site import (
     NODE_ACCOUNTANT,
@@ -77,6 +78,8 @@ DEPLOYED_NODE_KEYS = frozenset(
         NODE_LABELS,
         NODE_ALLOW_EVALUATE,
         NODE_EVALUATE_NOISE,
+        NODE_MIN_SURVIVORS,  # distributed DP noise (docs/distributed-dp.md)
+        NODE_BUDGET_GUARANTEE,
     }
 )
 
