@@ -163,3 +163,28 @@ def test_the_update_sent_is_the_clipped_gradient_sum_over_the_public_batch(cfg) 
     # 50 rows at batch-size 8: 7 Poisson batches, Opacus's mean is over int(50 / 7) = 7 rows, the public over 8
     out = update_from_step(delta, num_rows=50, sample_rate=1 / 7, batch_size=8)
     assert np.allclose(out, 7 / 8)
+
+
+def test_the_audit_report_renders_a_distributed_ledger(cfg, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from shared.audit.report import build_report, render_html
+
+    _, contexts = _simulate(cfg)
+    site = site_from_node_config(contexts[1001].node_config, sim_dir=cfg.simulation_dir(RUN_ID))
+    key = load_private_key(site.identity_key_path).public_key()
+    audit = audit_site_ledger(site.ledger_path, site_id=site.site_id, public_key=key)
+    report = build_report(sites=[audit], runs=[], findings=audit.findings)
+    rows = [p for p in report["sites"][0]["dp_parameters"] if "mechanism" in p]
+    assert len(rows) == 1 and rows[0]["rounds"] == 2 and rows[0]["noise_multiplier"] < 1.0  # fallback: z / sqrt(3)
+    html = render_html(report)
+    assert "the aggregate guarantee" in html and "the fallback guarantee" in html
+
+
+def test_a_simulated_site_takes_its_distributed_policy_from_its_site_toml(cfg) -> None:  # type: ignore[no-untyped-def]
+    from client.distributed_round import site_distributed_policy
+
+    provision_simulation(cfg.simulation_dir(RUN_ID), SITES)
+    context = _contexts(cfg)[1000]
+    site = site_from_node_config(context.node_config, sim_dir=cfg.simulation_dir(RUN_ID))
+    (site.site_dir / "site.toml").write_text('min-survivors = 5\nbudget-guarantee = "aggregate"\n')
+    policy = site_distributed_policy(context, site)
+    assert (policy.min_survivors, policy.budget_guarantee) == (5, "aggregate")

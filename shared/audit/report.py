@@ -149,10 +149,20 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
     parameters: dict[tuple[Any, ...], dict[str, Any]] = {}
     for c in site.checks:
         e = c.entry
-        if not isinstance(e.event, DpEvent):  # a distributed-noise round: its own parameters
-            row = {**e.event.to_dict(), "delta": e.delta, "accountant": "rdp", "rounds": 0}
-            del row["steps"]
-            p = parameters.setdefault(tuple(sorted((k, str(v)) for k, v in row.items())), row)
+        if not isinstance(e.event, DpEvent):  # a distributed-noise round, as enforced: its effective multiplier
+            ev = e.event
+            row = {
+                "sample_rate": ev.sample_rate,
+                "noise_multiplier": ev.noise_stddev / ev.l2_sensitivity,
+                "steps": ev.steps,
+                "clip_norm": None,  # in fixed-point units only: l2_sensitivity
+                "sampling": "poisson",
+                "mechanism": f"{ev.mechanism}, {ev.shares} share(s)",
+                "delta": e.delta,
+                "accountant": "rdp",
+                "rounds": 0,
+            }
+            p = parameters.setdefault(tuple(sorted((k, str(v)) for k, v in row.items() if k != "rounds")), row)
             p["rounds"] += 1
             continue
         key = (
