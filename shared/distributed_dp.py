@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -209,8 +210,13 @@ def event_rdp(event: DiscreteGaussianDpEvent, orders: Sequence[int] = RDP_ORDERS
     """RDP of ``event`` (all its steps) at ``orders``."""
     if event.steps == 0:
         return np.zeros(len(orders))
-    one = [poisson_subsampled_rdp(a, event.sample_rate, lambda k: discrete_gaussian_rdp(event, k)) for a in orders]
-    return event.steps * np.asarray(one, dtype=np.float64)
+    return event.steps * np.asarray(_one_step_rdp(replace(event, steps=1), tuple(orders)), dtype=np.float64)
+
+
+@lru_cache(maxsize=1024)  # pure and called for every entry of a history at every budget check
+def _one_step_rdp(event: DiscreteGaussianDpEvent, orders: tuple[int, ...]) -> tuple[float, ...]:
+    curve = lru_cache(maxsize=None)(lambda k: discrete_gaussian_rdp(event, k))
+    return tuple(poisson_subsampled_rdp(a, event.sample_rate, curve) for a in orders)
 
 
 def gaussian_rdp(event: DpEvent, orders: Sequence[int] = RDP_ORDERS) -> np.ndarray:
