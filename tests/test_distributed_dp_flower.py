@@ -18,7 +18,7 @@ from shared import constants as C
 from shared.audit.verify import audit_site_ledger
 from shared.distributed_dp import compose
 from shared.identity import load_private_key, provision_simulation
-from shared.ledger import SiteLedger
+from shared.ledger import RUN_LEDGER_FILE, SiteLedger
 from shared.model import build_model, get_trainable
 from shared.records import record_from_arrays
 from shared.secagg.settings import SecAggSettings
@@ -78,6 +78,10 @@ def test_a_distributed_run_trains_and_every_site_records_both_guarantees(cfg) ->
     trained = [r for r in metrics["rounds"] if r["round"] >= 1]
     assert [r["dp_noise"] for r in trained] == ["distributed", "distributed"]
     assert not any(r["aborted"] for r in trained) and all(len(r["survivors"]) == SITES for r in trained)
+    assert metrics["config"]["dp-noise"] == "distributed"
+    run_ledger = (cfg.run_dir(str(RUN_ID)) / RUN_LEDGER_FILE).read_text().splitlines()
+    recorded = [json.loads(line) for line in run_ledger if '"round"' in line]
+    assert [r.get("dp_noise") for r in recorded if r["round"] >= 1] == ["distributed", "distributed"]
     for ledger in _ledgers(cfg, contexts):
         entries = [e for e in ledger.entries() if e.guarantees is not None]
         assert len(entries) == 2

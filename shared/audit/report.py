@@ -243,6 +243,7 @@ def run_section(
             dropped=rec.get("dropped", []),
             aborted=rec.get("aborted", False),
             secure_aggregation=rec.get("secure_aggregation", False),
+            dp_noise=rec.get("dp_noise"),  # "local" or "distributed" (absent in older run ledgers)
             aggregate_hash=rec.get("aggregate_hash"),
             attested_epsilon={s: a.get("epsilon") for s, a in rec.get("attestations", {}).items()},
         )
@@ -713,7 +714,8 @@ def _run_html(run: Mapping[str, Any]) -> str:
                 ", ".join(r.get("survivors", [])),
                 "; ".join(f"{k} ({v})" if v else k for k, v in declined.items()),
                 ", ".join(r.get("dropped", [])),
-                "yes" if r.get("secure_aggregation") else "no",
+                ("yes" if r.get("secure_aggregation") else "no")
+                + (", distributed DP noise" if r.get("dp_noise") == "distributed" else ""),
                 "ABORTED" if r.get("aborted") else str(r.get("aggregate_hash") or "")[:19],
                 ", ".join(f"{k}: {_eps(v)}" for k, v in r.get("attested_epsilon", {}).items()),
             )
