@@ -49,12 +49,18 @@ def node_ids(n: int) -> list[int]:
 
 
 def distributed_round(
-    tmp_path: Path, n: int, *, min_survivors: int = 0, policy: ClientPolicy | None = None, noise: float = 1.0
+    tmp_path: Path,
+    n: int,
+    *,
+    min_survivors: int = 0,
+    policy: ClientPolicy | None = None,
+    noise: float = 1.0,
+    dim: int = DIM,
 ) -> tuple[SecAggServer, dict]:
     ids = node_ids(n)
     clients, roster = make_clients(tmp_path, ids, policy=policy)
     settings = SecAggSettings(
-        clip_norm=1.0, max_clients=100, dim=DIM, noise_multiplier=noise, sensitivity=SENSITIVITY,
+        clip_norm=1.0, max_clients=100, dim=dim, noise_multiplier=noise, sensitivity=SENSITIVITY,
         min_survivors=min_survivors,
     )  # fmt: skip
     params = RoundParams.for_round(settings, run_id="run-d", server_round=1, node_ids=ids)
@@ -77,25 +83,33 @@ def test_discrete_gaussian_sampler_has_the_requested_variance_and_mean() -> None
     assert abs(x.mean()) < 5 * sigma / math.sqrt(x.size)
 
 
+BIG = 20_000  # coordinates of the variance tests: the sample variance's sd is sqrt(2 / BIG) = 1%
+
+
+def zeros_big(_: int) -> np.ndarray:
+    return np.zeros(BIG, dtype=np.float32)
+
+
 def test_noise_in_the_unmasked_sum_has_the_target_variance(tmp_path: Path) -> None:
-    server, clients = distributed_round(tmp_path, 6, min_survivors=6)
-    run_round(server, clients, zeros)
+    server, clients = distributed_round(tmp_path, 6, min_survivors=6, dim=BIG)
+    run_round(server, clients, zeros_big)
     p = server.params
     noise = server.result().total * p.dp_scale  # back in fixed-point units: the integer noise alone
     assert server.result().survivors == p.node_ids
-    # 6 shares of variance sigma^2 / 6 sum to sigma^2: the ratio's sd over 400 coordinates is 7%, so the
-    # tolerance (25%) fails if any share were mis-sized by a factor sqrt(2) in std (ratio 0.58 or 1.83)
+    # 6 shares of variance sigma^2 / 6 sum to sigma^2. The tolerance (5%, 5 sd) fails if the shares were sized
+    # for 5 or 7 survivors (ratio 1.2 or 0.86), or if one of the six had twice its variance (1.17)
     ratio = noise.var() / p.dp_noise_stddev**2
-    assert 0.75 < ratio < 1.25
+    assert abs(ratio - 1.0) < 0.05
+    assert abs(noise.mean()) < 5 * p.dp_noise_stddev / math.sqrt(BIG)
 
 
 def test_share_sized_for_the_minimum_gives_the_target_with_exactly_that_many_survivors(tmp_path: Path) -> None:
-    server, clients = distributed_round(tmp_path, 8, min_survivors=6)
+    server, clients = distributed_round(tmp_path, 8, min_survivors=6, dim=BIG)
     gone = server.params.node_ids[:2]  # two drop before masking: exactly M = 6 shares remain
-    run_round(server, clients, zeros, drop={"masked-input": gone})
+    run_round(server, clients, zeros_big, drop={"masked-input": gone})
     assert len(server.result().survivors) == 6
     ratio = (server.result().total * server.params.dp_scale).var() / server.params.dp_noise_stddev**2
-    assert 0.75 < ratio < 1.25
+    assert abs(ratio - 1.0) < 0.05
 
 
 def test_per_site_share_shrinks_with_the_declared_minimum() -> None:
