@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,6 +23,7 @@ from client.secagg_mod import secagg_mod
 from client.site_policy import SitePolicyError, check_site_policy
 from shared import constants as C
 from shared.config import RunConfig
+from shared.distributed_dp import MODE_DISTRIBUTED, AnyDpEvent, DistributedDpError, Guarantees
 from shared.identity import load_private_key
 from shared.ledger import (
     PURPOSE_EVALUATE,
@@ -115,10 +116,7 @@ def _open_ledger(site: Site) -> SiteLedger:
 
 def _fingerprint(site: Site, rows: Rows) -> str:
     """The rows' keyed fingerprint (HMAC under the site's own key): it identifies nothing outside the site."""
-    # keyed_fingerprint_rows takes (text, int) pairs today (shared/ledger.py): a task whose rows are other tuples
-    # needs it widened to any tuple of str and int fields (TODO(merge), shared/ledger.py is helper ddp's)
-    pairs = cast("list[tuple[str, int]]", list(rows.rows()))
-    return keyed_fingerprint_rows(pairs, key=load_fingerprint_key(site.fingerprint_key_path))
+    return keyed_fingerprint_rows(rows.rows(), key=load_fingerprint_key(site.fingerprint_key_path))
 
 
 @dataclass(frozen=True)
@@ -128,9 +126,10 @@ class Release:
     run_id: str
     server_round: int
     purpose: str
-    event: DpEvent
+    event: AnyDpEvent
     delta: float
     accountant: str
+    guarantees: Guarantees | None = None  # a distributed-noise round: both guarantees (docs/distributed-dp.md)
 
 
 def _accounted_reply(
@@ -159,6 +158,7 @@ def _accounted_reply(
         seeded_noise=seeded_noise,
         data_source=site.data_source,
         purpose=release.purpose,
+        guarantees=release.guarantees,
     )
     epsilon = entry.epsilon if math.isfinite(entry.epsilon) else -1.0
     return Message(
@@ -192,6 +192,7 @@ def train(msg: Message, context: Context) -> Message:
             "a feature-mean query is only answered in round 0 of a run with center-features = true "
             f"(this is round {server_round}, center-features = {cfg.center_features})",
         )
+    from client.distributed_round import opacus_event, update_from_step
     from client.train import noisy_feature_sum, train_round
     from shared.centering import answer_bound
     from shared.federation import site_training_rows
@@ -214,8 +215,21 @@ def train(msg: Message, context: Context) -> Message:
         return _decline(msg, f"round {server_round} of run {run_id} was already trained by this site (replay)")
 
     sample_rate = poisson_sample_rate(len(rows), cfg.batch_size)
+    guarantees: Guarantees | None = None
+    planned: AnyDpEvent
     if kind == C.TASK_FEATURE_MEAN:
         planned = centering_event(cfg)
+    elif cfg.dp_noise == MODE_DISTRIBUTED:  # the noise is in the secure round's parameters: check, plan both
+        from client.distributed_round import plan_round
+
+        length = sum(a.size for a in arrays_from_record(msg.content, C.GLOBAL_RECORD).values())
+        try:
+            guarantees = plan_round(
+                cfg, context, site, server_round=server_round, sample_rate=sample_rate, dimension=length
+            )
+        except DistributedDpError as e:
+            return _decline(msg, f"site {site.site_id}: {e}")
+        planned = guarantees.budgeted
     elif cfg.dp:
         planned = DpEvent(
             sample_rate=sample_rate,
@@ -246,7 +260,7 @@ def train(msg: Message, context: Context) -> Message:
             model,
             data,
             clip_norm=cfg.center_clip_norm,
-            noise_multiplier=planned.noise_multiplier,
+            noise_multiplier=centering_event(cfg).noise_multiplier,
             seed=seed,
             device=site.device,
         )
@@ -261,14 +275,19 @@ def train(msg: Message, context: Context) -> Message:
             learning_rate=cfg.learning_rate,
             optimizer_name=cfg.optimizer,
             dp=cfg.dp,
-            noise_multiplier=planned.noise_multiplier,
+            noise_multiplier=planned.noise_multiplier if isinstance(planned, DpEvent) else 0.0,  # distributed: 0
             max_grad_norm=cfg.max_grad_norm,
             seed=seed,
             device=site.device,
         )
-        if result.event is not None and result.event != planned:
+        expected = (
+            planned if guarantees is None else opacus_event(sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm)
+        )
+        if result.event is not None and result.event != expected:
             raise RuntimeError(f"Opacus ran {result.event}, but the site planned and budgeted {planned}")
         vector, bound, loss = flatten(get_trainable(model)) - before, cfg.update_clip_norm, result.mean_loss
+        if guarantees is not None:  # the clipped gradient sum over the public batch-size (shared/distributed_dp.py)
+            vector = update_from_step(vector, num_rows=len(data), sample_rate=sample_rate, batch_size=cfg.batch_size)
     update, norm = clip_to_norm(vector, bound)
     if norm > bound:  # the norm is logged at the site only: under DP it is not released (issue 10, item 6)
         logger.warning("%s norm %.3f clipped to %.3f", "update" if kind == C.TASK_TRAIN else "answer", norm, bound)
@@ -280,7 +299,7 @@ def train(msg: Message, context: Context) -> Message:
         msg,
         ledger,
         site,
-        Release(run_id, server_round, purpose, planned, delta, accountant),
+        Release(run_id, server_round, purpose, planned, delta, accountant, guarantees),
         adapter_hash=digest_arrays(global_arrays),
         dataset_fingerprint=fingerprint,
         seeded_noise=cfg.dp and cfg.reproducible_noise,

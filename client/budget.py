@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shared.distributed_dp import AnyDpEvent, DiscreteGaussianDpEvent
 from shared.ledger import cumulative_epsilon
 from shared.privacy import DpEvent, PrivacyError, check_accountant, check_delta
 
@@ -33,7 +34,7 @@ def check_max_epsilon(max_epsilon: float) -> None:
 
 
 def decide(
-    history: Sequence[DpEvent], planned: DpEvent, *, max_epsilon: float, delta: float, accountant: str
+    history: Sequence[AnyDpEvent], planned: AnyDpEvent, *, max_epsilon: float, delta: float, accountant: str
 ) -> BudgetDecision:
     """Accept ``planned`` only if the epsilon after it, composed with ``history``, is at most ``max_epsilon``.
 
@@ -43,8 +44,8 @@ def decide(
     check_max_epsilon(max_epsilon)
     check_delta(delta)
     check_accountant(accountant)
-    if not isinstance(planned, DpEvent):
-        raise PrivacyError(f"planned must be a DpEvent, got {type(planned).__name__}")
+    if not isinstance(planned, (DpEvent, DiscreteGaussianDpEvent)):
+        raise PrivacyError(f"planned must be a DpEvent or DiscreteGaussianDpEvent, got {type(planned).__name__}")
     before = cumulative_epsilon(history, delta=delta, accountant=accountant)
     after = cumulative_epsilon([*history, planned], delta=delta, accountant=accountant)
     budget = f"max_epsilon={max_epsilon:g} at delta={delta:g} ({accountant})"

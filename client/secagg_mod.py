@@ -10,7 +10,9 @@ as dropped for the masks, and reported as declined). The protocol state between 
 Any protocol violation (a key not signed by the roster's site, a replay, a stage out of order, an update
 over the clip bound, a survivor set without a quorum of signatures) is answered with an error reply: the site
 refuses the round and reveals nothing more. The site's own limits come from its node config
-(``secagg-min-cohort``, ``secagg-threshold-fraction``); the round is bound to the Flower run (the parameters'
+(``secagg-min-cohort``, ``secagg-threshold-fraction``, and ``min-survivors`` for distributed DP noise: a
+round whose noise relies on fewer survivors, or with fewer survivors at unmasking, is refused before anything
+is revealed); the round is bound to the Flower run (the parameters'
 run id must be this run's id) and to the train config's round (the masked-input stage's ``server-round``
 must be the round whose keys it set up).
 
@@ -28,7 +30,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
+from client.distributed_round import site_distributed_policy
 from shared import constants as C
+from shared.distributed_dp import DistributedDpError
 from shared.identity import IdentityError, load_private_key, load_site_roster
 from shared.secagg import constants as K
 from shared.secagg.client import ClientRoundState, SecAggClient
@@ -81,7 +85,11 @@ def _load_client(context: Context, site: Site) -> SecAggClient:
         identity_key=load_private_key(site.identity_key_path),
         roster=load_site_roster(site),
         state=ClientRoundState.from_config(dict(stored)) if stored is not None else None,
-        policy=ClientPolicy(min_cohort=site.secagg_min_cohort, threshold_fraction=site.secagg_threshold_fraction),
+        policy=ClientPolicy(
+            min_cohort=site.secagg_min_cohort,
+            threshold_fraction=site.secagg_threshold_fraction,
+            min_survivors=site_distributed_policy(context, site).min_survivors,
+        ),
     )
 
 
@@ -122,7 +130,12 @@ def _masked_input(msg: Message, context: Context, call_next: ClientAppCallable, 
     client.receive_shares(MaskedInputRequest.from_config(dict(msg.content.config_records[K.SECAGG_RECORD])))
     _save(context, client)  # the shares are kept even if training fails: the server may still ask for them
     del msg.content[K.SECAGG_RECORD]
-    out = call_next(msg, context)
+    # the train handler may rely on the update being masked (distributed DP noise): tell it which round
+    context.state[K.MASKING_STATE_RECORD] = ConfigRecord({K.KEY_SERVER_ROUND: train_round})
+    try:
+        out = call_next(msg, context)
+    finally:
+        del context.state[K.MASKING_STATE_RECORD]
     if out.has_error():
         return out
     if C.DECLINE_RECORD in out.content.config_records:
@@ -145,6 +158,8 @@ def make_secagg_mod(site_loader: SiteLoader = _default_site) -> Mod:
         if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
             return call_next(msg, context)
         if K.SECAGG_RECORD not in msg.content.config_records:
+            if K.MASKING_STATE_RECORD in context.state.config_records:  # never left over from a failed stage
+                del context.state[K.MASKING_STATE_RECORD]
             try:
                 required = requires_secagg(context.node_config)
             except SiteConfigError as e:
@@ -172,7 +187,7 @@ def make_secagg_mod(site_loader: SiteLoader = _default_site) -> Mod:
                 reply = _reply(msg, client.unmask(UnmaskRequest.from_config(cfg)).to_config())
             _save(context, client)
             return reply
-        except (SecAggError, EncodingError, IdentityError, SiteConfigError) as e:
+        except (SecAggError, EncodingError, IdentityError, SiteConfigError, DistributedDpError) as e:
             return _refuse(msg, f"node {context.node_id} refuses the secure-aggregation round: {e}")
 
     return secagg_mod

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
+from shared.distributed_dp import NODE_BUDGET_GUARANTEE, NODE_MIN_SURVIVORS
 from shared.secagg.constants import NODE_MIN_COHORT, NODE_REQUIRE_SECAGG, NODE_THRESHOLD_FRACTION
 from shared.site import (
     NODE_ACCOUNTANT,
@@ -81,6 +82,8 @@ DEPLOYED_NODE_KEYS = frozenset(
         NODE_ALLOW_EVALUATE,
         NODE_EVALUATE_NOISE,
         NODE_TASK,
+        NODE_MIN_SURVIVORS,  # distributed DP noise (docs/distributed-dp.md)
+        NODE_BUDGET_GUARANTEE,
     }
 )
 

@@ -157,7 +157,9 @@ def aggregate(
             content=content,
             server_round=server_round,
             run_id=run_id,
-            settings=settings_from_config(cfg, num_clients=len(node_ids), dim=dim, clip_norm=bound),
+            settings=settings_from_config(
+                cfg, num_clients=len(node_ids), dim=dim, clip_norm=bound, distributed_noise=clip_norm is None
+            ),
             timeout_s=cfg.secagg_timeout * 4,  # the stage that includes local training
             roster=roster,
         )

@@ -134,7 +134,12 @@ def main(grid: Grid, context: Context) -> None:
         "FFA-LoRA" if cfg.lora_mode == "ffa" else "plain LoRA",
         dim,
         len(held_out.rows),
-        f"on (target epsilon {cfg.target_epsilon:g}, delta {cfg.delta:g})" if cfg.dp else "OFF",
+        (
+            f"on, {cfg.dp_noise} noise (target epsilon {cfg.target_epsilon:g}, noise multiplier "
+            f"{cfg.noise_multiplier:g}, delta {cfg.delta:g})"
+        )
+        if cfg.dp
+        else "OFF",  # fmt: skip
         "on" if cfg.secure_aggregation else "OFF",
     )
     scorer = canary_audit.start(model, cfg, held_out.rows, num_sites=len(nodes)) if canary_audit else None

@@ -100,6 +100,8 @@ class RunRecorder:
             attestations={site_name(agg, n): att for n, att in agg.attestations.items()},
             metrics=metrics,
             secure_aggregation=self.cfg.secure_aggregation,
+            # round 0 (the centering query) always carries local noise
+            dp_noise=(self.cfg.dp_noise if server_round > 0 else "local") if self.cfg.dp else None,
         )
 
     def record_round(
@@ -113,6 +115,7 @@ class RunRecorder:
             "clients": client_epsilons(agg),
             **parts,
             "secure_aggregation": self.cfg.secure_aggregation,
+            "dp_noise": self.cfg.dp_noise,
             "seconds": seconds,
         }
         losses = train_losses(agg)

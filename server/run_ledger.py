@@ -110,12 +110,14 @@ class RunLedger:
         attestations: Mapping[str, Mapping[str, Any]],
         metrics: Mapping[str, Any],
         secure_aggregation: bool = False,
+        dp_noise: str | None = None,
     ) -> dict[str, Any]:
         """Append the record of one round. Everything is checked first; a bad attestation writes nothing.
 
         ``participants``: the sites asked to train; ``declined``: those that declined (a list, or
         site -> reason); ``survivors``/``dropped``: the sites whose update was / was not in the aggregate;
-        ``aggregate_hash``: the digest of the aggregate (None when the round was aborted).
+        ``aggregate_hash``: the digest of the aggregate (None when the round was aborted); ``dp_noise``: where
+        the DP noise was added, ``"local"`` or ``"distributed"`` (recorded when given).
         """
         if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
             raise LedgerError(f"server_round must be a non-negative integer, got {server_round!r}")
@@ -160,6 +162,7 @@ class RunLedger:
                 "declined": declined_map,
                 "aborted": bool(aborted),
                 "secure_aggregation": bool(secure_aggregation),
+                **({} if dp_noise is None else {"dp_noise": str(dp_noise)}),
                 "aggregate_hash": aggregate_hash,
                 "attestations": checked,
                 "metrics": _metric_values(metrics),

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from server.aggregation import read_reply_records, send_to_nodes
 from server.round_result import RoundAggregate
+from shared.distributed_dp import MODE_DISTRIBUTED, MODE_LOCAL, record_sensitivity
 from shared.identity import Roster
 from shared.secagg import constants as K
 from shared.secagg.errors import SecAggAbort, SecAggError
@@ -38,14 +39,28 @@ from shared.secagg.settings import SecAggSettings
 logger = logging.getLogger("privatune.secagg")
 
 
-def settings_from_config(cfg: Any, *, num_clients: int, dim: int, clip_norm: float | None = None) -> SecAggSettings:
+def settings_from_config(
+    cfg: Any, *, num_clients: int, dim: int, clip_norm: float | None = None, distributed_noise: bool = True
+) -> SecAggSettings:
     """Secure-aggregation settings from the run config (``shared.config.RunConfig``) for one round.
 
     ``max_clients`` is the round's sample size, which gives the finest fixed-point scale that cannot wrap.
     ``dim`` is the update length every masked input must have, ``clip_norm`` its L2 bound (default
-    ``update-clip-norm``; the centering query's vectors are bounded by ``center-clip-norm``).
+    ``update-clip-norm``; the centering query's vectors are bounded by ``center-clip-norm``). With
+    ``dp-noise = "distributed"`` and ``distributed_noise`` (a training round, not the centering query), the
+    round parameters carry the aggregate noise every site adds a share of (docs/distributed-dp.md).
     """
+    noise: dict[str, Any] = {}
+    if distributed_noise and getattr(cfg, "dp_noise", MODE_LOCAL) == MODE_DISTRIBUTED:
+        noise = {
+            "noise_multiplier": float(cfg.noise_multiplier),
+            "sensitivity": record_sensitivity(
+                learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size
+            ),
+            "min_survivors": int(cfg.dp_min_survivors),
+        }
     return SecAggSettings(
+        **noise,
         clip_norm=float(cfg.update_clip_norm if clip_norm is None else clip_norm),
         max_clients=max(2, num_clients),
         degree=int(cfg.secagg_degree) or None,
@@ -181,9 +196,11 @@ def aggregate_secure(
     result.dropped = list(summed.dropped)
     result.declined = list(summed.declined)
     logger.info(
-        "secagg round %d: %d survivors, %d dropped, %d declined (k = %d, t = %d, resolution %.1e)",
+        "secagg round %d: %d survivors, %d dropped, %d declined (k = %d, t = %d, resolution %.1e)%s",
         server_round, len(result.survivors), len(result.dropped), len(result.declined), params.degree,
         params.threshold, summed.resolution,
+        "" if params.noise_sizing is None else
+        f", distributed DP noise std {params.dp_noise_stddev / params.dp_scale:.3g} in {params.dp_shares} shares",
     )  # fmt: skip
     return result
 

@@ -116,6 +116,13 @@ class RunConfig:
     )
     update_clip_norm: float = field(default=5.0, metadata=_help("L2 bound of a client's update (encoding range)."))
     secure_aggregation: bool = field(default=True, metadata=_help("Server learns only the sum of updates."))
+    dp_noise: Literal["local", "distributed"] = field(
+        default="local",
+        metadata=_help("DP noise: each site's full noise (local), or shares summing to it (docs/distributed-dp.md)."),
+    )
+    dp_min_survivors: int = field(
+        default=0, metadata=_help("Distributed noise: shares M (abort below M survivors); 0 = max(quorum, 3).")
+    )
     secagg_degree: int = field(default=0, metadata=_help("Neighbours per client; 0 = about log2(n)."))
     secagg_threshold: int = field(default=0, metadata=_help("Shamir threshold; 0 = default from the degree."))
     secagg_timeout: float = field(default=120.0, metadata=_help("Seconds each secure-aggregation stage waits."))
@@ -239,6 +246,19 @@ class RunConfig:
                 )
             if math.isinf(self.target_epsilon):
                 raise ConfigError(f"target-epsilon must be finite, got {self.target_epsilon}")
+        from shared.distributed_dp import config_problem
+
+        problem = config_problem(
+            dp_noise=self.dp_noise,
+            dp=self.dp,
+            secure_aggregation=self.secure_aggregation,
+            local_steps=self.local_steps,
+            optimizer=self.optimizer,
+            noise_multiplier=self.noise_multiplier,
+            min_survivors=self.dp_min_survivors,
+        )
+        if problem is not None:
+            raise ConfigError(problem)
 
     def _apply_presets(self) -> None:
         """Set the task's presets (:mod:`shared.tasks.presets`) on every key left at RunConfig's default.

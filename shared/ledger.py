@@ -28,9 +28,18 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared.distributed_dp import (
+    GUARANTEE_AGGREGATE,
+    GUARANTEES,
+    AnyDpEvent,
+    DiscreteGaussianDpEvent,
+    Guarantees,
+    compose,
+    event_from_dict,
+)
 from shared.hashchain import ChainError, ChainWriter, canonical_json, record_hash, signature_valid
 from shared.ledger_head import LedgerAnchor, default_head_path
-from shared.privacy import DpEvent, PrivacyError, check_accountant, check_delta, compose_epsilon
+from shared.privacy import DpEvent, PrivacyError, check_accountant, check_delta
 
 SITE_LEDGER_KIND = "privatune.site-ledger.v1"
 RUN_LEDGER_KIND = "privatune.run-ledger.v1"  # the server's ledger of a run (server/run_ledger.py)
@@ -54,8 +63,10 @@ ENTRY_FIELDS = (
     "seeded_noise",
     "data_source",
     "purpose",
+    "guarantees",
 )
-OPTIONAL_FIELDS = ("max_epsilon", "seeded_noise", "data_source", "purpose")  # absent in older entries
+# absent in older entries; "guarantees" only in a distributed-noise round (shared/distributed_dp.py)
+OPTIONAL_FIELDS = ("max_epsilon", "seeded_noise", "data_source", "purpose", "guarantees")
 PURPOSE_TRAIN = "train"  # a round of DP-SGD
 PURPOSE_FEATURE_MEAN = "feature-mean"  # round 0 of a centered run: the noisy mean query
 PURPOSE_EVALUATE = "evaluate"  # DP-noised evaluation counts
@@ -113,8 +124,9 @@ def load_fingerprint_key(path: Path) -> bytes:
     return key
 
 
-def keyed_fingerprint_rows(rows: Sequence[tuple[str, int]], *, key: bytes) -> str:
-    """``"hmac-sha256:<hex>"`` of the ``(text, label)`` rows in order, under the site's secret ``key``.
+def keyed_fingerprint_rows(rows: Iterable[Sequence[str | int]], *, key: bytes) -> str:
+    """``"hmac-sha256:<hex>"`` of the rows in order, under the site's secret ``key``. A row is a tuple of its text
+    and integer fields (a classifier's ``(text, label)``; a causal-LM row's ``(prompt, response)`` or ``(text,)``).
 
     No row count, and nothing anyone without the key can test a guess of the rows against: it may leave the
     site (the attestation carries the ledger entry). It changes with any change of the rows or their labels.
@@ -127,11 +139,17 @@ def keyed_fingerprint_rows(rows: Sequence[tuple[str, int]], *, key: bytes) -> st
     return f"{KEYED_FINGERPRINT_PREFIX}{h.hexdigest()}"
 
 
-def _checked_rows(rows: Sequence[tuple[str, int]]) -> Iterable[bytes]:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_rows(rows: Iterable[Sequence[str | int]]) -> Iterable[bytes]:
+    """Each row as one JSON line: ``[text, label]`` for a classifier's row, as fingerprints always were."""
     for i, row in enumerate(rows):
-        if len(row) != 2 or not isinstance(row[0], str) or isinstance(row[1], bool):
-            raise LedgerError(f"row {i} must be a (text: str, label: int) pair, got {row!r}")
-        yield json.dumps([row[0], int(row[1])], ensure_ascii=True).encode() + b"\n"
+        fields = tuple(row)
+        if not fields or not all(isinstance(v, str) or _is_int(v) for v in fields):
+            raise LedgerError(f"row {i} must be a non-empty tuple of text (str) and integer fields, got {row!r}")
+        yield json.dumps([v if isinstance(v, str) else int(v) for v in fields], ensure_ascii=True).encode() + b"\n"
 
 
 # The unkeyed fingerprints below are the format of ledgers written before keyed fingerprints (they let anyone
@@ -186,9 +204,12 @@ def digest_arrays(arrays: Mapping[str, np.ndarray]) -> str:
 # -- accounting ---------------------------------------------------------------------------------------------
 
 
-def cumulative_epsilon(events: Iterable[DpEvent], *, delta: float, accountant: str) -> float:
-    """Epsilon of the composition of ``events`` at ``delta``: what the ledger records, what budgets check."""
-    return compose_epsilon(events, delta=delta, accountant=accountant)
+def cumulative_epsilon(events: Iterable[AnyDpEvent], *, delta: float, accountant: str) -> float:
+    """Epsilon of the composition of ``events`` at ``delta``: what the ledger records, what budgets check.
+
+    Local DP-SGD rounds only: the site's accountant; with a distributed-noise round, RDP for all
+    (:func:`shared.distributed_dp.compose`)."""
+    return compose(events, delta=delta, accountant=accountant)
 
 
 # -- entries ------------------------------------------------------------------------------------------------
@@ -205,7 +226,7 @@ class LedgerEntry:
     site_id: str
     adapter_hash: str
     dataset_fingerprint: str
-    event: DpEvent
+    event: AnyDpEvent  # the event the budget was enforced on
     delta: float
     accountant: str
     epsilon: float
@@ -216,6 +237,15 @@ class LedgerEntry:
     seeded_noise: bool = False  # noise and sampling seeded from the run seed: epsilon not valid against the server
     data_source: str | None = None  # the site's data source the budget belongs to (None: a legacy entry)
     purpose: str | None = None  # train, feature-mean, evaluate (None: a legacy entry, see release)
+    guarantees: Guarantees | None = None  # a distributed-noise round: both guarantees (None: local noise)
+
+    def event_for(self, guarantee: str) -> AnyDpEvent:
+        """The entry's event under ``guarantee`` (aggregate or fallback); a local-noise round has one event."""
+        if guarantee not in GUARANTEES:
+            raise LedgerError(f"guarantee must be one of {GUARANTEES}, got {guarantee!r}")
+        if self.guarantees is None:
+            return self.event
+        return self.guarantees.aggregate if guarantee == GUARANTEE_AGGREGATE else self.guarantees.fallback
 
     @property
     def release(self) -> str:
@@ -233,6 +263,10 @@ class LedgerEntry:
         """The entry as the JSON object stored on its line (``inf`` spelled ``"inf"``)."""
         record = {f: getattr(self, f) for f in ENTRY_FIELDS}
         record["event"] = self.event.to_dict()
+        if self.guarantees is None:
+            del record["guarantees"]
+        else:
+            record["guarantees"] = self.guarantees.to_dict()
         return json.loads(canonical_json(record))
 
     @classmethod
@@ -245,7 +279,13 @@ class LedgerEntry:
         if unknown:
             raise LedgerError(f"ledger entry {record['seq']} has unknown fields {unknown}")
         try:
-            event = DpEvent.from_dict(dict(record["event"]))
+            event = event_from_dict(dict(record["event"]))
+            raw_guarantees = record.get("guarantees")
+            guarantees = None if raw_guarantees is None else Guarantees.from_dict(dict(raw_guarantees))
+            if guarantees is not None and guarantees.budgeted != event:
+                raise LedgerError(f"its event is not the {guarantees.enforced} guarantee it says was enforced")
+            if guarantees is None and isinstance(event, DiscreteGaussianDpEvent):
+                raise LedgerError("a distributed-noise event without its two guarantees")
             entry = cls(
                 seq=_typed(record, "seq", int),
                 run_id=_typed(record, "run_id", str),
@@ -265,6 +305,7 @@ class LedgerEntry:
                 seeded_noise=bool(record.get("seeded_noise", False)),
                 data_source=None if record.get("data_source") is None else _typed(record, "data_source", str),
                 purpose=None if record.get("purpose") is None else _typed(record, "purpose", str),
+                guarantees=guarantees,
             )
             if entry.purpose is not None and entry.purpose not in PURPOSES:
                 raise LedgerError(f"purpose must be one of {PURPOSES}, got {entry.purpose!r}")
@@ -328,11 +369,15 @@ class SiteLedger:
     def entries(self) -> list[LedgerEntry]:
         return list(self._entries)
 
-    def history(self, data_source: str) -> list[DpEvent]:
+    def history(self, data_source: str) -> list[AnyDpEvent]:
         """The DP events of every entry of this data source (and every legacy entry), across all runs, in
         ledger order, whatever the rows' fingerprint was: a changed row does not give the same people a new
         budget."""
         return [e.event for e in self._entries if e.composes_with(data_source)]
+
+    def history_under(self, data_source: str, guarantee: str) -> list[AnyDpEvent]:
+        """:meth:`history` with every distributed-noise round taken under ``guarantee`` (aggregate or fallback)."""
+        return [e.event_for(guarantee) for e in self._entries if e.composes_with(data_source)]
 
     def spent(self, data_source: str, *, delta: float, accountant: str) -> float:
         """Epsilon spent so far on this data source, at ``delta``, recomputed from the events."""
@@ -352,13 +397,14 @@ class SiteLedger:
         server_round: int,
         adapter_hash: str,
         dataset_fingerprint: str,
-        event: DpEvent,
+        event: AnyDpEvent,
         delta: float,
         accountant: str,
         max_epsilon: float | None = None,
         seeded_noise: bool = False,
         data_source: str = DEFAULT_DATA_SOURCE,
         purpose: str = PURPOSE_TRAIN,
+        guarantees: Guarantees | None = None,
     ) -> LedgerEntry:
         """Record one release, with the cumulative epsilon over ``data_source``'s history and ``event``.
 
@@ -368,12 +414,15 @@ class SiteLedger:
         when it decided to train, is recorded so that an audit can show the budget held; a round is recorded
         even over budget (it was trained: hiding it would be worse). ``seeded_noise`` marks a round whose DP
         noise and sampling were seeded from the run's seed (reproducible experiments): its epsilon does not
-        hold against whoever knows that seed, and the audit says so.
+        hold against whoever knows that seed, and the audit says so. A distributed-noise round passes its
+        ``guarantees`` (both are recorded); ``event`` must then be the one enforced.
         """
         check_delta(delta)
         check_accountant(accountant)
-        if not isinstance(event, DpEvent):
-            raise LedgerError(f"event must be a DpEvent, got {type(event).__name__}")
+        if not isinstance(event, (DpEvent, DiscreteGaussianDpEvent)):
+            raise LedgerError(f"event must be a DpEvent or DiscreteGaussianDpEvent, got {type(event).__name__}")
+        if (guarantees is None) != isinstance(event, DpEvent) or (guarantees and guarantees.budgeted != event):
+            raise LedgerError("a distributed-noise round records its two guarantees, and its event is the enforced one")
         if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
             raise LedgerError(f"server_round must be a non-negative integer, got {server_round!r}")
         if not run_id:
@@ -389,7 +438,7 @@ class SiteLedger:
                 f"dataset_fingerprint must be keyed ({KEYED_FINGERPRINT_PREFIX}..., see keyed_fingerprint_rows), got "
                 f"{str(dataset_fingerprint)[:24]!r}: an unkeyed hash would let others confirm the site's rows"
             )
-        event = DpEvent.from_dict(event.to_dict())  # normalized types: a stable hash
+        event = event_from_dict(event.to_dict())  # normalized types: a stable hash
 
         def make_body(records: list[dict[str, Any]]) -> dict[str, Any]:
             self._anchor.check(records)  # nothing was cut off since the last head record
@@ -415,6 +464,7 @@ class SiteLedger:
                 "seeded_noise": bool(seeded_noise),
                 "data_source": data_source,
                 "purpose": purpose,
+                **({} if guarantees is None else {"guarantees": guarantees.to_dict()}),
             }
 
         try:

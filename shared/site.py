@@ -69,6 +69,8 @@ SIMULATED_SITE_KEYS = (
     NODE_EVALUATE_NOISE,
     NODE_MIN_COHORT,
     NODE_THRESHOLD_FRACTION,
+    "min-survivors",  # distributed DP noise: shared.distributed_dp.NODE_MIN_SURVIVORS, read there
+    "budget-guarantee",  # ... NODE_BUDGET_GUARANTEE
 )
 PINNED_SITE_KEYS = (NODE_DELTA, NODE_ACCOUNTANT)  # once set, the history is accounted at them
 

@@ -524,9 +524,16 @@ def test_fingerprint_of_a_file_hashes_its_bytes(tmp_path):
     assert fingerprint_file(tmp_path / "d.csv", rows=1) == fingerprint_bytes(data, rows=1)
 
 
-def test_fingerprint_rejects_a_row_that_is_not_text_and_label():
-    with pytest.raises(LedgerError, match="row 1 must be a"):
-        fingerprint_rows([("a", 1), ("b",)])
+@pytest.mark.parametrize("bad", [(), ("b", 1.5), ("b", True), ("b", None)], ids=["empty", "float", "bool", "none"])
+def test_fingerprint_rejects_a_row_that_is_not_text_and_integer_fields(bad):
+    with pytest.raises(LedgerError, match="row 1 must be a non-empty tuple of text"):
+        fingerprint_rows([("a", 1), bad])
+
+
+def test_a_prompt_response_row_fingerprints_apart_from_a_text_label_row():
+    key = bytes(32)
+    assert keyed_fingerprint_rows([("a", "b")], key=key) != keyed_fingerprint_rows([("a", 0)], key=key)
+    assert keyed_fingerprint_rows([("a", "b")], key=key) != keyed_fingerprint_rows([("ab",)], key=key)
 
 
 def test_digest_depends_on_dtype():

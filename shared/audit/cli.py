@@ -328,6 +328,12 @@ def audit_main(argv: list[str] | None = None) -> int:
                 f"| epsilon {_eps(d['epsilon'])} at delta {d['delta']:g} ({d['accountant']}, from "
                 f"{d['accounting_from']}) over {d['rounds']} release(s) in {len(d['runs'])} run(s) "
                 f"| budget {_budget(site['budget'], d['epsilon'])}"
+                + (
+                    f" | {d['distributed_rounds']} distributed-noise round(s): aggregate epsilon "
+                    f"{_eps(d['epsilon_aggregate'])}, fallback {_eps(d['epsilon_fallback'])} (rdp)"
+                    if d.get("distributed_rounds")
+                    else ""
+                )
             )
     for f in findings:
         print(str(f), file=sys.stderr)

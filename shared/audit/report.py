@@ -21,6 +21,7 @@ from typing import Any
 from shared.audit.plots import PALETTE, Chart, Rule, Series, render_svg
 from shared.audit.verify import Finding, RunAudit, SiteAudit
 from shared.hashchain import json_safe
+from shared.privacy import DpEvent
 
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
@@ -139,12 +140,31 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
             "runs": d.runs,
             "seeded_noise_rounds": d.seeded_noise_rounds,
             "fingerprints": {fp: seqs for fp, seqs in d.fingerprints.items()},
+            "distributed_rounds": d.distributed_rounds,
+            "epsilon_aggregate": d.epsilon_aggregate,
+            "epsilon_fallback": d.epsilon_fallback,
         }
         for name, d in site.sources.items()
     }
     parameters: dict[tuple[Any, ...], dict[str, Any]] = {}
     for c in site.checks:
         e = c.entry
+        if not isinstance(e.event, DpEvent):  # a distributed-noise round, as enforced: its effective multiplier
+            ev = e.event
+            row = {
+                "sample_rate": ev.sample_rate,
+                "noise_multiplier": ev.noise_stddev / ev.l2_sensitivity,
+                "steps": ev.steps,
+                "clip_norm": None,  # in fixed-point units only: l2_sensitivity
+                "sampling": "poisson",
+                "mechanism": f"{ev.mechanism}, {ev.shares} share(s)",
+                "delta": e.delta,
+                "accountant": "rdp",
+                "rounds": 0,
+            }
+            p = parameters.setdefault(tuple(sorted((k, str(v)) for k, v in row.items() if k != "rounds")), row)
+            p["rounds"] += 1
+            continue
         key = (
             e.event.sample_rate,
             e.event.noise_multiplier,
@@ -223,6 +243,7 @@ def run_section(
             dropped=rec.get("dropped", []),
             aborted=rec.get("aborted", False),
             secure_aggregation=rec.get("secure_aggregation", False),
+            dp_noise=rec.get("dp_noise"),  # "local" or "distributed" (absent in older run ledgers)
             aggregate_hash=rec.get("aggregate_hash"),
             attested_epsilon={s: a.get("epsilon") for s, a in rec.get("attestations", {}).items()},
         )
@@ -244,6 +265,21 @@ def run_section(
         "canary": dict(canary) if canary is not None else None,
         "findings": [f.to_dict() for f in run.findings] if run is not None else [],
     }
+
+
+def distributed_statement(what: str, d: Mapping[str, Any]) -> str:
+    """Plain words for a data source with distributed-noise rounds: its two epsilons and which one is enforced."""
+    agg, fb = _num(d["epsilon_aggregate"]), _num(d["epsilon_fallback"])
+    return (
+        f"{what}: {d['distributed_rounds']} of its rounds used distributed noise: the site added only its share of "
+        "the noise, the other sites of the round the rest, and secure aggregation revealed only the sum. Against "
+        f"anyone who sees only that sum (the server, the other sites, whoever gets the model) epsilon is "
+        f"{agg:.3f} (the aggregate guarantee: it needs the round's minimum number of honest sites to have added "
+        f"their shares). If the server broke secure aggregation together with colluding sites and saw this "
+        f"site's update alone, only the site's own share protects it: epsilon {fb:.3f} (the fallback "
+        "guarantee). Both at the site's delta, RDP accountant. The epsilon above is the one the site enforced "
+        "its budget on, as its own node config chose (budget-guarantee)."
+    )
 
 
 def guarantee_statements(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -269,6 +305,8 @@ def guarantee_statements(sites: Sequence[Mapping[str, Any]], runs: Sequence[Mapp
                 f"e^{eps:.3f} = {math.exp(eps):.2f}, except with probability {delta:g}, whether or not "
                 "any one record was used."
             )
+            if d.get("distributed_rounds"):
+                out.append(distributed_statement(what, d))
             if d.get("seeded_noise_rounds"):
                 out.append(
                     f"{what}: {d['seeded_noise_rounds']} of its rounds drew their DP noise and sampling from "
@@ -676,7 +714,8 @@ def _run_html(run: Mapping[str, Any]) -> str:
                 ", ".join(r.get("survivors", [])),
                 "; ".join(f"{k} ({v})" if v else k for k, v in declined.items()),
                 ", ".join(r.get("dropped", [])),
-                "yes" if r.get("secure_aggregation") else "no",
+                ("yes" if r.get("secure_aggregation") else "no")
+                + (", distributed DP noise" if r.get("dp_noise") == "distributed" else ""),
                 "ABORTED" if r.get("aborted") else str(r.get("aggregate_hash") or "")[:19],
                 ", ".join(f"{k}: {_eps(v)}" for k, v in r.get("attested_epsilon", {}).items()),
             )

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from shared.distributed_dp import GUARANTEE_AGGREGATE, GUARANTEE_FALLBACK, GUARANTEES, AnyDpEvent
 from shared.hashchain import read_chain
 from shared.identity import IdentityError, Roster
 from shared.ledger import (
@@ -107,6 +108,11 @@ class SourceSpent:
     runs: list[str]
     seeded_noise_rounds: int
     fingerprints: dict[str, list[int]]  # fingerprint -> seqs of the entries recorded with it
+    # with distributed-noise rounds (docs/distributed-dp.md): the epsilon with every such round taken under
+    # each of its two guarantees (None: no such round)
+    distributed_rounds: int = 0
+    epsilon_aggregate: float | None = None
+    epsilon_fallback: float | None = None
 
 
 @dataclass
@@ -238,9 +244,9 @@ def audit_site_ledger(
     accounting = audit.accounting
 
     seen: set[tuple[str, int, str]] = set()
-    legacy_by_fingerprint: dict[str, list[DpEvent]] = {}  # entries written before data sources: their rule
-    legacy: list[DpEvent] = []  # ... and they count toward every source
-    named: dict[str, list[DpEvent]] = {}
+    legacy_by_fingerprint: dict[str, list[AnyDpEvent]] = {}  # entries written before data sources: their rule
+    legacy: list[AnyDpEvent] = []  # ... and they count toward every source
+    named: dict[str, list[AnyDpEvent]] = {}
     for line, entry in enumerate(entries, start=1):
         name = f"entry {entry.seq} (run {entry.run_id}, round {entry.round}, {entry.release})"
         key = (entry.run_id, entry.round, entry.release)
@@ -267,11 +273,7 @@ def audit_site_ledger(
         except PrivacyError as e:
             audit.findings.append(Finding(subject, "corrupt", f"{name}: {e}", line=line))
             break
-        pld = None
-        if cross_check:
-            from shared.audit.accounting import pld_epsilon
-
-            pld = pld_epsilon(events, delta=entry.delta)
+        pld = _pld(events, delta=entry.delta) if cross_check else None
         check = EntryCheck(line=line, entry=entry, recomputed=recomputed, cross_check=pld, site_epsilon=site_epsilon)
         audit.checks.append(check)
         if not check.matches:
@@ -327,6 +329,15 @@ def audit_site_ledger(
     return audit
 
 
+def _pld(events: Sequence[AnyDpEvent], *, delta: float) -> float | None:
+    """The independent PLD epsilon of local DP-SGD events; None with a distributed-noise round (no PLD
+    analysis of the distributed discrete Gaussian here: it is accounted in RDP, shared/distributed_dp.py)."""
+    from shared.audit.accounting import pld_epsilon
+
+    local = [e for e in events if isinstance(e, DpEvent)]
+    return pld_epsilon(local, delta=delta) if len(local) == len(events) else None
+
+
 def _sources(checks: Sequence[EntryCheck], accounting: SiteAccounting, *, cross_check: bool) -> dict[str, SourceSpent]:
     """Each data source's epsilon at the site's delta over every entry that counts toward it (a ledger of
     legacy entries only has one source, ``default``)."""
@@ -340,11 +351,15 @@ def _sources(checks: Sequence[EntryCheck], accounting: SiteAccounting, *, cross_
         fingerprints: dict[str, list[int]] = {}
         for e in mine:
             fingerprints.setdefault(e.dataset_fingerprint, []).append(e.seq)
-        pld = None
-        if cross_check:
-            from shared.audit.accounting import pld_epsilon
-
-            pld = pld_epsilon(events, delta=accounting.delta)
+        pld = _pld(events, delta=accounting.delta) if cross_check else None
+        distributed = sum(e.guarantees is not None for e in mine)
+        under = {
+            g: cumulative_epsilon(
+                [e.event_for(g) for e in mine], delta=accounting.delta, accountant=accounting.accountant
+            )
+            for g in GUARANTEES
+            if distributed
+        }
         out[source] = SourceSpent(
             data_source=source,
             epsilon=cumulative_epsilon(events, delta=accounting.delta, accountant=accounting.accountant),
@@ -353,6 +368,9 @@ def _sources(checks: Sequence[EntryCheck], accounting: SiteAccounting, *, cross_
             runs=list(dict.fromkeys(e.run_id for e in mine)),
             seeded_noise_rounds=sum(e.seeded_noise for e in mine),
             fingerprints=fingerprints,
+            distributed_rounds=distributed,
+            epsilon_aggregate=under.get(GUARANTEE_AGGREGATE),
+            epsilon_fallback=under.get(GUARANTEE_FALLBACK),
         )
     return out
 

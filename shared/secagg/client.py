@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from shared.distributed_dp import wrap_problem
 from shared.identity import IdentityError, Roster, public_key_hex
 from shared.secagg import constants as K
 from shared.secagg import masks, shamir
@@ -51,7 +52,7 @@ from shared.secagg.crypto import (
     sign,
     verify,
 )
-from shared.secagg.encoding import NORM_TOLERANCE, EncodingError, FixedPoint
+from shared.secagg.encoding import NORM_TOLERANCE, EncodingError, add_noise_share
 from shared.secagg.errors import SecAggMessageError, SecAggProtocolError
 from shared.secagg.graph import effective_degree
 from shared.secagg.messages import (
@@ -243,6 +244,12 @@ class SecAggClient:
             raise SecAggProtocolError(
                 f"node {self.node_id}: threshold t = {params.threshold} is below this site's floor {floor} "
                 f"(ceil({self.policy.threshold_fraction:.4g} * m) for m = degree + 1 = {params.degree + 1})"
+            )
+        if params.dp_shares and params.dp_shares < self.policy.min_survivors:
+            raise SecAggProtocolError(
+                f"node {self.node_id}: the round splits its distributed DP noise into {params.dp_shares} shares, "
+                f"fewer than the {self.policy.min_survivors} survivors this site relies on (its min-survivors); "
+                f"{len(params.node_ids)} sites were sampled"
             )
         if len(params.node_ids) < self.policy.min_cohort:
             raise SecAggProtocolError(
@@ -448,9 +455,17 @@ class SecAggClient:
             raise EncodingError(
                 f"update L2 norm {norm:.6g} exceeds clip_norm * weight = {bound:.6g}; clip before masking"
             )
-        fp = FixedPoint.for_sum(clip_norm=p.clip_norm, max_weight=p.max_weight, max_clients=p.max_clients)
+        fp = p.fixed_point()
         rng = np.random.default_rng(int.from_bytes(random_bytes(16), "big"))
         masked = fp.encode(x, rng)
+        sizing = p.noise_sizing
+        if sizing is not None:  # distributed DP: this site's share of the noise, in the integer domain
+            problem = wrap_problem(
+                sizing, clip_norm=p.clip_norm, max_weight=p.max_weight, num_nodes=len(p.node_ids), dimension=x.size
+            )
+            if problem is not None:
+                raise EncodingError(f"node {self.node_id}: {problem}")
+            masked = add_noise_share(masked, sizing)
         masks.apply(
             masked,
             masks.self_mask(state.seed, params_digest=p.digest, node_id=self.node_id, length=x.size),
@@ -497,11 +512,14 @@ class SecAggClient:
         if outside:
             raise SecAggProtocolError(f"node {me}: nodes {outside} are not in the round's advert set")
         quorum = consistency_quorum(len(state.advert_node_ids), p.threshold)
-        need = max(quorum, self.policy.min_cohort)
+        # distributed DP: every survivor added a 1/M share of the noise; fewer than M survivors: reveal nothing
+        noise_floor = max(p.dp_shares, self.policy.min_survivors) if p.dp_shares else 0
+        need = max(quorum, self.policy.min_cohort, noise_floor)
         if len(u_set) < need:
+            noise = f", distributed DP noise in {p.dp_shares} shares" if p.dp_shares else ""
             raise SecAggProtocolError(
                 f"node {me}: a survivor set of {len(u_set)} is below the {need} this site needs (quorum "
-                f"{quorum}, minimum cohort {self.policy.min_cohort})"
+                f"{quorum}, minimum cohort {self.policy.min_cohort}{noise})"
             )
         unaccounted = sorted(set(state.peer_ids) - u_set - d_set)
         if unaccounted:

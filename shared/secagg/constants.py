@@ -9,6 +9,7 @@ SECAGG_RECORD = "secagg"  # ConfigRecord: the stage request (server -> client) o
 MASKED_RECORD = "secagg-masked"  # ArrayRecord: {"masked": uint32 vector}; replaces the plain update record
 MASKED_ARRAY = "masked"
 CLIENT_STATE_RECORD = "secagg-state"  # ConfigRecord in context.state: the client's per-round protocol state
+MASKING_STATE_RECORD = "secagg-masking"  # ConfigRecord in context.state while the train handler runs masked
 
 # Node config keys (a site's own settings, never the server's)
 NODE_REQUIRE_SECAGG = "require-secagg"  # true: refuse any train message without secure aggregation
@@ -37,6 +38,10 @@ KEY_CLIP_NORM = "clip-norm"
 KEY_MAX_WEIGHT = "max-weight"
 KEY_MAX_CLIENTS = "max-clients"
 KEY_MODULUS_BITS = "modulus-bits"
+# ... and, only in a round with distributed DP noise (shared/distributed_dp.py), its public noise numbers
+KEY_DP_SCALE = "dp-scale"  # fixed-point units per 1.0 (a power of two)
+KEY_DP_NOISE_STDDEV = "dp-noise-stddev"  # std of the aggregate noise, in fixed-point units
+KEY_DP_SHARES = "dp-shares"  # M: the noise is split into M shares; fewer than M survivors abort the round
 
 # advertise-keys reply: one signed key advert
 KEY_SITE_ID = "site-id"

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.discrete_noise import discrete_gaussian
+from shared.distributed_dp import NoiseSizing
+
 MODULUS_BITS = 32
 MODULUS = 2**MODULUS_BITS
 HALF_MODULUS = 2 ** (MODULUS_BITS - 1)
@@ -85,3 +88,10 @@ class FixedPoint:
         signed = s.astype(np.int64)
         signed[signed >= HALF_MODULUS] -= MODULUS
         return signed.astype(np.float64) / self.scale
+
+
+def add_noise_share(encoded: np.ndarray, sizing: NoiseSizing) -> np.ndarray:
+    """``encoded`` (``uint32``) plus one site's share of a round's distributed noise, modulo ``2^32``: discrete
+    Gaussian of variance ``noise_stddev^2 / shares`` per coordinate, from the OS's CSPRNG."""
+    noise = discrete_gaussian(encoded.size, sigma=sizing.noise_stddev / math.sqrt(sizing.shares))
+    return ((encoded.astype(np.int64) + noise) % MODULUS).astype(np.uint32)

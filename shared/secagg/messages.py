@@ -12,11 +12,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.distributed_dp import DEFAULT_MIN_SURVIVORS, NoiseSizing, size_noise
 from shared.secagg import constants as K
 from shared.secagg.crypto import bind, sha256
+from shared.secagg.encoding import NORM_TOLERANCE, FixedPoint
 from shared.secagg.errors import SecAggMessageError
 from shared.secagg.graph import GraphError, effective_degree, neighbours, ring_order
-from shared.secagg.settings import SecAggSettings, check_threshold
+from shared.secagg.settings import SecAggSettings, check_threshold, consistency_quorum
 
 Config = dict[str, Any]
 
@@ -92,6 +94,30 @@ def _check_stage(cfg: Mapping[str, Any], expected: str) -> None:
 # --- advertise-keys -----------------------------------------------------------------------------
 
 
+def _noise_fields(settings: SecAggSettings, n: int) -> dict[str, Any]:
+    """The distributed-noise round parameters for ``n`` sampled nodes (none without distributed noise).
+
+    The noise is split into ``M`` shares: ``settings.min_survivors``, or by default the larger of the round's
+    consistency quorum (no round completes with fewer survivors anyway) and 3, at most ``n``.
+    """
+    if settings.noise_multiplier == 0.0:
+        return {}
+    if settings.dim is None:
+        raise ValueError("distributed noise needs the update length (settings.dim) to size the noise")
+    quorum = consistency_quorum(n, settings.threshold_for(n))
+    shares = min(n, settings.min_survivors or max(quorum, DEFAULT_MIN_SURVIVORS))
+    sizing = size_noise(
+        noise_multiplier=settings.noise_multiplier,
+        sensitivity=settings.sensitivity,
+        dimension=settings.dim,
+        clip_norm=settings.clip_norm,
+        max_weight=settings.max_weight,
+        num_nodes=n,
+        shares=shares,
+    )
+    return {"dp_scale": sizing.scale, "dp_noise_stddev": sizing.noise_stddev, "dp_shares": sizing.shares}
+
+
 @dataclass(frozen=True)
 class RoundParams:
     """The round's parameters, sent in the advertise-keys request; every client signs over their digest."""
@@ -105,6 +131,9 @@ class RoundParams:
     max_weight: float
     max_clients: int
     modulus_bits: int = 32
+    dp_scale: float = 0.0  # distributed DP noise (all three > 0), or none (all three 0): shared/distributed_dp.py
+    dp_noise_stddev: float = 0.0
+    dp_shares: int = 0
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -133,6 +162,36 @@ class RoundParams:
             )
         if self.modulus_bits != 32:
             raise SecAggMessageError(f"round parameter modulus_bits must be 32, got {self.modulus_bits}")
+        noise = (self.dp_scale, self.dp_noise_stddev, self.dp_shares)
+        if noise != (0.0, 0.0, 0) and not (
+            math.isfinite(self.dp_scale)
+            and self.dp_scale > 0
+            and math.log2(self.dp_scale).is_integer()
+            and math.isfinite(self.dp_noise_stddev)
+            and self.dp_noise_stddev > 0
+            and 1 <= self.dp_shares <= n
+        ):
+            raise SecAggMessageError(
+                "round parameters dp-scale (a power of two), dp-noise-stddev (> 0) and dp-shares (1..n) must be "
+                f"set together or not at all, got {noise} for n = {n}"
+            )
+
+    @property
+    def noise_sizing(self) -> NoiseSizing | None:
+        """The round's distributed-noise numbers, or None in a round without distributed noise."""
+        if self.dp_shares == 0:
+            return None
+        return NoiseSizing(scale=self.dp_scale, noise_stddev=self.dp_noise_stddev, shares=self.dp_shares)
+
+    def fixed_point(self) -> FixedPoint:
+        """The round's encoding: for distributed noise its public scale over the sampled nodes, else the
+        finest scale for which ``max_clients`` clipped updates cannot wrap."""
+        if self.dp_shares == 0:
+            return FixedPoint.for_sum(
+                clip_norm=self.clip_norm, max_weight=self.max_weight, max_clients=self.max_clients
+            )
+        bound = float(self.clip_norm) * float(self.max_weight) * (1.0 + NORM_TOLERANCE)
+        return FixedPoint(scale=self.dp_scale, bound=bound, max_clients=len(self.node_ids))
 
     @classmethod
     def for_round(cls, settings: SecAggSettings, *, run_id: str, server_round: int, node_ids: list[int]) -> RoundParams:
@@ -154,6 +213,7 @@ class RoundParams:
             max_weight=float(settings.max_weight),
             max_clients=settings.max_clients,
             modulus_bits=settings.modulus_bits,
+            **_noise_fields(settings, len(ids)),
         )
 
     @property
@@ -173,6 +233,11 @@ class RoundParams:
                 repr(float(self.max_weight)),
                 self.max_clients,
                 self.modulus_bits,
+                *(
+                    ()
+                    if self.dp_shares == 0
+                    else (repr(float(self.dp_scale)), repr(float(self.dp_noise_stddev)), self.dp_shares)
+                ),
             )
         )
 
@@ -217,11 +282,27 @@ class RoundParams:
             K.KEY_MAX_WEIGHT: float(self.max_weight),
             K.KEY_MAX_CLIENTS: self.max_clients,
             K.KEY_MODULUS_BITS: self.modulus_bits,
+            **(
+                {}
+                if self.dp_shares == 0
+                else {
+                    K.KEY_DP_SCALE: float(self.dp_scale),
+                    K.KEY_DP_NOISE_STDDEV: float(self.dp_noise_stddev),
+                    K.KEY_DP_SHARES: self.dp_shares,
+                }
+            ),
         }
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> RoundParams:
         _check_stage(cfg, K.STAGE_ADVERTISE_KEYS)
+        noise: dict[str, Any] = {}
+        if K.KEY_DP_SHARES in cfg:  # a round with distributed noise carries all three
+            noise = {
+                "dp_scale": _float(cfg, K.KEY_DP_SCALE),
+                "dp_noise_stddev": _float(cfg, K.KEY_DP_NOISE_STDDEV),
+                "dp_shares": _int(cfg, K.KEY_DP_SHARES),
+            }
         return cls(
             run_id=_str(cfg, K.KEY_RUN_ID),
             server_round=_int(cfg, K.KEY_SERVER_ROUND),
@@ -232,6 +313,7 @@ class RoundParams:
             max_weight=_float(cfg, K.KEY_MAX_WEIGHT),
             max_clients=_int(cfg, K.KEY_MAX_CLIENTS),
             modulus_bits=_int(cfg, K.KEY_MODULUS_BITS),
+            **noise,
         )
 
 

@@ -36,7 +36,6 @@ from shared.identity import IdentityError, Roster
 from shared.secagg import masks, shamir
 from shared.secagg.client import seed_commitment
 from shared.secagg.crypto import CryptoError, verify, x25519_public
-from shared.secagg.encoding import FixedPoint
 from shared.secagg.errors import SecAggAbort, SecAggMessageError, SecAggProtocolError
 from shared.secagg.messages import (
     ConsistencyRequest,
@@ -400,7 +399,7 @@ class SecAggServer:
                     length=dim,
                 )
                 masks.apply(total, stream, -masks.pairwise_sign(u, v))  # undo what u applied
-        fp = FixedPoint.for_sum(clip_norm=p.clip_norm, max_weight=p.max_weight, max_clients=p.max_clients)
+        fp = p.fixed_point()
         self._result = SecAggResult(
             total=fp.decode_sum(total, count=len(alive)),
             total_weight=float(sum(self._weights[u] for u in alive)),

@@ -69,6 +69,10 @@ class ClientPolicy:
         default=DEFAULT_THRESHOLD_FRACTION,
         metadata={"help": "refuse a threshold t below ceil(f * m), m = degree + 1; f in [2/3, 1]"},
     )
+    min_survivors: int = field(
+        default=3,
+        metadata={"help": "distributed DP: fewest survivors whose noise shares the site relies on (>= 1)"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.min_cohort, bool) or not isinstance(self.min_cohort, int) or self.min_cohort < 2:
@@ -76,6 +80,9 @@ class ClientPolicy:
         f = self.threshold_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 2 / 3 - 1e-9 <= f <= 1:
             raise ValueError(f"threshold_fraction must be a number in [2/3, 1], got {f!r}")
+        m = self.min_survivors
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"min_survivors must be an int >= 1, got {m!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +104,13 @@ class SecAggSettings:
         default="skip", metadata={"help": "an aborted round: skip it and go on, or stop the run"}
     )
     dim: int | None = field(default=None, metadata={"help": "update length; other lengths are dropped"})
+    noise_multiplier: float = field(
+        default=0.0, metadata={"help": "distributed DP: the aggregate's noise multiplier (0 = no distributed noise)"}
+    )
+    sensitivity: float = field(default=0.0, metadata={"help": "distributed DP: one record's L2 effect on an update"})
+    min_survivors: int = field(
+        default=0, metadata={"help": "distributed DP: shares M of the noise (0 = max(quorum, 3)), at most n"}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.clip_norm, bool) or not isinstance(self.clip_norm, (int, float)):
@@ -125,6 +139,14 @@ class SecAggSettings:
             raise ValueError(f"on_abort must be 'skip' or 'stop', got {self.on_abort!r}")
         if self.dim is not None and (isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1):
             raise ValueError(f"dim must be None or an int >= 1, got {self.dim!r}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier!r}")
+        if self.noise_multiplier > 0 and not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
+            raise ValueError(f"distributed noise needs a sensitivity > 0, got {self.sensitivity!r}")
+        if self.noise_multiplier > 0 and self.dim is None:
+            raise ValueError("distributed noise needs dim (the update length) to size the noise")
+        if isinstance(self.min_survivors, bool) or not isinstance(self.min_survivors, int) or self.min_survivors < 0:
+            raise ValueError(f"min_survivors must be an int >= 0, got {self.min_survivors!r}")
 
     def degree_for(self, n: int) -> int:
         """The effective degree for a round of ``n`` sampled clients."""
