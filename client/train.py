@@ -9,7 +9,6 @@ fresh PrivacyEngine per round never resets it.
 from __future__ import annotations
 
 import contextlib
-import math
 import secrets
 import warnings
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_random import DpEngine, random_source
+from shared.batching import micro_batches
 from shared.centering import ANSWER_SCALE, sensitivity
 from shared.model import Encoded
 from shared.privacy import DpEvent
@@ -47,36 +47,6 @@ def classifier_loss(model: nn.Module, batch: Encoded) -> torch.Tensor:
     """The classifier's loss: cross-entropy of ``model(...).logits`` against one class per row, mean over rows."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return nn.functional.cross_entropy(logits.float(), batch.labels)
-
-
-def row_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each row's length: one past its last attended position (0 for a row with no attended token)."""
-    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
-    return (attention_mask.ne(0) * positions).amax(dim=1) if attention_mask.numel() else positions[:0]
-
-
-def trim(batch: Encoded) -> Encoded:
-    """The batch cut to its longest row (per-token labels too); rows padded on the right lose only padding."""
-    width = max(int(row_lengths(batch.attention_mask).max()), 1) if len(batch) else 1
-    labels = batch.labels[:, :width] if batch.labels.dim() == 2 else batch.labels
-    return Encoded(batch.input_ids[:, :width], batch.attention_mask[:, :width], labels)
-
-
-def micro_batches(batch: Encoded, micro_batch_size: int) -> list[Encoded]:
-    """The rows of a logical batch sorted by length (longest first, so a batch that does not fit in memory fails
-    on its first micro-batch) and cut into pieces of at most ``micro_batch_size`` rows (0: one piece), each
-    trimmed to its own longest row. An empty batch has no pieces."""
-    if micro_batch_size < 0:
-        raise ValueError(f"micro_batch_size must be >= 0, got {micro_batch_size}")
-    n = len(batch)
-    if n == 0:
-        return []
-    order = torch.argsort(row_lengths(batch.attention_mask), descending=True, stable=True)
-    pieces = math.ceil(n / micro_batch_size) if micro_batch_size else 1
-    return [
-        trim(Encoded(batch.input_ids[idx], batch.attention_mask[idx], batch.labels[idx]))
-        for idx in torch.tensor_split(order, pieces)
-    ]
 
 
 def _batches(loader: DataLoader) -> Iterator[Encoded]:
