@@ -92,7 +92,7 @@ def _backward(loss: torch.Tensor) -> None:
         loss.backward()
 
 
-def _logical_step(
+def logical_step(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: Encoded,
@@ -155,7 +155,7 @@ def _run_steps(
     losses: list[float] = []
     empty = 0
     for _ in range(steps):
-        loss = _logical_step(module, optimizer, next(batches), params, **step_options)
+        loss = logical_step(module, optimizer, next(batches), params, **step_options)
         if loss is None:
             empty += 1
         else:
@@ -200,7 +200,7 @@ def train_round(
     ``loss_fn`` is the task's loss (:data:`shared.tasks.base.LossFn`; None: the classifier's cross-entropy).
     Each logical batch is sorted by row length and taken in micro-batches of at most ``micro_batch_size`` rows
     (0: the whole batch at once), each trimmed to its longest row; the step is the whole batch's step (see
-    :func:`_logical_step`) and ``steps`` counts logical steps, as the accountant does. ``autocast="bf16"`` runs
+    :func:`logical_step`) and ``steps`` counts logical steps, as the accountant does. ``autocast="bf16"`` runs
     the forward pass under ``torch.autocast`` in bfloat16; the adapter weights, their gradients, the clipping,
     the noise and the optimizer stay in float32.
     """
