@@ -17,6 +17,7 @@ process's peak RSS (``ru_maxrss``) minus its RSS once the model is built: the st
 
     python simulations/benchmark_dp_step.py                      # the table in docs/benchmarks.md
     python simulations/benchmark_dp_step.py --model classifier   # length sorting and bf16 on the classifier
+    python simulations/benchmark_dp_step.py --model classifier --accuracy --batch-sizes 128  # fp32 vs bf16
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class Setting:
     seq: int = 256
     steps: int = 2
     warmup: int = 1
+    threads: int = 0  # torch CPU threads (0: torch's default)
     device: str = "cpu"
     base_dtype: str = "float32"  # the frozen base's weights (bfloat16 on a GPU); the adapter stays float32
 
@@ -151,6 +153,8 @@ def run_setting(setting: Setting) -> dict[str, Any]:
     from client.train import logical_step, make_optimizer
 
     device = setting.device
+    if setting.threads:
+        torch.set_num_threads(setting.threads)
     if setting.model == "classifier":
         model, batch, loss_fn = _classifier(setting)
     else:
@@ -187,18 +191,20 @@ def run_setting(setting: Setting) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
     options = dict(loss_fn=loss_fn, micro_batch_size=setting.micro, dp=setting.dp, device=device)
-    times = []
+    times, cpu_times = [], []
     for i in range(setting.warmup + setting.steps):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         logical_step(module, optimizer, batch, params, autocast=setting.autocast, **options)  # type: ignore[arg-type]
         if cuda:
             torch.cuda.synchronize()
         if i >= setting.warmup:  # warm-up steps (allocator, kernels, Opacus's hooks) are not timed
             times.append(time.perf_counter() - started)
+            cpu_times.append(time.process_time() - cpu_started)
     seconds = statistics.median(times)
     out: dict[str, Any] = {
         **setting.__dict__,
         "seconds": seconds,
+        "cpu_seconds": statistics.median(cpu_times),  # this process's CPU time: robust on a shared machine
         "tokens_per_s": _tokens(batch) / seconds,
         "peak_rss_mb": _peak_rss_mb(),
         "step_rss_mb": _peak_rss_mb() - base_rss,
@@ -233,32 +239,113 @@ def in_subprocess(setting: Setting, *, timeout: float) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def _seconds(r: dict[str, Any]) -> str:
+    return f"{r['seconds']:.2f}" if r["device"] != "cpu" else f"{r['seconds']:.2f} ({r['cpu_seconds']:.2f})"
+
+
+def _time_ratio(dp: dict[str, Any], plain: dict[str, Any]) -> float:
+    """DP over non-DP: CPU seconds on the CPU (wall time on a shared machine measures the neighbours too)."""
+    field = "cpu_seconds" if dp["device"] == "cpu" else "seconds"
+    return float(dp[field] / plain[field])
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """One line per (batch, micro, autocast): DP and non-DP time and memory, and their ratios."""
+    """One line per (batch, micro, precision): DP and non-DP time and memory, and their ratios."""
     key = ("model", "batch", "micro", "autocast", "base_dtype")
     pairs: dict[tuple[Any, ...], dict[bool, dict[str, Any]]] = {}
     for r in rows:
         pairs.setdefault(tuple(r[k] for k in key), {})[r["dp"]] = r
     mem = "cuda_step_mb" if any("cuda_step_mb" in r for r in rows) else "step_rss_mb"
     lines = [
-        f"| model | logical batch | micro-batch | precision | non-DP s/step | DP s/step | DP/non-DP time "
-        f"| DP tokens/s | non-DP step MiB | DP step MiB | DP/non-DP memory ({mem}) |",
+        "| model | logical batch | micro-batch | precision | non-DP s/step | DP s/step | DP/non-DP time "
+        "| DP tokens/s | non-DP step MiB | DP step MiB | DP/non-DP memory |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for k, pair in pairs.items():
         plain, dp = pair.get(False), pair.get(True)
         precision = k[3] if k[4] == "float32" else f"{k[3]}, base {k[4]}"
+        both = dp is not None and plain is not None
+        cells = [
+            str(k[0]),
+            str(k[1]),
+            str(k[2] or "whole"),
+            precision,
+            _seconds(plain) if plain else "-",
+            _seconds(dp) if dp else "-",
+            f"{_time_ratio(dp, plain):.2f}" if dp and plain else "-",
+            f"{dp['tokens_per_s']:.0f}" if dp else "-",
+            f"{plain[mem]:.0f}" if plain else "-",
+            f"{dp[mem]:.0f}" if dp else "-",
+            f"{dp[mem] / max(plain[mem], 1e-9):.2f}" if dp and plain and both else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
-        def cell(r: dict[str, Any] | None, field: str, fmt: str) -> str:
-            return format(r[field], fmt) if r else "-"
 
-        ratio_t = f"{dp['seconds'] / plain['seconds']:.2f}" if dp and plain else "-"
-        ratio_m = f"{dp[mem] / max(plain[mem], 1e-9):.2f}" if dp and plain else "-"
+def markdown_settings(rows: list[dict[str, Any]]) -> str:
+    """One line per setting (the classifier: whole batch against length-sorted micro-batches, fp32 against bf16)."""
+    lines = [
+        "| logical batch | micro-batch | precision | DP | s/step (CPU s) | vs whole fp32 (CPU s) | tokens/s "
+        "| step MiB |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    base = next((r for r in rows if r["micro"] == 0 and r["autocast"] == "off"), None)
+    for r in rows:
+        ratio = f"{r['cpu_seconds'] / base['cpu_seconds']:.2f}" if base else "-"
         lines.append(
-            f"| {k[0]} | {k[1]} | {k[2] or 'whole'} | {precision} | {cell(plain, 'seconds', '.2f')} "
-            f"| {cell(dp, 'seconds', '.2f')} | {ratio_t} | {cell(dp, 'tokens_per_s', '.0f')} "
-            f"| {cell(plain, mem, '.0f')} | {cell(dp, mem, '.0f')} | {ratio_m} |"
+            f"| {r['batch']} | {r['micro'] or 'whole'} | {r['autocast']} | {'yes' if r['dp'] else 'no'} "
+            f"| {_seconds(r)} | {ratio} | {r['tokens_per_s']:.0f} | {r['step_rss_mb']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def accuracy(args: argparse.Namespace) -> str:
+    """A centralized DP-SGD run on the bundled reviews, fp32 against bf16 autocast, with the same Poisson batches
+    and the same noise (reproducible-noise): test accuracy and macro-F1 on held-out rows (evaluated in fp32)."""
+    import numpy as np
+
+    from client.train import train_round
+    from shared.config import RunConfig
+    from shared.data import load_rotten_tomatoes
+    from shared.metrics import evaluate_model
+    from shared.model import build_model, encode, load_tokenizer
+
+    cfg = RunConfig(max_length=48)
+    data = load_rotten_tomatoes()
+    order = np.random.default_rng(0).permutation(len(data))
+    train_rows, test_rows = data.subset(order[: args.train_rows]), data.subset(order[-args.test_rows :])
+    tokenizer = load_tokenizer(cfg.model_path)
+    train = encode(tokenizer, train_rows.texts, train_rows.labels, max_length=cfg.max_length)
+    test = encode(tokenizer, test_rows.texts, test_rows.labels, max_length=cfg.max_length)
+    lines = [
+        f"| precision | steps | batch | noise | test accuracy | test macro-F1 | test loss ({len(test)} rows) "
+        "| train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for mode in args.autocast:
+        model = build_model(cfg, len(data.label_names))
+        started = time.perf_counter()
+        train_round(
+            model,
+            train,
+            steps=args.accuracy_steps,
+            batch_size=args.batch_sizes[0],
+            learning_rate=cfg.learning_rate,
+            optimizer_name=cfg.optimizer,
+            dp=True,
+            noise_multiplier=args.noise,
+            max_grad_norm=cfg.max_grad_norm,
+            seed=cfg.seed,  # the same batches and noise for every precision
+            micro_batch_size=args.micro,
+            autocast=mode,
+        )
+        seconds = time.perf_counter() - started
+        m = evaluate_model(model, test, num_classes=len(data.label_names))
+        lines.append(
+            f"| {mode} | {args.accuracy_steps} | {args.batch_sizes[0]} | {args.noise:g} | {m['accuracy']:.4f} "
+            f"| {m['macro_f1']:.4f} | {m['loss']:.4f} | {seconds:.0f} |"
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
 
 
@@ -271,7 +358,15 @@ def settings_for(args: argparse.Namespace) -> list[Setting]:
                 for dp in (False, True) if args.model != "classifier" else (True,):
                     out.append(
                         Setting(
-                            args.model, batch, micro, dp, autocast, seq=args.seq, steps=args.steps, warmup=args.warmup
+                            args.model,
+                            batch,
+                            micro,
+                            dp,
+                            autocast,
+                            seq=args.seq,
+                            steps=args.steps,
+                            warmup=args.warmup,
+                            threads=args.threads,
                         )
                     )
     return out
@@ -286,7 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast", nargs="+", default=["off", "bf16"], choices=["off", "bf16"])
     parser.add_argument("--steps", type=int, default=1, help="timed logical steps per setting")
     parser.add_argument("--warmup", type=int, default=0, help="untimed logical steps before them")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per setting (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per setting")
+    parser.add_argument(
+        "--accuracy", action="store_true", help="classifier: a centralized DP-SGD run per --autocast, test metrics"
+    )
+    parser.add_argument("--accuracy-steps", type=int, default=32)
+    parser.add_argument("--train-rows", type=int, default=3000)
+    parser.add_argument("--test-rows", type=int, default=600)
+    parser.add_argument("--noise", type=float, default=1.0, help="noise multiplier of the --accuracy run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the subprocess's own setting
     args = parser.parse_args(argv)
@@ -297,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_sizes = [256] if args.model == "classifier" else [4, 16]
     if args.micro is None:
         args.micro = 32 if args.model == "classifier" else 4
+    if args.accuracy:
+        print(accuracy(args))
+        return 0
     rows = []
     for setting in settings_for(args):
         row = in_subprocess(setting, timeout=args.timeout)
@@ -307,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    print(markdown(rows))
+    print(markdown_settings(rows) if args.model == "classifier" else markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
