@@ -266,6 +266,8 @@ def train(msg: Message, context: Context) -> Message:
             max_grad_norm=cfg.max_grad_norm,
             seed=seed,
             device=site.device,
+            micro_batch_size=cfg.micro_batch_size,
+            autocast=cfg.autocast,
         )
         if result.event is not None and result.event != planned:
             raise RuntimeError(f"Opacus ran {result.event}, but the site planned and budgeted {planned}")

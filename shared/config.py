@@ -68,6 +68,17 @@ class RunConfig:
         ),
     )
     batch_size: int = field(default=256, metadata=_help("Expected (Poisson) batch size."))
+    micro_batch_size: int = field(
+        default=0,
+        metadata=_help(
+            "Rows per forward/backward pass: each (Poisson) batch is sorted by length and taken in micro-batches of "
+            "at most this many rows, each cut to its longest row; the step is the whole batch's. 0 = whole batch."
+        ),
+    )
+    autocast: Literal["off", "bf16"] = field(
+        default="off",
+        metadata=_help("bf16: the forward pass under torch.autocast (bfloat16); adapter and optimizer stay fp32."),
+    )
     # differential privacy
     dp: bool = field(default=True, metadata=_help("DP-SGD on every client. Off = non-private baseline."))
     target_epsilon: float = field(default=8.0, metadata=_help("Calibrate noise to this epsilon over all rounds."))
@@ -184,6 +195,7 @@ class RunConfig:
         need(self.server_tau > 0.0, "server_tau", self.server_tau, "> 0")
         need(self.local_steps >= 1, "local_steps", self.local_steps, ">= 1")
         need(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        need(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, ">= 0")
         need(self.max_grad_norm > 0.0, "max_grad_norm", self.max_grad_norm, "> 0")
         need(0.0 < self.delta < 1.0, "delta", self.delta, "in (0, 1)")
         need(self.accountant in ACCOUNTANTS, "accountant", self.accountant, f"one of {ACCOUNTANTS}")

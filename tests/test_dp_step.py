@@ -409,3 +409,21 @@ def test_a_micro_batched_dp_step_on_cuda_equals_the_whole_batch_step_on_cuda():
         assert all(p.device.type == "cuda" for p in params)
         results.append(flatten(get_trainable(model)))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-3, atol=1e-6)
+
+
+def test_the_gpu_benchmark_imports_neither_flwr_nor_ray():
+    """The GPU machine has torch, transformers and peft (opacus carried as a wheel), no flwr and no ray."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, runpy; sys.argv = ['gpu_benchmark', '--help']\n"
+        "try:\n    runpy.run_path('simulations/gpu_benchmark.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'flwr', 'ray', 'pandas', 'cryptography'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
