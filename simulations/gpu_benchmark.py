@@ -31,8 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from client.dp_random import DpEngine, random_source  # noqa: E402
-from client.train import logical_step, make_optimizer  # noqa: E402
+try:
+    from client.dp_random import DpEngine, random_source
+    from client.train import logical_step, make_optimizer
+except ImportError as e:  # opacus (or its opt_einsum, scipy) is not installed on the GPU machine
+    raise ImportError(
+        f"gpu_benchmark needs opacus and its dependencies ({e}): pip install --no-deps wheels/*.whl "
+        "(made with: pip download opacus==1.6.0 opt_einsum==3.4.0 --no-deps -d wheels/)"
+    ) from e
 from simulations.benchmark_dp_step import (  # noqa: E402
     SHAPES,
     causal_lora_model,
@@ -47,20 +53,6 @@ PLAN: list[tuple[str, list[int], int]] = [
     ("tinyllama-1.1b", [16, 64, 128], 16),
 ]
 SMOKE_PLAN: list[tuple[str, list[int], int]] = [("tiny", [4, 8], 2)]
-
-
-def _check_dependencies() -> None:
-    missing = []
-    for name in ("transformers", "peft", "opacus", "scipy"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise ImportError(
-            f"gpu_benchmark needs {', '.join(missing)}: pip install --no-deps wheels/*.whl "
-            "(made here with: pip download opacus==1.6.0 opt_einsum==3.4.0 --no-deps -d wheels/)"
-        )
 
 
 def bf16_base(model: nn.Module) -> nn.Module:
@@ -161,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no new setting after this many s")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    _check_dependencies()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device (use --device cpu --smoke here)")
     plan = SMOKE_PLAN if args.smoke else PLAN
