@@ -427,3 +427,12 @@ def test_the_gpu_benchmark_imports_neither_flwr_nor_ray():
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_simulation_sharing_one_gpu_refuses_a_device_its_ray_workers_cannot_see():
+    """Ray shows each simulated site only the GPU share it reserved, as cuda:0: cuda:1 would fail in every worker
+    after Ray started; it fails here, before anything starts."""
+    from shared.simulation import run_simulation
+
+    with pytest.raises(ValueError, match="device 'cuda:1': a simulated site sees only the GPU Ray gave it"):
+        run_simulation({}, num_clients=3, site_settings={"device": "cuda:1"}, num_gpus_per_client=1 / 3)
