@@ -69,10 +69,11 @@ class RunConfig:
     )
     batch_size: int = field(default=256, metadata=_help("Expected (Poisson) batch size."))
     micro_batch_size: int = field(
-        default=0,
+        default=32,
         metadata=_help(
             "Rows per forward/backward pass: each (Poisson) batch is sorted by length and taken in micro-batches of "
-            "at most this many rows, each cut to its longest row; the step is the whole batch's. 0 = whole batch."
+            "at most this many rows, each cut to its longest row; the step is the whole batch's, memory one "
+            "micro-batch's (32: 0.53x the DP step's CPU time on the reviews; docs/benchmarks.md). 0 = whole batch."
         ),
     )
     autocast: Literal["off", "bf16"] = field(
