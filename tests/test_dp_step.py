@@ -403,12 +403,12 @@ def test_a_micro_batched_dp_step_on_cuda_equals_the_whole_batch_step_on_cuda():
             micro_batch_size=micro,
             dp=True,
             device="cuda",
-            autocast="bf16",
+            autocast="off",
         )
         module._close()
         assert all(p.device.type == "cuda" for p in params)
         results.append(flatten(get_trainable(model)))
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-7)
 
 
 def test_the_gpu_benchmark_imports_neither_flwr_nor_ray():
