@@ -310,6 +310,8 @@ def accuracy(args: argparse.Namespace) -> str:
     from shared.metrics import evaluate_model
     from shared.model import build_model, encode, load_tokenizer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = RunConfig(max_length=48)
     data = load_rotten_tomatoes()
     order = np.random.default_rng(0).permutation(len(data))
