@@ -9,10 +9,12 @@ fresh PrivacyEngine per round never resets it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,6 +68,31 @@ def _event_from_opacus(history: list[tuple[float, float, int]], *, max_grad_norm
         steps=int(num_steps),
         clip_norm=float(max_grad_norm),
     )
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere autocast bf16 is emulated
+    and slower than float32. Linux's /proc/cpuinfo; False where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def resolve_autocast(mode: str, device: str) -> str:
+    """``"off"`` or ``"bf16"``: ``"auto"`` is bf16 where ``device`` computes it natively (a CUDA GPU that supports
+    bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere."""
+    if mode in ("off", "bf16"):
+        return mode
+    if mode != "auto":
+        raise ValueError(f"autocast must be 'off', 'bf16' or 'auto', got {mode!r}")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if kind == "cpu" and cpu_has_native_bf16() else "off"
 
 
 def _autocast(mode: str, device: str) -> contextlib.AbstractContextManager[object]:
@@ -201,14 +228,15 @@ def train_round(
     Each logical batch is sorted by row length and taken in micro-batches of at most ``micro_batch_size`` rows
     (0: the whole batch at once), each trimmed to its longest row; the step is the whole batch's step (see
     :func:`logical_step`) and ``steps`` counts logical steps, as the accountant does. ``autocast="bf16"`` runs
-    the forward pass under ``torch.autocast`` in bfloat16; the adapter weights, their gradients, the clipping,
+    the forward pass under ``torch.autocast`` in bfloat16 (``"auto"``: where the device does bf16 natively,
+    :func:`resolve_autocast`); the adapter weights, their gradients, the clipping,
     the noise and the optimizer stay in float32.
     """
     if len(data) == 0:
         raise ValueError("cannot train on 0 rows")
     if micro_batch_size < 0:
         raise ValueError(f"micro_batch_size must be >= 0, got {micro_batch_size}")
-    _autocast(autocast, device)  # an unknown mode fails before any work
+    autocast = resolve_autocast(autocast, device)  # an unknown mode fails before any work
     model.to(device)
     model.train()  # HF models load in eval mode; Opacus must wrap a model in train mode
     params = [p for p in model.parameters() if p.requires_grad]

@@ -305,7 +305,7 @@ def test_train_round_refuses_a_negative_micro_batch_and_an_unknown_autocast():
     common = dict(steps=1, batch_size=4, learning_rate=0.1, dp=False, noise_multiplier=0.0, max_grad_norm=1.0, seed=0)
     with pytest.raises(ValueError, match="micro_batch_size must be >= 0, got -2"):
         train_round(model, data, micro_batch_size=-2, loss_fn=row_mean_nll, **common)
-    with pytest.raises(ValueError, match="autocast must be 'off' or 'bf16', got 'fp16'"):
+    with pytest.raises(ValueError, match="autocast must be 'off', 'bf16' or 'auto', got 'fp16'"):
         train_round(model, data, autocast="fp16", loss_fn=row_mean_nll, **common)
 
 
@@ -373,6 +373,18 @@ def test_bf16_autocast_gives_the_float32_loss_to_bf16_precision_and_keeps_the_ad
     a, b = flatten(get_trainable(exact)), flatten(get_trainable(mixed))
     before = flatten(get_trainable(tiny_causal_lm("ffa")))
     assert np.linalg.norm(b - a) <= 0.1 * np.linalg.norm(a - before)  # the same step, to bf16 precision
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "off")])
+def test_auto_autocast_is_bf16_only_on_a_cpu_that_does_bf16_natively(monkeypatch, native, expected):
+    import client.train
+
+    monkeypatch.setattr(client.train, "cpu_has_native_bf16", lambda: native)
+    assert client.train.resolve_autocast("auto", "cpu") == expected
+    assert (
+        client.train.resolve_autocast("bf16", "cpu") == "bf16" and client.train.resolve_autocast("off", "cpu") == "off"
+    )
+    assert client.train.resolve_autocast("auto", "mps") == "off"
 
 
 # -- CUDA -----------------------------------------------------------------------------------------------------------
