@@ -279,6 +279,8 @@ def train(msg: Message, context: Context) -> Message:
             max_grad_norm=cfg.max_grad_norm,
             seed=seed,
             device=site.device,
+            micro_batch_size=cfg.micro_batch_size,
+            autocast=cfg.autocast,
         )
         expected = (
             planned if guarantees is None else opacus_event(sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm)

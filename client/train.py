@@ -9,10 +9,13 @@ fresh PrivacyEngine per round never resets it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import secrets
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,15 +23,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_random import DpEngine, random_source
+from shared.batching import micro_batches
 from shared.centering import ANSWER_SCALE, sensitivity
 from shared.model import Encoded
 from shared.privacy import DpEvent
 
+if TYPE_CHECKING:
+    from shared.tasks.base import LossFn
 
-def _trim_collate(rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-    ids, mask, labels = (torch.stack(col) for col in zip(*rows, strict=True))
-    width = max(int(mask.sum(dim=1).max().item()), 1)
-    return ids[:, :width], mask[:, :width], labels
+
+def _stack_collate(rows: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """A logical batch as whole tensors; :func:`micro_batches` sorts, splits and trims it."""
+    return tuple(torch.stack(col) for col in zip(*rows, strict=True))
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,16 @@ class TrainResult:
     event: DpEvent | None  # None when DP is off
 
 
-def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+def classifier_loss(model: nn.Module, batch: Encoded) -> torch.Tensor:
+    """The classifier's loss: cross-entropy of ``model(...).logits`` against one class per row, mean over rows."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return nn.functional.cross_entropy(logits.float(), batch.labels)
+
+
+def _batches(loader: DataLoader) -> Iterator[Encoded]:
     while True:
-        yield from loader
+        for input_ids, attention_mask, labels in loader:
+            yield Encoded(input_ids, attention_mask, labels)
 
 
 def _event_from_opacus(history: list[tuple[float, float, int]], *, max_grad_norm: float) -> DpEvent:
@@ -57,35 +70,123 @@ def _event_from_opacus(history: list[tuple[float, float, int]], *, max_grad_norm
     )
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); elsewhere autocast bf16 is emulated
+    and slower than float32. Linux's /proc/cpuinfo; False where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def resolve_autocast(mode: str, device: str) -> str:
+    """``"off"`` or ``"bf16"``: ``"auto"`` is bf16 where ``device`` computes it natively (a CUDA GPU that supports
+    bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere."""
+    if mode in ("off", "bf16"):
+        return mode
+    if mode != "auto":
+        raise ValueError(f"autocast must be 'off', 'bf16' or 'auto', got {mode!r}")
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if kind == "cpu" and cpu_has_native_bf16() else "off"
+
+
+def _autocast(mode: str, device: str) -> contextlib.AbstractContextManager[object]:
+    if mode == "off":
+        return contextlib.nullcontext()
+    if mode == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"autocast must be 'off' or 'bf16', got {mode!r}")
+
+
+def _per_sample_grads_in_param_dtype(params: list[nn.Parameter]) -> None:
+    """Under autocast Opacus's hooks compute per-sample gradients in bf16. Opacus would take their norms in bf16
+    (rounded down by up to 0.4%, so a clipped gradient could exceed the clip norm) and cast only the sum: cast
+    them to the parameter's dtype first, so the norm is taken, and the clipping holds, on the values summed."""
+    for p in params:
+        grad_sample = getattr(p, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor) and grad_sample.dtype != p.dtype:
+            p.grad_sample = grad_sample.to(p.dtype)  # type: ignore[attr-defined]
+
+
+def _backward(loss: torch.Tensor) -> None:
+    with warnings.catch_warnings():  # Opacus's hooks on a module whose inputs need no grad: expected
+        warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+        loss.backward()
+
+
+def logical_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Encoded,
+    params: list[nn.Parameter],
+    *,
+    loss_fn: LossFn,
+    micro_batch_size: int,
+    dp: bool,
+    device: str,
+    autocast: str,
+) -> float | None:
+    """One optimizer step on a logical batch, taken in micro-batches; returns the batch's mean loss (None if empty).
+
+    Under DP this is Opacus's BatchMemoryManager protocol: every micro-batch but the last is a skipped step
+    (``signal_skip_step(True)``: its per-sample gradients are clipped and summed into ``summed_grad``, then
+    freed); the last one adds the noise once, divides by the expected batch size and steps. Since each row's
+    gradient is clipped on its own, the step equals the step on the whole batch while memory holds one
+    micro-batch. Without DP each micro-batch's mean loss is weighted by its share of the rows, so the accumulated
+    gradient is the whole batch's mean-loss gradient.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    pieces = micro_batches(batch, micro_batch_size)
+    if not pieces:
+        # An empty Poisson batch is still a DP step (noise only): zero per-sample gradients for it.
+        for p in params if dp else []:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+        optimizer.step()
+        return None
+    loss_sum = 0.0
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        piece = Encoded(piece.input_ids.to(device), piece.attention_mask.to(device), piece.labels.to(device))
+        with _autocast(autocast, device):
+            loss = loss_fn(module, piece)
+        loss_sum += float(loss.detach()) * len(piece)
+        if dp:
+            _backward(loss)  # the micro-batch's mean: Opacus's per-sample gradients are each row's own
+            _per_sample_grads_in_param_dtype(params)
+            optimizer.signal_skip_step(do_skip=not last)  # type: ignore[attr-defined]
+            optimizer.step()
+            if not last:
+                optimizer.zero_grad(set_to_none=True)  # frees the per-sample gradients, keeps the clipped sum
+        else:
+            _backward(loss * (len(piece) / len(batch)))
+    if not dp:
+        optimizer.step()
+    return loss_sum / len(batch)
+
+
 def _run_steps(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[tuple[torch.Tensor, ...]],
+    batches: Iterator[Encoded],
     params: list[nn.Parameter],
     *,
     steps: int,
-    device: str,
+    **step_options: Any,
 ) -> tuple[list[float], int]:
     """Take ``steps`` optimizer steps; returns the batch losses and the number of empty (Poisson) batches."""
-    loss_fn = nn.CrossEntropyLoss()
     losses: list[float] = []
     empty = 0
     for _ in range(steps):
-        input_ids, attention_mask, labels = (t.to(device) for t in next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        if labels.numel() == 0:
+        loss = logical_step(module, optimizer, next(batches), params, **step_options)
+        if loss is None:
             empty += 1
-            # An empty Poisson batch is still a DP step (noise only): zero per-sample gradients for it.
-            for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
         else:
-            out = module(input_ids=input_ids, attention_mask=attention_mask)
-            loss = loss_fn(out.logits, labels)
-            with warnings.catch_warnings():  # Opacus's hooks on a module whose inputs need no grad: expected
-                warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-                loss.backward()
-            losses.append(float(loss.detach()))
-        optimizer.step()
+            losses.append(loss)
     return losses, empty
 
 
@@ -111,6 +212,9 @@ def train_round(
     seed: int | None,
     device: str = "cpu",
     optimizer_name: str = "adam",
+    loss_fn: LossFn | None = None,
+    micro_batch_size: int = 0,
+    autocast: str = "off",
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on ``data``; with ``dp`` they are DP-SGD steps under Opacus.
 
@@ -119,9 +223,20 @@ def train_round(
     ``noise_multiplier * max_grad_norm`` is added to their sum. The coins and the noise come from the OS's CSPRNG
     (:mod:`client.dp_random`); with a ``seed`` (reproducible-noise, experiments only) from a seeded generator.
     A batch that draws no row is still a step (noise only); ``mean_loss`` averages the batches that drew rows.
+
+    ``loss_fn`` is the task's loss (:data:`shared.tasks.base.LossFn`; None: the classifier's cross-entropy).
+    Each logical batch is sorted by row length and taken in micro-batches of at most ``micro_batch_size`` rows
+    (0: the whole batch at once), each trimmed to its longest row; the step is the whole batch's step (see
+    :func:`logical_step`) and ``steps`` counts logical steps, as the accountant does. ``autocast="bf16"`` runs
+    the forward pass under ``torch.autocast`` in bfloat16 (``"auto"``: where the device does bf16 natively,
+    :func:`resolve_autocast`); the adapter weights, their gradients, the clipping,
+    the noise and the optimizer stay in float32.
     """
     if len(data) == 0:
         raise ValueError("cannot train on 0 rows")
+    if micro_batch_size < 0:
+        raise ValueError(f"micro_batch_size must be >= 0, got {micro_batch_size}")
+    autocast = resolve_autocast(autocast, device)  # an unknown mode fails before any work
     model.to(device)
     model.train()  # HF models load in eval mode; Opacus must wrap a model in train mode
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,7 +250,7 @@ def train_round(
         batch_size=min(batch_size, len(data)),
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=_trim_collate,
+        collate_fn=_stack_collate,
     )
     engine_module: nn.Module = model
     event: DpEvent | None = None
@@ -158,7 +273,18 @@ def train_round(
         with torch.random.fork_rng(devices=[]) if reproducible else contextlib.nullcontext():
             if reproducible:
                 torch.manual_seed(seed)
-            losses, empty = _run_steps(engine_module, optimizer, batches, params, steps=steps, device=device)
+            losses, empty = _run_steps(
+                engine_module,
+                optimizer,
+                batches,
+                params,
+                steps=steps,
+                loss_fn=classifier_loss if loss_fn is None else loss_fn,
+                micro_batch_size=micro_batch_size,
+                dp=dp,
+                device=device,
+                autocast=autocast,
+            )
     finally:
         if dp:
             engine_module._close()  # type: ignore[operator]  # remove Opacus hooks: the model is plain again

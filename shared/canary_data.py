@@ -62,22 +62,21 @@ def per_example_losses(model: Any, data: Any, *, device: str = "cpu", batch_size
     import torch
     from torch import nn
 
+    from shared.batching import eval_batches
+
     loss_fn = nn.CrossEntropyLoss(reduction="none")
     was_training = model.training
     model.to(device)
     model.eval()
-    out = []
+    out = np.zeros(len(data), dtype=np.float64)
     try:
         with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                mask = data.attention_mask[start : start + batch_size]
-                width = max(int(mask.sum(dim=1).max().item()), 1)
-                ids = data.input_ids[start : start + batch_size, :width].to(device)
-                logits = model(input_ids=ids, attention_mask=mask[:, :width].to(device)).logits
-                out.append(loss_fn(logits, data.labels[start : start + batch_size].to(device)).cpu().numpy())
+            for index, batch in eval_batches(data, batch_size):  # rows of similar length, put back in order
+                logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+                out[index.numpy()] = loss_fn(logits.logits.float(), batch.labels.to(device)).cpu().numpy()
     finally:
         model.train(was_training)
-    return np.concatenate(out).astype(np.float64)
+    return out
 
 
 def write_canary_scores(

@@ -77,6 +77,22 @@ class RunConfig:
         ),
     )
     batch_size: int = field(default=256, metadata=_help("Expected (Poisson) batch size."))
+    micro_batch_size: int = field(
+        default=32,
+        metadata=_help(
+            "Rows per forward/backward pass: each (Poisson) batch is sorted by length and taken in micro-batches of "
+            "at most this many rows, each cut to its longest row; the step is the whole batch's, memory one "
+            "micro-batch's (32: 0.53x the DP step's CPU time on the reviews; docs/benchmarks.md). 0 = whole batch."
+        ),
+    )
+    autocast: Literal["auto", "bf16", "off"] = field(
+        default="auto",
+        metadata=_help(
+            "The forward pass under torch.autocast in bfloat16 (adapter, clipping, noise, optimizer stay fp32): auto "
+            "= where the site's device does bf16 natively (CUDA GPUs, CPUs with AVX512-BF16/AMX; accuracy held and "
+            "the DP step took 0.56x the CPU time, docs/benchmarks.md), bf16 = always, off = float32."
+        ),
+    )
     # differential privacy
     dp: bool = field(default=True, metadata=_help("DP-SGD on every client. Off = non-private baseline."))
     target_epsilon: float = field(default=8.0, metadata=_help("Calibrate noise to this epsilon over all rounds."))
@@ -202,6 +218,7 @@ class RunConfig:
         need(self.server_tau > 0.0, "server_tau", self.server_tau, "> 0")
         need(self.local_steps >= 1, "local_steps", self.local_steps, ">= 1")
         need(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        need(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, ">= 0")
         need(self.max_grad_norm > 0.0, "max_grad_norm", self.max_grad_norm, "> 0")
         need(0.0 < self.delta < 1.0, "delta", self.delta, "in (0, 1)")
         need(self.accountant in ACCOUNTANTS, "accountant", self.accountant, f"one of {ACCOUNTANTS}")

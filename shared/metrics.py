@@ -71,24 +71,24 @@ def quality_warnings(test: dict[str, Any], baseline: dict[str, float], label_nam
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Any, *, device: str = "cpu", batch_size: int = 128) -> tuple[np.ndarray, float]:
-    """Logits-argmax predictions and mean cross-entropy of ``model`` on encoded rows."""
+    """Logits-argmax predictions (in row order) and mean cross-entropy of ``model`` on encoded rows, computed in
+    batches of rows of similar length (:func:`shared.batching.eval_batches`)."""
+    from shared.batching import eval_batches
+
     model.to(device)
     was_training = model.training
     model.eval()
-    preds, loss_sum = [], 0.0
+    preds = np.zeros(len(data), dtype=np.int64)
+    loss_sum = 0.0
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     try:
-        for start in range(0, len(data), batch_size):
-            mask = data.attention_mask[start : start + batch_size]
-            width = max(int(mask.sum(dim=1).max().item()), 1)
-            ids = data.input_ids[start : start + batch_size, :width].to(device)
-            labels = data.labels[start : start + batch_size].to(device)
-            logits = model(input_ids=ids, attention_mask=mask[:, :width].to(device)).logits
-            loss_sum += float(loss_fn(logits, labels))
-            preds.append(logits.argmax(dim=-1).cpu().numpy())
+        for index, batch in eval_batches(data, batch_size):
+            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+            loss_sum += float(loss_fn(logits.float(), batch.labels.to(device)))
+            preds[index.numpy()] = logits.argmax(dim=-1).cpu().numpy()
     finally:
         model.train(was_training)
-    return np.concatenate(preds), loss_sum / len(data)
+    return preds, loss_sum / len(data)
 
 
 def evaluate_model(model: nn.Module, data: Any, *, num_classes: int, device: str = "cpu") -> dict[str, float]:

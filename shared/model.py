@@ -244,20 +244,19 @@ def _mean_pooling_head(model: nn.Module) -> MeanPoolingClassifier:
 def pooled_features(model: nn.Module, data: Encoded, *, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
     """Every row's pooled vector (the head's input before centering) under the model's current adapter, in
     eval mode (no dropout) and without gradients; float32 on the CPU, one row per example."""
+    from shared.batching import eval_batches
+
     head = _mean_pooling_head(model)
     was_training = model.training
     model.eval()
-    out = []
+    out = torch.zeros(len(data), model_hidden_size(head))
     try:
         with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                mask = data.attention_mask[start : start + batch_size]
-                width = max(int(mask.sum(dim=1).max().item()), 1)
-                ids = data.input_ids[start : start + batch_size, :width].to(device)
-                out.append(head.pool(ids, mask[:, :width].to(device)).float().cpu())
+            for index, batch in eval_batches(data, batch_size):  # rows of similar length, put back in order
+                out[index] = head.pool(batch.input_ids.to(device), batch.attention_mask.to(device)).float().cpu()
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model_hidden_size(head))
+    return out
 
 
 def set_feature_center(model: nn.Module, center: np.ndarray) -> None:

@@ -113,9 +113,14 @@ def run_simulation(
     """Simulate ``num_clients`` sites with the run config ``overrides`` (kebab-case keys); returns the run dir.
 
     ``site_settings`` go to every simulated site's ``site.toml`` (its budget, its ``device``);
-    ``num_gpus_per_client`` is what Ray reserves for each (a share of one GPU, for ``device = "cuda"``)."""
+    ``num_gpus_per_client`` is what Ray reserves for each: a share of one GPU (``privatune simulate --device cuda``
+    asks ``1 / num_clients``, so that all sites train at once on the one GPU). Ray then shows each site's worker
+    only the GPU it was given (``CUDA_VISIBLE_DEVICES``), as ``cuda:0``: the device to name is ``cuda``."""
     offline_environment()
     cfg = RunConfig.from_flower({**RunConfig().to_flower(), **overrides})  # validate before starting anything
+    device = str((site_settings or {}).get("device", "cpu"))
+    if num_gpus_per_client > 0 and device not in ("cuda", "cuda:0"):
+        raise ValueError(f"device {device!r}: a simulated site sees only the GPU Ray gave it, as cuda: use 'cuda'")
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise RuntimeError(f"{PROJECT_ROOT} has no pyproject.toml: install PrivaTune editable (pip install -e .)")
     configure_logging(verbose=verbose)

@@ -121,3 +121,15 @@ def flower_task_identity():
     TaskIdentity.run_id = 4242
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     yield
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need a CUDA device: skipped where torch sees none (CI is CPU-only)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
