@@ -267,7 +267,7 @@ def train(msg: Message, context: Context) -> Message:
         bound, loss = answer_bound(cfg.center_clip_norm), None  # clipping the noisy answer: post-processing
     else:
         before = flatten(get_trainable(model))
-        result = train_round(  # TODO(merge): loss_fn=task.loss (helper dpstep adds train_round's loss_fn)
+        result = train_round(
             model,
             data,
             steps=cfg.local_steps,
@@ -281,6 +281,7 @@ def train(msg: Message, context: Context) -> Message:
             device=site.device,
             micro_batch_size=cfg.micro_batch_size,
             autocast=cfg.autocast,
+            loss_fn=task.loss,
         )
         expected = (
             planned if guarantees is None else opacus_event(sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm)
