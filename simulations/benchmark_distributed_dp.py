@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--distributed-rounds", type=int, default=None, help="rounds of the distributed runs (rounds x local-steps)"
     )
+    parser.add_argument(
+        "--local-steps", type=int, default=None, help="local-steps of the local and non-private runs (default: the run config's)"
+    )
     parser.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument(
@@ -110,14 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = RunConfig.from_flower(
-        {**RunConfig().to_flower(), "delta": args.delta, **({"center-features": False} if args.no_center else {})}
+        {
+            **RunConfig().to_flower(),
+            "delta": args.delta,
+            **({"center-features": False} if args.no_center else {}),
+            **({} if args.local_steps is None else {"local-steps": args.local_steps}),
+        }
     )
     rows = []
     header = f"{'setting':<22} {'rounds':>6} {'noise':>7} {'accuracy':>9} {'macro-F1':>9} {'fallback eps':>12} {'s':>6}"
     print(header, flush=True)
     with tempfile.TemporaryDirectory(prefix="privatune-ddp-") as tmp:
         for name, extra in settings(args, base):
-            overrides = {"delta": args.delta, "center-features": base.center_features, **extra}
+            overrides = {
+                "delta": args.delta,
+                "center-features": base.center_features,
+                "local-steps": base.local_steps,
+                **extra,
+            }
             started = time.monotonic()
             result = federated(overrides, args.num_clients, Path(tmp) / str(len(rows)))
             seconds = time.monotonic() - started
