@@ -224,7 +224,11 @@ def _parse_line(line: str, *, where: str) -> tuple[Kind, str, tuple[Message, ...
         raise DataError(f"{where} is a JSON {type(obj).__name__}, not an object")
     formats = [
         name
-        for name, keys in (("prompt/response", ("prompt", "response")), ("messages", ("messages",)), ("text", ("text",)))
+        for name, keys in (
+            ("prompt/response", ("prompt", "response")),
+            ("messages", ("messages",)),
+            ("text", ("text",)),
+        )
         if any(key in obj for key in keys)
     ]
     if not formats:
@@ -389,6 +393,11 @@ def _bos_id(tokenizer: Any) -> int | None:
     return int(bos) if ids[:1] == [bos] else None
 
 
+def _model_name(tokenizer: Any) -> str:
+    """The model a tokenizer was loaded from, for messages (its class where it was built in memory)."""
+    return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
 def _render(tokenizer: Any, rows: CausalRows) -> tuple[list[str], list[str]]:
     """Each row's prompt text and target text. A messages row is rendered with the tokenizer's chat template:
     the prompt is the conversation before the answer with the template's generation prompt, the target the rest
@@ -404,17 +413,16 @@ def _render(tokenizer: Any, rows: CausalRows) -> tuple[list[str], list[str]]:
             continue
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(
-                f"{rows.source}: row {i} is a chat ('messages') row, but the tokenizer of "
-                f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no chat template; "
-                "use prompt/response rows or a model with a chat template"
+                f"{rows.source}: row {i} is a chat ('messages') row, but the tokenizer of {_model_name(tokenizer)} "
+                "has no chat template; use prompt/response rows or a model with a chat template"
             )
         conversation = [{"role": role, "content": content} for role, content in messages]
         head = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
         whole = tokenizer.apply_chat_template(conversation, tokenize=False)
         if not whole.startswith(head):
             raise DataError(
-                f"{rows.source}: row {i}: the chat template of {getattr(tokenizer, 'name_or_path', '')!r} does not "
-                "render the conversation as its prompt followed by the answer; the answer cannot be told apart"
+                f"{rows.source}: row {i}: the chat template of {_model_name(tokenizer)} does not render "
+                "the conversation as its prompt followed by the answer; the answer cannot be told apart"
             )
         prompts.append(head)
         targets.append(whole[len(head) :])
@@ -425,14 +433,17 @@ def _tokenize(tokenizer: Any, rows: CausalRows) -> _Tokenized:
     """Prompts and targets tokenized in one batched call each, without the tokenizer's own special tokens (no
     ``[CLS]``/``[SEP]``); the BOS where the tokenizer uses one (taken off a prompt that a chat template already
     started with it), and the EOS after a target that does not already hold it (a chat template's end of turn
-    may be the EOS, as SmolLM2's ``<|im_end|>`` is)."""
+    may be the EOS, as SmolLM2's ``<|im_end|>`` is; the target then ends there)."""
     prompt_texts, target_texts = _render(tokenizer, rows)
     prompt_ids = _ids(tokenizer, prompt_texts)
     target_ids = _ids(tokenizer, target_texts)
     bos = _bos_id(tokenizer)
     eos = tokenizer.eos_token_id
     prompts = [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in prompt_ids]
-    targets = [[*ids, int(eos)] if eos is not None and eos not in ids else ids for ids in target_ids]
+    if eos is None:
+        targets = target_ids
+    else:  # what a template writes after the EOS (SmolLM2's newline) is never generated: not a target
+        targets = [ids[: ids.index(eos) + 1] if eos in ids else [*ids, int(eos)] for ids in target_ids]
     return _Tokenized([] if bos is None else [bos], prompts, targets)
 
 
