@@ -21,7 +21,7 @@ import gzip
 import json
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -67,9 +67,12 @@ class CausalRows:
     prompts: tuple[str, ...]
     messages: tuple[tuple[Message, ...], ...]
     responses: tuple[str, ...]
-    strata: np.ndarray  # int64 per row; see response_strata
+    strata: np.ndarray = field(compare=False)  # int64 per row, read-only; see response_strata
 
     def __post_init__(self) -> None:
+        strata = np.array(self.strata, dtype=np.int64)  # a copy: the caller's array may change, this one cannot
+        strata.flags.writeable = False
+        object.__setattr__(self, "strata", strata)
         n = len(self.kinds)
         lengths = {len(self.prompts), len(self.messages), len(self.responses), len(self.strata)}
         if lengths != {n}:

@@ -474,6 +474,7 @@ def test_strata_index_the_sorted_distinct_responses_and_a_subset_keeps_them_and_
     assert sub.rows() == [rows.rows()[3], rows.rows()[0], rows.rows()[2]]
     assert sub.strata.tolist() == [1, 2, 0]
     assert sub.source == rows.source and len(sub) == 3
+    assert not sub.strata.flags.writeable
 
 
 def test_chat_rows_are_stratified_by_their_answer():
