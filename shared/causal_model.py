@@ -12,9 +12,11 @@ prompt and the padding); ``labels[:, t]`` is the token at position t, predicted 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import importlib.util
+import io
 import logging
 import math
 import os
@@ -106,9 +108,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers():
+    # transformers' GGUF reader draws its own tqdm bar whatever its logging settings: it goes nowhere
+    with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with _quiet_transformers():
         config = copy.deepcopy(loaded.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config

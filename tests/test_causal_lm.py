@@ -470,3 +470,17 @@ def test_the_real_smollm2_converts_trains_on_qkvo_and_reloads_with_plain_peft(tm
         plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(path)), str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(cfg):
+    model = trained(cfg)
+    tokenizer = load_causal_tokenizer(cfg.model_path)
+    prompt_ids = torch.tensor([[0, 0, 0, 2000, 2001], [3000, 3001, 3002, 3003, 3004], [0, 0, 0, 0, 2500]])
+    prompt_mask = prompt_ids.ne(0).long()
+    together = greedy_generate(model, prompt_ids, prompt_mask, tokenizer=tokenizer, max_new_tokens=4, batch_size=3)
+    alone = [
+        greedy_generate(model, prompt_ids[i : i + 1], prompt_mask[i : i + 1], tokenizer=tokenizer, max_new_tokens=4)[0]
+        for i in range(3)
+    ]
+    assert together == alone
+    assert len(set(alone)) == 3 and all(alone)  # three different continuations, none empty
