@@ -484,3 +484,23 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(cfg):
     ]
     assert together == alone
     assert len(set(alone)) == 3 and all(alone)  # three different continuations, none empty
+
+
+def test_a_prompt_is_encoded_as_training_encodes_it_cut_from_the_left(cfg):
+    import copy
+
+    from shared.generate import encode_prompt
+
+    tokenizer = load_causal_tokenizer(cfg.model_path)  # MiniLM's: no BOS, no chat template, never [CLS]/[SEP]
+    words = tokenizer("the film was good", add_special_tokens=False)["input_ids"]
+    assert encode_prompt(tokenizer, "the film was good").tolist() == [words]
+    assert encode_prompt(tokenizer, "the film was good", max_length=2).tolist() == [words[-2:]]
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos.bos_token = "[unused0]"
+    assert encode_prompt(with_bos, "the film was good").tolist() == [[with_bos.bos_token_id, *words]]
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
+    rendered = chat("user: the film was good assistant:", add_special_tokens=False)["input_ids"]
+    assert encode_prompt(chat, "the film was good", chat=True).tolist() == [rendered]
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        encode_prompt(tokenizer, "")
