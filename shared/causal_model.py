@@ -527,19 +527,16 @@ def _load_snippet(base: str) -> list[str]:
         path = f'"path/to/{base}"  # your local copy of the base model'
     return [
         *where,
-        "Without PrivaTune (transformers + peft); prompts are encoded as in training, the tokenizer's BOS token "
-        "(if it has one) and the prompt's tokens without special tokens:",
+        "Without PrivaTune (transformers + peft); a prompt is encoded as in training, by the tokenizer (with the "
+        "BOS token where it adds one):",
         "",
         "```python",
-        "import torch",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"base_path = {path}",
         "tokenizer = AutoTokenizer.from_pretrained(base_path)",
         'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), "DIR").eval()  # DIR: here',
-        'ids = tokenizer("Your prompt", add_special_tokens=False, return_tensors="pt").input_ids',
-        "if tokenizer.bos_token_id is not None:",
-        "    ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)",
+        'ids = tokenizer("Your prompt", return_tensors="pt").input_ids',
         "out = model.generate(input_ids=ids, max_new_tokens=32, do_sample=False)",
         "print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
         "```",

@@ -83,21 +83,31 @@ def load_causal_adapter(
     return model, load_causal_tokenizer(base_path), card
 
 
+def own_bos_id(tokenizer: Any) -> int | None:
+    """The BOS id where the tokenizer itself starts a text with it (Llama's); None otherwise: SmolLM2's BOS
+    ``<|im_start|>`` is only ever written by its chat template, BERT's ``[CLS]`` is no BOS. The rule by which
+    ``shared/causal_data.py`` encodes training rows, so that a prompt here reads as one did there."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return int(bos) if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
+
+
 def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool = False, max_length: int | None = None) -> torch.Tensor:
-    """One prompt's ids as training encoded prompt rows: the tokenizer's BOS (if any) and the prompt's tokens
-    without special tokens; with ``chat``, one user message in the tokenizer's chat template with the assistant's
-    turn opened. Cut from the left to ``max_length`` tokens (the end of a prompt is what the answer follows)."""
+    """One prompt's ids as training encoded a prompt row: the prompt's tokens without special tokens, after the
+    BOS where the tokenizer itself adds one (:func:`own_bos_id`); with ``chat``, one user message in the
+    tokenizer's chat template with the assistant's turn opened (the template writes its own BOS). Cut from the
+    left to ``max_length`` tokens (the end of a prompt is what the answer follows)."""
+    bos = own_bos_id(tokenizer)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat needs a tokenizer with a chat template; this base model's has none")
-        rendered = tokenizer.apply_chat_template(
+        prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
         )
-        ids = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    else:
-        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if tokenizer.bos_token_id is not None:
-            ids = [int(tokenizer.bos_token_id), *ids]
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if bos is not None and ids[:1] != [bos]:
+        ids = [bos, *ids]
     if max_length is not None:
         ids = ids[-max_length:]
     if not ids:

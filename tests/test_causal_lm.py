@@ -456,7 +456,7 @@ def test_the_real_smollm2_converts_trains_on_qkvo_and_reloads_with_plain_peft(tm
         "Is this movie review fresh or rotten?\n\nReview: a delight\n\nAnswer:", add_special_tokens=False
     )
     response = tokenizer(" fresh", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = torch.tensor([[tokenizer.bos_token_id, *prompt["input_ids"], *response]])
+    ids = torch.tensor([[*prompt["input_ids"], *response]])  # SmolLM2 adds no BOS of its own
     labels = ids.clone()
     labels[:, : ids.shape[1] - len(response)] = -100
     with torch.no_grad():
@@ -496,11 +496,26 @@ def test_a_prompt_is_encoded_as_training_encodes_it_cut_from_the_left(cfg):
     assert encode_prompt(tokenizer, "the film was good").tolist() == [words]
     assert encode_prompt(tokenizer, "the film was good", max_length=2).tolist() == [words[-2:]]
     with_bos = copy.deepcopy(tokenizer)
-    with_bos.bos_token = "[unused0]"
-    assert encode_prompt(with_bos, "the film was good").tolist() == [[with_bos.bos_token_id, *words]]
+    with_bos.bos_token = "[CLS]"  # a BOS the tokenizer starts every text with: the prompt starts with it too
+    assert encode_prompt(with_bos, "the film was good").tolist() == [[with_bos.cls_token_id, *words]]
+    with_bos.bos_token = "[unused0]"  # a BOS it never adds itself (SmolLM2's): not added
+    assert encode_prompt(with_bos, "the film was good").tolist() == [words]
     chat = copy.deepcopy(tokenizer)
     chat.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
     rendered = chat("user: the film was good assistant:", add_special_tokens=False)["input_ids"]
     assert encode_prompt(chat, "the film was good", chat=True).tolist() == [rendered]
     with pytest.raises(ValueError, match="the prompt is empty"):
         encode_prompt(tokenizer, "")
+
+
+def test_the_model_cards_snippet_runs_with_transformers_and_peft_only(cfg, tmp_path, capsys):
+    out = save_causal_adapter(trained(cfg), tmp_path / "adapter", card={"base_model": cfg.model_path})
+    publish_causal_adapter(out, cfg=cfg, history=_history(), run_records=[])
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    assert "privatune" not in snippet and "shared." not in snippet
+    base_line = next(line for line in snippet.splitlines() if line.startswith("base_path = "))
+    code = snippet.replace(base_line, f"base_path = {str(cfg.model_path)!r}").replace('"DIR"', repr(str(out)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()  # the random model's 32 tokens
