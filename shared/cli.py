@@ -118,6 +118,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from shared.generate import generate_text
+
+    text = generate_text(
+        Path(args.adapter),
+        args.prompt,
+        base_model=args.base,
+        max_new_tokens=args.max_new_tokens,
+        chat=args.chat,
+        device=args.device,
+    )
+    print(text)
+    return 0
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
@@ -279,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-rows", type=int, default=None, help="Score only the first N rows.")
     ev.add_argument("--json", action="store_true", help="Print JSON instead of the table.")
     ev.set_defaults(func=_evaluate)
+
+    gen = sub.add_parser(
+        "generate", help="Greedy text from a saved causal-LM adapter (plain transformers + peft load)."
+    )
+    gen.add_argument("--adapter", required=True, help="A causal-LM adapter directory (runs/run-<id>/adapter).")
+    gen.add_argument("--prompt", required=True, help="The text to continue (encoded as training encoded prompts).")
+    gen.add_argument("--base", default=None, help="Where the base model lives here (default: the card's).")
+    gen.add_argument(
+        "--max-new-tokens", type=int, default=64, help="Stop after this many tokens (or at the eos token; default 64)."
+    )
+    gen.add_argument("--chat", action="store_true", help="Send the prompt as one user message in the chat template.")
+    gen.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps.")
+    gen.set_defaults(func=_generate)
 
     prov = sub.add_parser(
         "provision",

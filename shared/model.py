@@ -170,12 +170,28 @@ def load_base_model(model_path: str, num_labels: int, pooling: str = "mean") -> 
 
 def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
     """The PEFT model every party builds identically from the run config and seed."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import TaskType
 
     path = resolve_model_path(cfg.model_path)
     base = load_base_model(cfg.model_path, num_labels, cfg.classifier_pooling)
+    return wrap_lora(base, cfg, task_type=TaskType.SEQ_CLS, source=path)
+
+
+def _no_target_error(cfg: RunConfig, source: object) -> ModelError:
+    return ModelError(
+        f"lora-target-modules {cfg.target_modules} matched no module of {source}; "
+        "name modules of this architecture (e.g. query,value for BERT; q_proj,v_proj for Llama)"
+    )
+
+
+def wrap_lora(base: nn.Module, cfg: RunConfig, *, task_type: Any, source: object) -> nn.Module:
+    """``base`` under a LoRA adapter (rank, alpha and target modules from ``cfg``, no dropout) initialised by
+    :func:`init_adapter_`, in train mode: what every task's model is. ``task_type`` is PEFT's (``SEQ_CLS``,
+    ``CAUSAL_LM``); ``source`` names the model in the error for target modules that match nothing."""
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=0.0,
@@ -186,10 +202,18 @@ def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
             warnings.filterwarnings("ignore", category=FutureWarning)
             model = get_peft_model(base, lora)
     except ValueError as e:
-        raise ModelError(
-            f"lora-target-modules {cfg.target_modules} matched no module of {path}; "
-            "name modules of this architecture (e.g. query,value for BERT; q_proj,v_proj for Llama)"
-        ) from e
+        raise _no_target_error(cfg, source) from e
+    if not init_adapter_(model, cfg):
+        raise _no_target_error(cfg, source)
+    model.train()
+    return model
+
+
+def init_adapter_(model: nn.Module, cfg: RunConfig) -> bool:
+    """Initialise a fresh PEFT model's adapter in place, identically at every party: each LoRA A drawn from the
+    run's seed (frozen under FFA-LoRA, ``lora-mode = "ffa"``), each B zero (the adapter starts as a no-op), and
+    a trained head (``modules_to_save``, the classifier's) drawn from the seed too. False if the model has no
+    LoRA A at all (the target modules matched nothing)."""
     found = False
     for name, param in model.named_parameters():
         if ".lora_A." in name:
@@ -204,13 +228,7 @@ def build_model(cfg: RunConfig, num_labels: int) -> nn.Module:
         elif "modules_to_save" in name and param.requires_grad:
             fan_in = param.shape[-1] if param.dim() > 1 else model_hidden_size(model)
             _seeded_uniform_(param, 1.0 / math.sqrt(fan_in), cfg.seed, name)
-    if not found:
-        raise ModelError(
-            f"lora-target-modules {cfg.target_modules} matched no module of {path}; "
-            "name modules of this architecture (e.g. query,value for BERT; q_proj,v_proj for Llama)"
-        )
-    model.train()
-    return model
+    return found
 
 
 @lru_cache(maxsize=2)
