@@ -68,7 +68,8 @@ def federated(overrides: dict[str, Any], num_clients: int, out: Path) -> dict[st
 def settings(args: argparse.Namespace, base: RunConfig) -> list[tuple[str, dict[str, Any]]]:
     rounds = args.rounds or base.num_server_rounds
     distributed_rounds = args.distributed_rounds or rounds * base.local_steps
-    out: list[tuple[str, dict[str, Any]]] = [("non-private", {"dp": False, "num-server-rounds": rounds})]
+    non_private = {"dp": False, "num-server-rounds": rounds, "learning-rate": args.nonprivate_lr}
+    out: list[tuple[str, dict[str, Any]]] = [("non-private", non_private)]
     for eps in args.epsilon:
         out.append((f"local, eps={eps:g}", {"target-epsilon": eps, "num-server-rounds": rounds}))
         distributed = {
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--local-steps", type=int, default=None, help="local-steps of the local and non-private runs (default: the run config's)"
+    )
+    parser.add_argument(
+        "--nonprivate-lr",
+        type=float,
+        default=3.0,
+        help="client learning rate of the non-private run (the DP default of 10 diverges without noise and clipping)",
     )
     parser.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--delta", type=float, default=1e-5)

@@ -92,6 +92,66 @@ def tiny_config(tiny_model_dir: Path, tiny_csv: Path, tmp_path: Path):
     )
 
 
+def write_instructions(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """``rows`` as prompt/response JSONL: the review in the prompt, its label as the short answer."""
+    import json
+
+    lines = [
+        json.dumps({"prompt": f"Is this review fresh or rotten? {text}\nAnswer:", "response": f" {label}"})
+        for text, label in rows
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A 2-layer, 32-wide Llama (random weights) with the MiniLM tokenizer (no eos, no chat template), saved."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_instructions(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_instructions(tmp_path_factory.mktemp("data") / "instructions.jsonl", make_rows(240))
+
+
+@pytest.fixture()
+def tiny_causal_config(tiny_causal_dir: Path, tiny_instructions: Path, tmp_path: Path):
+    from shared.config import RunConfig
+
+    return RunConfig(
+        task="causal-lm",
+        model_path=str(tiny_causal_dir),
+        data_path=str(tiny_instructions),
+        lora_target_modules="q_proj,v_proj",
+        max_length=32,
+        batch_size=8,
+        local_steps=2,
+        num_server_rounds=2,
+        max_test_examples=20,
+        learning_rate=0.5,
+        target_epsilon=8.0,
+        secure_aggregation=False,
+        output_dir=str(tmp_path / "runs"),
+    )
+
+
 SIMULATION_KEYS = (
     "model-path",
     "data-path",

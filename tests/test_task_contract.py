@@ -25,10 +25,10 @@ from shared.tasks.presets import TASK_PRESETS
 TASKS = sorted(TASK_CLASSES)
 
 
-def _classify_config(tiny_model_dir: Path, tiny_csv: Path, tmp_path: Path) -> RunConfig:
+def _classify_config(request: pytest.FixtureRequest, tmp_path: Path) -> RunConfig:
     return RunConfig(
-        model_path=str(tiny_model_dir),
-        data_path=str(tiny_csv),
+        model_path=str(request.getfixturevalue("tiny_model_dir")),
+        data_path=str(request.getfixturevalue("tiny_csv")),
         labels="rotten,fresh",
         max_length=16,
         batch_size=8,
@@ -37,59 +37,27 @@ def _classify_config(tiny_model_dir: Path, tiny_csv: Path, tmp_path: Path) -> Ru
     )
 
 
-def _causal_config(tiny_model_dir: Path, tiny_csv: Path, tmp_path: Path) -> RunConfig:
-    """A 2-layer, 32-wide Llama (random weights, the MiniLM tokenizer) and prompt/response rows in JSONL."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    model_dir = tmp_path / "tiny-llama"
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(model_dir))
-    AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True).save_pretrained(str(model_dir))
-    from conftest import make_rows
-
-    data = tmp_path / "instructions.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"prompt": f"Is this review fresh or rotten? {text}\nAnswer:", "response": f" {label}"}) + "\n"
-            for text, label in make_rows(60)
-        )
-    )
-    return RunConfig(
-        task="causal-lm",
-        model_path=str(model_dir),
-        data_path=str(data),
-        lora_target_modules="q_proj,v_proj",
-        max_length=32,
-        batch_size=8,
-        max_test_examples=20,
-        output_dir=str(tmp_path / "runs"),
-    )
+def _causal_config(request: pytest.FixtureRequest, tmp_path: Path) -> RunConfig:
+    """A 2-layer, 32-wide Llama (random weights, the MiniLM tokenizer) and prompt/response rows in JSONL
+    (conftest's ``tiny_causal_config``)."""
+    cfg: RunConfig = request.getfixturevalue("tiny_causal_config")
+    return cfg
 
 
-SETUPS: dict[str, Callable[[Path, Path, Path], RunConfig]] = {
+SETUPS: dict[str, Callable[[pytest.FixtureRequest, Path], RunConfig]] = {
     "classify": _classify_config,
     "causal-lm": _causal_config,
 }
 
 
 @pytest.fixture(params=TASKS)
-def setup(request: pytest.FixtureRequest, tiny_model_dir: Path, tiny_csv: Path, tmp_path: Path):
+def setup(request: pytest.FixtureRequest, tmp_path: Path):
     name = request.param
     module, _ = TASK_CLASSES[name]
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module.replace('.', '/')}.py is not in this checkout yet")
     assert name in SETUPS, f"task {name!r} has no tiny setup in this contract test: add one"
-    cfg = SETUPS[name](tiny_model_dir, tiny_csv, tmp_path)
+    cfg = SETUPS[name](request, tmp_path)
     return get_task(cfg), cfg
 
 

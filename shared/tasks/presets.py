@@ -18,15 +18,17 @@ TASK_NAMES = (CLASSIFY, CAUSAL_LM)  # the run config's ``task`` values (shared.c
 # kebab-case run-config keys, as in pyproject.toml's [tool.flwr.app.config]
 TASK_PRESETS: Mapping[str, Mapping[str, Any]] = {
     CLASSIFY: {},  # RunConfig's defaults are the classifier's
-    # Placeholders until helper "causal" measures them (issue 11); tuning these values is theirs.
+    # SmolLM2-135M-Instruct on the bundled reviews as instructions (docs/causal-lm.md): batches of 32 rows of up to
+    # 128 tokens keep a CPU step in seconds; FFA-LoRA's B on q,k,v,o at lr 2 learnt the answer in 12 DP steps.
     CAUSAL_LM: {
         "model-path": "builtin:smollm2-135m-instruct",
         "data-path": "builtin:rotten-tomatoes-instruct",
         "lora-target-modules": "q_proj,k_proj,v_proj,o_proj",
         "center-features": False,
         "max-length": 128,
-        "batch-size": 64,
-        "learning-rate": 0.5,
+        "max-test-examples": 100,
+        "batch-size": 32,
+        "learning-rate": 2.0,
     },
 }
 
