@@ -12,7 +12,7 @@ from typing import Any
 
 from server.serving.cli import add_serving_commands
 from shared.config import ConfigError, RunConfig
-from shared.tasks.presets import TASK_NAMES
+from shared.tasks.presets import SIMULATED_SITES, TASK_NAMES
 
 
 def _parse_value(raw: str) -> Any:
@@ -49,8 +49,8 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides["output-dir"] = args.output_dir
     if args.task is not None:
         overrides["task"] = args.task
-    RunConfig.from_flower({**RunConfig().to_flower(), **overrides})  # fail fast, before Ray starts
-    return _run(args, overrides, num_clients=args.num_clients)
+    cfg = RunConfig.from_flower({**RunConfig().to_flower(), **overrides})  # fail fast, before Ray starts
+    return _run(args, overrides, num_clients=args.num_clients or SIMULATED_SITES[cfg.task])
 
 
 def _run(args: argparse.Namespace, overrides: dict[str, Any], *, num_clients: int) -> int:
@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privatune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="Simulate a private federation on this machine.")
-    sim.add_argument("--num-clients", type=int, default=10, help="Simulated sites (default 10).")
+    sim.add_argument(
+        "--num-clients", type=int, default=None, help="Simulated sites (default 10; 3 with --task causal-lm)."
+    )
     sim.add_argument("--rounds", type=int, default=None, help="Override num-server-rounds.")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override any run-config key.")
     sim.add_argument(

@@ -21,6 +21,7 @@ TASK_PRESETS: Mapping[str, Mapping[str, Any]] = {
     # SmolLM2-135M-Instruct on the bundled reviews as instructions (docs/causal-lm.md): batches of 32 rows of up to
     # 128 tokens keep a CPU step in seconds; FFA-LoRA's B on q,k,v,o at lr 2 learnt the answer in 12 DP steps.
     CAUSAL_LM: {
+        "num-server-rounds": 3,
         "model-path": "builtin:smollm2-135m-instruct",
         "data-path": "builtin:rotten-tomatoes-instruct",
         "lora-target-modules": "q_proj,k_proj,v_proj,o_proj",
@@ -31,6 +32,10 @@ TASK_PRESETS: Mapping[str, Mapping[str, Any]] = {
         "learning-rate": 2.0,
     },
 }
+
+# How many sites `privatune simulate` simulates when --num-clients is not given: each causal-LM site holds a
+# 135M-parameter model and trains it on the CPU, so the default federation is small enough to finish in minutes.
+SIMULATED_SITES: Mapping[str, int] = {CLASSIFY: 10, CAUSAL_LM: 3}
 
 # A deployed site's node-config keys that only some tasks read (the classifier's file columns and label set), and
 # those it must set: a site of another task that sets one is told so (a setting that silently did nothing would
