@@ -158,6 +158,25 @@ def attested_privacy(run_records: Sequence[Mapping[str, Any]]) -> dict[str, dict
     return dict(sorted(sites.items()))
 
 
+def privacy_section(run_records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The model card's "Privacy, per site" section (Markdown lines), the same for every task: each site's
+    attested epsilon, delta, accountant and rounds (:func:`attested_privacy`), or that none attested a release."""
+    lines = ["## Privacy, per site (signed attestations in the run ledger)", ""]
+    privacy = attested_privacy(run_records)
+    if not privacy:
+        return lines + ["No site attested a release in this run."]
+    lines += ["| site | epsilon (cumulative) | delta | accountant | rounds attested |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {site} | {_fmt(p['epsilon'], 3)} | {p['delta']:g} | {p['accountant']} | {p['rounds']} |"
+        for site, p in privacy.items()
+    ]
+    return lines + [
+        "",
+        "Epsilon is each site's own, composed over every release of its data it recorded (also in earlier "
+        "runs); `privatune audit` re-verifies it from the sites' ledgers.",
+    ]
+
+
 def model_card(
     *,
     card: Mapping[str, Any],
@@ -176,7 +195,6 @@ def model_card(
     # this adapter's own metrics (privatune.json's final_test), else the last round's
     final = card.get("final_test") or (rounds[-1].get("test") if rounds else None) or history.get("initial_test") or {}
     baseline = majority_baseline(history)
-    privacy = attested_privacy(run_records)
     dp = bool(config.get("dp", True))
     lines = [
         "---",
@@ -205,22 +223,8 @@ def model_card(
         f"| LoRA | {config.get('lora-mode', '?')}, rank {config.get('lora-r', '?')}, "
         f"modules {config.get('lora-target-modules', '?')} |",
         "",
-        "## Privacy, per site (signed attestations in the run ledger)",
-        "",
+        *privacy_section(run_records),
     ]
-    if privacy:
-        lines += ["| site | epsilon (cumulative) | delta | accountant | rounds attested |", "|---|---|---|---|---|"]
-        lines += [
-            f"| {site} | {_fmt(p['epsilon'], 3)} | {p['delta']:g} | {p['accountant']} | {p['rounds']} |"
-            for site, p in privacy.items()
-        ]
-        lines += [
-            "",
-            "Epsilon is each site's own, composed over every release of its data it recorded (also in earlier "
-            "runs); `privatune audit` re-verifies it from the sites' ledgers.",
-        ]
-    else:
-        lines.append("No site attested a release in this run.")
     lines += [
         "",
         "## Test metrics (the server's held-out set, this adapter)",

@@ -440,11 +440,10 @@ def causal_model_card(
 ) -> str:
     """The adapter's README.md (see :func:`publish_causal_adapter`): what it is, what it was trained on (by name,
     never content), the privacy each site attested, how good it was round by round, and how to load it."""
-    from server.outputs import _fmt, attested_privacy, public_name
+    from server.outputs import privacy_section, public_name
 
     base = public_name(str(card["base_model"]))
     rounds = list(history.get("rounds") or [])
-    privacy = attested_privacy(run_records)
     lines = [
         "---",
         f"base_model: {base}",
@@ -472,22 +471,8 @@ def causal_model_card(
         f"| LoRA | {cfg.lora_mode}, rank {cfg.lora_r}, alpha {cfg.lora_alpha}, modules {cfg.lora_target_modules} |",
         f"| this adapter | round {card.get('round', '?')} ({card.get('adapter', 'final')}) |",
         "",
-        "## Privacy, per site (signed attestations in the run ledger)",
-        "",
+        *privacy_section(run_records),
     ]
-    if privacy:
-        lines += ["| site | epsilon (cumulative) | delta | accountant | rounds attested |", "|---|---|---|---|---|"]
-        lines += [
-            f"| {site} | {_fmt(p['epsilon'], 3)} | {p['delta']:g} | {p['accountant']} | {p['rounds']} |"
-            for site, p in privacy.items()
-        ]
-        lines += [
-            "",
-            "Epsilon is each site's own, composed over every release of its data it recorded (also in earlier "
-            "runs); `privatune audit` re-verifies it from the sites' ledgers.",
-        ]
-    else:
-        lines.append("No site attested a release in this run.")
     tests = [("0 (before training)", history.get("initial_test"))] + [
         (str(r.get("round", "?")), r.get("test")) for r in rounds
     ]

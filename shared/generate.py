@@ -8,7 +8,6 @@ this project would, and decoded greedily.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from torch import nn
 
 from server.outputs import MODEL_CARD
 from shared.causal_model import greedy_generate, load_causal_base, load_causal_tokenizer
-from shared.predict import ADAPTER_CONFIG, AdapterError
+from shared.predict import ADAPTER_CONFIG, AdapterError, check_adapter_dir, read_json_object
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -31,32 +30,17 @@ class CausalAdapterCard:
     max_length: int | None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise AdapterError(f"{path} must hold a JSON object")
-    return value
-
-
 def read_causal_card(adapter_dir: Path) -> CausalAdapterCard:
     """The card of a causal-LM adapter directory; an :class:`AdapterError` naming the file for anything else (a
     missing directory or file, a classifier's adapter, a card without a base model)."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"adapter directory {adapter_dir} does not exist")
-    for name in (ADAPTER_CONFIG, MODEL_CARD):
-        if not (adapter_dir / name).is_file():
-            raise AdapterError(f"{adapter_dir} has no {name}: not an adapter directory a PrivaTune run wrote")
-    task_type = _read_json(adapter_dir / ADAPTER_CONFIG).get("task_type")
+    adapter_dir = check_adapter_dir(adapter_dir)
+    task_type = read_json_object(adapter_dir / ADAPTER_CONFIG).get("task_type")
     if task_type != "CAUSAL_LM":
         raise AdapterError(
             f"{adapter_dir / ADAPTER_CONFIG}: task_type is {task_type!r}, not 'CAUSAL_LM': a classifier's adapter "
             "is used with privatune predict"
         )
-    card = _read_json(adapter_dir / MODEL_CARD)
+    card = read_json_object(adapter_dir / MODEL_CARD)
     base, max_length = card.get("base_model"), card.get("max_length")
     if not isinstance(base, str) or not base:
         raise AdapterError(f"{adapter_dir / MODEL_CARD}: base_model must be a model path, got {base!r}")

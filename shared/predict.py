@@ -63,21 +63,33 @@ class AdapterCard:
         return cls(str(base), str(pooling), tuple(labels), int(max_length))  # type: ignore[arg-type]
 
 
-def read_card(adapter_dir: Path) -> AdapterCard:
+def check_adapter_dir(adapter_dir: Path) -> Path:
+    """``adapter_dir`` as a path, once it is a directory holding both files a run writes there (the PEFT adapter's
+    config and the card); an :class:`AdapterError` naming what is missing otherwise."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter directory {adapter_dir} does not exist")
     for name in (ADAPTER_CONFIG, MODEL_CARD):
         if not (adapter_dir / name).is_file():
             raise AdapterError(f"{adapter_dir} has no {name}: not an adapter directory a PrivaTune run wrote")
-    path = adapter_dir / MODEL_CARD
+    return adapter_dir
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; an :class:`AdapterError` naming the file if it is unreadable, not JSON, or
+    not an object."""
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path} is not readable JSON: {e}") from e
-    if not isinstance(card, dict):
+    if not isinstance(value, dict):
         raise AdapterError(f"{path} must hold a JSON object")
-    return AdapterCard.from_dict(card, source=str(path))
+    return value
+
+
+def read_card(adapter_dir: Path) -> AdapterCard:
+    path = check_adapter_dir(adapter_dir) / MODEL_CARD
+    return AdapterCard.from_dict(read_json_object(path), source=str(path))
 
 
 class Classifier:

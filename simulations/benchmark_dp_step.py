@@ -93,15 +93,6 @@ def causal_lora_model(
     return model
 
 
-def causal_row_mean_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """The causal task's loss: each row's mean NLL over its response tokens (labels != -100), averaged over rows."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    targets = batch.labels[:, 1:]
-    nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counted = targets.ne(-100)
-    return ((nll * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)).mean()
-
-
 def causal_rows(n: int, seq: int, vocab: int, *, seed: int = 0) -> Any:
     """``n`` rows of ``seq`` random tokens; the first quarter is the prompt (labels -100)."""
     from shared.model import Encoded
@@ -141,15 +132,35 @@ def _classifier(setting: Setting) -> tuple[nn.Module, Any, Any]:
     return build_model(cfg, len(rows.label_names)), data, classifier_loss
 
 
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> tuple[nn.Module, Any]:
+    """``model`` and ``optimizer`` under Opacus's ``make_private`` through the site's own :class:`DpEngine` (noise
+    1, clip 1, Poisson sampling, PRV accountant). Its loader of ``batch`` only tells Opacus the sample rate: the
+    benchmark's steps take the fixed batch."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from client.dp_random import DpEngine, random_source
+
+    loader = DataLoader(TensorDataset(batch.input_ids, batch.attention_mask, batch.labels), batch_size=len(batch))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        engine = DpEngine(accountant="prv", source=random_source(None))
+        module, optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=True,
+        )
+    return module, optimizer
+
+
 def _tokens(data: Any) -> int:
     return int(data.attention_mask.sum())
 
 
 def run_setting(setting: Setting) -> dict[str, Any]:
     """Build the model, take one warm-up step and ``steps`` timed logical steps; time and memory."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from client.dp_random import DpEngine, random_source
     from client.train import logical_step, make_optimizer
 
     device = setting.device
@@ -158,9 +169,11 @@ def run_setting(setting: Setting) -> dict[str, Any]:
     if setting.model == "classifier":
         model, batch, loss_fn = _classifier(setting)
     else:
+        from shared.causal_model import row_mean_nll
+
         model = causal_lora_model(setting.model)
         batch = causal_rows(setting.batch, setting.seq, SHAPES[setting.model]["vocab_size"])
-        loss_fn = causal_row_mean_loss
+        loss_fn = row_mean_nll
     if setting.base_dtype != "float32":
         for p in model.parameters():
             if not p.requires_grad:
@@ -170,20 +183,7 @@ def run_setting(setting: Setting) -> dict[str, Any]:
     optimizer = make_optimizer("sgd", params, 1e-3)
     module: nn.Module = model
     if setting.dp:
-        rows = TensorDataset(batch.input_ids, batch.attention_mask, batch.labels)
-        # the loader only tells make_private the sample rate; the steps below take the fixed batch
-        loader = DataLoader(rows, batch_size=setting.batch)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore")
-            engine = DpEngine(accountant="prv", source=random_source(None))
-            module, optimizer, _ = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                poisson_sampling=True,
-            )
+        module, optimizer = make_private(model, optimizer, batch)
     cuda = device.startswith("cuda")
     base_rss = _rss_mb()
     if cuda:

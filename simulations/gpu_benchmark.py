@@ -22,7 +22,6 @@ import gc
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +31,18 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 try:
-    from client.dp_random import DpEngine, random_source
     from client.train import logical_step, make_optimizer
 except ImportError as e:  # opacus (or its opt_einsum, scipy) is not installed on the GPU machine
     raise ImportError(
         f"gpu_benchmark needs opacus and its dependencies ({e}): pip install --no-deps wheels/*.whl "
         "(made with: pip download opacus==1.6.0 opt_einsum==3.4.0 --no-deps -d wheels/)"
     ) from e
+from shared.causal_model import row_mean_nll  # noqa: E402
 from simulations.benchmark_dp_step import (  # noqa: E402
     SHAPES,
     causal_lora_model,
-    causal_row_mean_loss,
     causal_rows,
+    make_private,
     markdown,
 )
 
@@ -75,24 +74,11 @@ def measure(
     seq: int,
 ) -> dict[str, Any]:
     """``warmup`` + ``steps`` logical steps of ``model`` on ``batch``; seconds per step and peak memory."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer("sgd", params, 1e-4)
     module: nn.Module = model
     if dp:
-        loader = DataLoader(TensorDataset(batch.input_ids, batch.attention_mask, batch.labels), batch_size=len(batch))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore")
-            engine = DpEngine(accountant="prv", source=random_source(None))
-            module, optimizer, _ = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                poisson_sampling=True,
-            )
+        module, optimizer = make_private(model, optimizer, batch)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -108,7 +94,7 @@ def measure(
                 optimizer,
                 batch,
                 params,
-                loss_fn=causal_row_mean_loss,
+                loss_fn=row_mean_nll,
                 micro_batch_size=micro,
                 dp=dp,
                 device=device,

@@ -1,10 +1,13 @@
-"""Shared fixtures: a tiny BERT built from a config (no download), a tiny labelled CSV, offline settings."""
+"""Shared fixtures and their builders: a tiny BERT and a tiny Llama built from configs (no download), tiny labelled
+CSV and prompt/response rows, run configs on them, offline settings."""
 
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,14 +42,59 @@ def write_csv(path: Path, rows: list[tuple[str, str]], *, header: str = "text,la
     return path
 
 
+def tiny_llama_config(**overrides: Any):
+    """A 2-layer, 32-wide Llama's config on MiniLM's vocabulary: the shape of every tiny causal LM in the tests
+    (``overrides`` for a test that needs another vocabulary or head count)."""
+    from transformers import LlamaConfig
+
+    shape: dict[str, Any] = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaConfig(**{**shape, **overrides})
+
+
+def save_tiny_model(out: Path, model_class: Any, config: Any, *, tokenizer_from: Path) -> Path:
+    """``model_class(config)`` with random weights from seed 0, saved in ``out`` with the tokenizer of
+    ``tokenizer_from`` (a local directory: nothing is downloaded)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(tokenizer_from), local_files_only=True).save_pretrained(str(out))
+    return out
+
+
+def tiny_run_config(tmp_path: Path, **fields: Any):
+    """A run config with what every tiny run shares (2 rounds of 2 local steps on batches of 8, learning rate 0.5,
+    epsilon 8, no secure aggregation, outputs under ``tmp_path``) and the task's own ``fields``."""
+    from shared.config import RunConfig
+
+    return RunConfig(
+        batch_size=8,
+        local_steps=2,
+        num_server_rounds=2,
+        learning_rate=0.5,
+        target_epsilon=8.0,
+        secure_aggregation=False,
+        output_dir=str(tmp_path / "runs"),
+        **fields,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 32-wide BERT for sequence classification with the MiniLM tokenizer, saved locally."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
 
     from shared.model import resolve_model_path
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(
         vocab_size=30522,
         hidden_size=32,
@@ -56,15 +104,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         max_position_embeddings=64,
         num_labels=2,
     )
-    import torch
-
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(str(out))
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(resolve_model_path("builtin:all-minilm-l6-v2")), local_files_only=True
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-bert"),
+        BertForSequenceClassification,
+        config,
+        tokenizer_from=resolve_model_path("builtin:all-minilm-l6-v2"),
     )
-    tokenizer.save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -74,22 +119,27 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def tiny_config(tiny_model_dir: Path, tiny_csv: Path, tmp_path: Path):
-    from shared.config import RunConfig
-
-    return RunConfig(
+    return tiny_run_config(
+        tmp_path,
         model_path=str(tiny_model_dir),
         data_path=str(tiny_csv),
         labels="rotten,fresh",
         max_length=16,
-        batch_size=8,
-        local_steps=2,
-        num_server_rounds=2,
         max_test_examples=40,
-        learning_rate=0.5,
-        target_epsilon=8.0,
-        secure_aggregation=False,
-        output_dir=str(tmp_path / "runs"),
     )
+
+
+@pytest.fixture()
+def no_dropout_config(tiny_config, tiny_model_dir: Path, tmp_path: Path):
+    """``tiny_config`` on the tiny model saved again without dropout, so that two forward passes are comparable."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(
+        str(tiny_model_dir), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model.save_pretrained(str(tmp_path / "nodrop"))
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(str(tmp_path / "nodrop"))
+    return replace(tiny_config, model_path=str(tmp_path / "nodrop"))
 
 
 def write_instructions(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -107,23 +157,11 @@ def write_instructions(path: Path, rows: list[tuple[str, str]]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_causal_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A 2-layer, 32-wide Llama (random weights) with the MiniLM tokenizer (no eos, no chat template), saved."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM, tiny_llama_config(), tokenizer_from=tiny_model_dir
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True).save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -133,22 +171,14 @@ def tiny_instructions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def tiny_causal_config(tiny_causal_dir: Path, tiny_instructions: Path, tmp_path: Path):
-    from shared.config import RunConfig
-
-    return RunConfig(
+    return tiny_run_config(
+        tmp_path,
         task="causal-lm",
         model_path=str(tiny_causal_dir),
         data_path=str(tiny_instructions),
         lora_target_modules="q_proj,v_proj",
         max_length=32,
-        batch_size=8,
-        local_steps=2,
-        num_server_rounds=2,
         max_test_examples=20,
-        learning_rate=0.5,
-        target_epsilon=8.0,
-        secure_aggregation=False,
-        output_dir=str(tmp_path / "runs"),
     )
 
 

@@ -53,32 +53,12 @@ def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A 2-layer, 32-wide random LlamaForCausalLM saved with the MiniLM tokenizer (as the task contract test)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True).save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture()
-def cfg(tiny_llama_dir: Path, tmp_path: Path) -> RunConfig:
+def cfg(tiny_causal_dir: Path, tmp_path: Path) -> RunConfig:
+    """conftest's tiny Llama with LoRA (rank 4) on all four attention projections."""
     return RunConfig(
         task="causal-lm",
-        model_path=str(tiny_llama_dir),
+        model_path=str(tiny_causal_dir),
         lora_target_modules=TARGETS,
         lora_r=4,
         lora_alpha=8,

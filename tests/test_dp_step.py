@@ -18,8 +18,9 @@ from transformers import AutoTokenizer
 from client.dp_random import DpEngine, random_source
 from client.train import classifier_loss, logical_step, make_optimizer, train_round
 from shared.batching import eval_batches, micro_batches, row_lengths
+from shared.causal_model import row_mean_nll
 from shared.model import Encoded, build_model, encode, flatten, get_trainable
-from tests.conftest import make_rows
+from tests.conftest import make_rows, tiny_llama_config
 
 # reproducible-noise draws from a seeded generator: Opacus's warning about it is expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Secure RNG turned off")
@@ -31,18 +32,10 @@ def tiny_causal_lm(mode: str) -> nn.Module:
     """A random 2-layer, 32-wide Llama with LoRA on q,k,v,o: FFA (A frozen, nonzero) or plain LoRA; B nonzero so
     that the gradient of A does not vanish."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(vocab_size=VOCAB, num_attention_heads=4, max_position_embeddings=64)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         model = get_peft_model(
@@ -71,31 +64,10 @@ def causal_rows(n: int = 7, width: int = 12, seed: int = 0) -> Encoded:
     return Encoded(ids, mask, labels)
 
 
-def row_mean_nll(model: nn.Module, batch: Encoded) -> torch.Tensor:
-    """The causal task's loss: each row's mean response-token NLL, averaged over rows."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    targets = batch.labels[:, 1:]
-    nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counted = targets.ne(-100)
-    return ((nll * counted).sum(dim=1) / counted.sum(dim=1).clamp(min=1)).mean()
-
-
 def one_row(data: Encoded, i: int) -> Encoded:
     n = int(row_lengths(data.attention_mask[i : i + 1])[0])  # the row alone, without its padding
     labels = data.labels[i : i + 1, :n] if data.labels.dim() == 2 else data.labels[i : i + 1]
     return Encoded(data.input_ids[i : i + 1, :n], data.attention_mask[i : i + 1, :n], labels)
-
-
-@pytest.fixture()
-def no_dropout_config(tiny_config, tiny_model_dir, tmp_path):
-    from transformers import BertForSequenceClassification
-
-    model = BertForSequenceClassification.from_pretrained(
-        str(tiny_model_dir), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
-    model.save_pretrained(str(tmp_path / "nodrop"))
-    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(str(tmp_path / "nodrop"))
-    return replace(tiny_config, model_path=str(tmp_path / "nodrop"))
 
 
 def classifier_rows(cfg, n: int = 9) -> Encoded:

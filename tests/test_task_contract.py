@@ -1,6 +1,6 @@
 """The Task contract (shared/tasks/base.py), written once and run against every registered task.
 
-Each task gets a tiny setup (a tiny random model and a few rows written here, nothing downloaded): rows load, subset
+Each task gets a tiny setup (conftest's tiny random model and rows, nothing downloaded): rows load, subset
 and stratify; encoding keeps one row per input; the loss is a scalar with gradients and the mean of the rows' own
 losses (what Opacus's per-sample clipping needs); the server's evaluator returns a finite loss; the adapter is saved
 and published. A task whose module is not in this checkout yet is skipped, not passed.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,39 +24,22 @@ from shared.tasks.presets import TASK_PRESETS
 TASKS = sorted(TASK_CLASSES)
 
 
-def _classify_config(request: pytest.FixtureRequest, tmp_path: Path) -> RunConfig:
-    return RunConfig(
-        model_path=str(request.getfixturevalue("tiny_model_dir")),
-        data_path=str(request.getfixturevalue("tiny_csv")),
-        labels="rotten,fresh",
-        max_length=16,
-        batch_size=8,
-        max_test_examples=40,
-        output_dir=str(tmp_path / "runs"),
-    )
-
-
-def _causal_config(request: pytest.FixtureRequest, tmp_path: Path) -> RunConfig:
-    """A 2-layer, 32-wide Llama (random weights, the MiniLM tokenizer) and prompt/response rows in JSONL
-    (conftest's ``tiny_causal_config``)."""
-    cfg: RunConfig = request.getfixturevalue("tiny_causal_config")
-    return cfg
-
-
-SETUPS: dict[str, Callable[[pytest.FixtureRequest, Path], RunConfig]] = {
-    "classify": _classify_config,
-    "causal-lm": _causal_config,
+# Each task's tiny setup is a conftest fixture: a 2-layer, 32-wide random model (BERT; Llama) with the MiniLM
+# tokenizer and 240 rows (labelled CSV; prompt/response JSONL).
+SETUPS: dict[str, str] = {
+    "classify": "tiny_config",
+    "causal-lm": "tiny_causal_config",
 }
 
 
 @pytest.fixture(params=TASKS)
-def setup(request: pytest.FixtureRequest, tmp_path: Path):
+def setup(request: pytest.FixtureRequest):
     name = request.param
     module, _ = TASK_CLASSES[name]
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module.replace('.', '/')}.py is not in this checkout yet")
     assert name in SETUPS, f"task {name!r} has no tiny setup in this contract test: add one"
-    cfg = SETUPS[name](request, tmp_path)
+    cfg: RunConfig = request.getfixturevalue(SETUPS[name])
     return get_task(cfg), cfg
 
 

@@ -14,19 +14,6 @@ from shared.model import build_model, encode, flatten, get_trainable
 from tests.conftest import make_rows
 
 
-@pytest.fixture()
-def no_dropout_config(tiny_config, tiny_model_dir, tmp_path):
-    """The tiny model saved again without dropout, so that two forward passes are comparable."""
-    from transformers import BertForSequenceClassification
-
-    model = BertForSequenceClassification.from_pretrained(
-        str(tiny_model_dir), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
-    model.save_pretrained(str(tmp_path / "nodrop"))
-    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(str(tmp_path / "nodrop"))
-    return replace(tiny_config, model_path=str(tmp_path / "nodrop"))
-
-
 def _data(cfg, n=12):
     rows = make_rows(n, seed=5)
     tok = AutoTokenizer.from_pretrained(cfg.model_path)

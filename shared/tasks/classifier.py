@@ -165,10 +165,9 @@ class ClassifierTask:
         return encode(load_tokenizer(cfg.model_path), labelled.texts, labelled.labels, max_length=cfg.max_length)
 
     def loss(self, model: nn.Module, batch: Encoded) -> torch.Tensor:
-        from torch.nn import functional as F
+        from client.train import classifier_loss  # the mean over the batch's rows, the local step's default
 
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return F.cross_entropy(logits, batch.labels)  # the mean over the batch's rows
+        return classifier_loss(model, batch)
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def evaluator(self, cfg: RunConfig, rows: Rows, *, device: str = "cpu") -> Callable[[nn.Module], Metrics]:
