@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.dp_random import DpEngine, random_source
 from shared.batching import micro_batches
 from shared.centering import ANSWER_SCALE, sensitivity
-from shared.model import Encoded
+from shared.model import Encoded, classifier_loss
 from shared.privacy import DpEvent
 
 if TYPE_CHECKING:
@@ -43,12 +43,6 @@ class TrainResult:
     steps: int
     empty_batches: int  # Poisson batches that drew no row (still noisy, accounted steps)
     event: DpEvent | None  # None when DP is off
-
-
-def classifier_loss(model: nn.Module, batch: Encoded) -> torch.Tensor:
-    """The classifier's loss: cross-entropy of ``model(...).logits`` against one class per row, mean over rows."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return nn.functional.cross_entropy(logits.float(), batch.labels)
 
 
 def _batches(loader: DataLoader) -> Iterator[Encoded]:

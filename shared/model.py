@@ -81,6 +81,12 @@ def encode(tokenizer: object, texts: tuple[str, ...] | list[str], labels: np.nda
     return Encoded(batch["input_ids"], batch["attention_mask"], torch.as_tensor(labels, dtype=torch.long))
 
 
+def classifier_loss(model: nn.Module, batch: Encoded) -> torch.Tensor:
+    """The classifier's loss: cross-entropy of ``model(...).logits`` against one class per row, mean over rows."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return nn.functional.cross_entropy(logits.float(), batch.labels)
+
+
 def _seeded_uniform_(tensor: torch.Tensor, bound: float, seed: int, name: str) -> None:
     """Fill ``tensor`` from a generator keyed by (seed, name): identical at every party, any process."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()

@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         "--distributed-rounds", type=int, default=None, help="rounds of the distributed runs (rounds x local-steps)"
     )
     parser.add_argument(
-        "--local-steps", type=int, default=None, help="local-steps of the local and non-private runs (default: the run config's)"
+        "--local-steps",
+        type=int,
+        default=None,
+        help="local-steps of the local and non-private runs (default: the run config's)",
     )
     parser.add_argument(
         "--nonprivate-lr",

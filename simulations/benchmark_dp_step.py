@@ -120,10 +120,9 @@ class Setting:
 
 
 def _classifier(setting: Setting) -> tuple[nn.Module, Any, Any]:
-    from client.train import classifier_loss
     from shared.config import RunConfig
     from shared.data import load_rotten_tomatoes
-    from shared.model import build_model, encode, load_tokenizer
+    from shared.model import build_model, classifier_loss, encode, load_tokenizer
 
     cfg = RunConfig(max_length=48)
     rows = load_rotten_tomatoes()

@@ -70,7 +70,9 @@ def test_three_causal_sites_two_rounds_with_secure_aggregation_end_to_end(tiny_c
     assert "round 1/2 | test loss" in out and " ppl " in out and " exact " in out
     assert "final test (round 2)" in summary(run_dir)
 
-    status = audit_main(["--sim-dir", str(tmp_path / "federation"), "--run-dir", str(run_dir), "--out", str(tmp_path / "audit")])
+    status = audit_main(
+        ["--sim-dir", str(tmp_path / "federation"), "--run-dir", str(run_dir), "--out", str(tmp_path / "audit")]
+    )
     report = json.loads((tmp_path / "audit" / "report.json").read_text())
     assert status == 0, capsys.readouterr().err
     assert all(r["verified"] for r in report["runs"])

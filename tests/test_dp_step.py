@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoTokenizer
 
 from client.dp_random import DpEngine, random_source
-from client.train import classifier_loss, logical_step, make_optimizer, train_round
+from client.train import logical_step, make_optimizer, train_round
 from shared.batching import eval_batches, micro_batches, row_lengths
 from shared.causal_model import row_mean_nll
-from shared.model import Encoded, build_model, encode, flatten, get_trainable
+from shared.model import Encoded, build_model, classifier_loss, encode, flatten, get_trainable
 from tests.conftest import make_rows, tiny_llama_config
 
 # reproducible-noise draws from a seeded generator: Opacus's warning about it is expected here

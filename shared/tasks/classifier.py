@@ -165,7 +165,7 @@ class ClassifierTask:
         return encode(load_tokenizer(cfg.model_path), labelled.texts, labelled.labels, max_length=cfg.max_length)
 
     def loss(self, model: nn.Module, batch: Encoded) -> torch.Tensor:
-        from client.train import classifier_loss  # the mean over the batch's rows, the local step's default
+        from shared.model import classifier_loss  # the mean over the batch's rows, the local step's default
 
         return classifier_loss(model, batch)
 
