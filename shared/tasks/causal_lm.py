@@ -162,7 +162,7 @@ class CausalLMTask:
         answer, share = common
         if metrics["exact_match"] <= share:
             return [
-                f"WARNING: exact match {metrics['exact_match']:.4f} is no better than always answering "
+                f"exact match {metrics['exact_match']:.4f} is no better than always answering "
                 f"{answer!r} ({share:.4f} of the held-out rows)"
             ]
         return []
