@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -322,10 +323,11 @@ def causal_evaluator(
     - ``loss``: the mean over rows of each row's mean target-token NLL (the training loss's definition; rows with
       no target token are left out, and a set with none has loss 0);
     - ``perplexity``: exp of the mean NLL over all target tokens of all rows (token-weighted);
-    - ``exact_match``: the share of rows whose greedy generation from ``prompts`` (LEFT-padded ``(input_ids,
-      attention_mask)``, one row per answer, as ``shared.causal_data.encode_prompts`` gives) matches its answer:
-      the first non-empty line of each, stripped and case-folded (:func:`first_line`), are equal. At most the
-      longest answer's token count + 2 new tokens. Needs ``tokenizer`` (to decode and to count answer tokens).
+    - ``exact_match`` (with ``top_answer`` and ``top_answer_share``, :func:`answer_metrics`): the share of rows
+      whose greedy generation from ``prompts`` (LEFT-padded ``(input_ids, attention_mask)``, one row per answer,
+      as ``shared.causal_data.encode_prompts`` gives) matches its answer: the first non-empty line of each,
+      stripped and case-folded (:func:`first_line`), are equal. At most the longest answer's token count + 2 new
+      tokens. Needs ``tokenizer`` (to decode and to count answer tokens).
 
     Batches of rows of similar length (:func:`shared.batching.eval_batches`), in eval mode and without gradients;
     the model's train mode is restored after. The model is moved to ``device``.
@@ -373,13 +375,35 @@ def causal_evaluator(
                         device=device,
                         batch_size=min(batch_size * 2, GENERATE_BATCH),
                     )
-                    hits = sum(first_line(t) == first_line(a) for t, a in zip(texts, answers, strict=True))
-                    metrics["exact_match"] = hits / len(answers) if answers else 0.0
+                    metrics.update(answer_metrics(texts, answers))
         finally:
             model.train(was_training)
         return metrics
 
     return evaluate
+
+
+def answer_metrics(texts: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    """Exact match of the generated ``texts`` against the ``answers`` (:func:`first_line` of each), and which
+    answer the model gives most: ``top_answer``, its index among the distinct expected answers in sorted order
+    (:func:`answer_choices`; -1 when it is none of them), and ``top_answer_share``, the share of rows it was
+    given to (a model that gives one answer to nearly every row has learnt the prior, not the task)."""
+    if not answers:
+        return {"exact_match": 0.0}
+    given = [first_line(t) for t in texts]
+    hits = sum(g == first_line(a) for g, a in zip(given, answers, strict=True))
+    top, count = Counter(given).most_common(1)[0]
+    choices = answer_choices(answers)
+    return {
+        "exact_match": hits / len(answers),
+        "top_answer": choices.index(top) if top in choices else -1,
+        "top_answer_share": count / len(given),
+    }
+
+
+def answer_choices(answers: Sequence[str]) -> list[str]:
+    """The distinct expected answers (:func:`first_line` of each), sorted: what ``top_answer`` indexes."""
+    return sorted({first_line(a) for a in answers})
 
 
 def _loss_metrics(row_sum: torch.Tensor, row_count: torch.Tensor) -> dict[str, float]:

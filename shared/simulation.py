@@ -246,7 +246,7 @@ def summary(run_dir: Path) -> str:
 _METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "precision": "precision", "recall": "recall"}
 _SHOWN_FIRST = ("accuracy", "macro_f1", "precision", "recall", "loss")
 _BEST_SHOWN = ("accuracy", "macro_f1")
-_NOT_SHOWN = ("top_class", "top_class_share")  # the one-class warning says what matters of these
+_NOT_SHOWN = ("top_class", "top_class_share", "top_answer", "top_answer_share")  # the warnings say what matters
 
 
 def _shown_metrics(test: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:

@@ -234,7 +234,33 @@ def test_exact_match_is_the_share_of_rows_whose_greedy_answer_matches(cfg):
         handle.remove()
     assert texts == ["fresh", "rotten", "rotten"]
     assert metrics["exact_match"] == pytest.approx(2 / 3)
+    assert (metrics["top_answer"], metrics["top_answer_share"]) == (1, pytest.approx(2 / 3))  # "rotten" of fresh/rotten
     assert math.isfinite(metrics["loss"])
+
+
+def test_a_model_giving_one_answer_to_nearly_every_row_is_named_in_a_warning(tmp_path):
+    from shared.causal_data import load_causal_rows
+    from shared.causal_model import answer_metrics
+    from shared.tasks.causal_lm import CausalLMTask
+
+    data = tmp_path / "qa.jsonl"
+    lines = [f'{{"prompt": "q{i}", "response": " {"fresh" if i % 3 else "rotten"}"}}' for i in range(60)]
+    data.write_text("\n".join(lines) + "\n")
+    held_out = load_causal_rows(str(data))
+    task = CausalLMTask()
+    always_fresh = {"loss": 0.5, "perplexity": 1.6, **answer_metrics([" fresh"] * 60, held_out.responses)}
+    assert always_fresh["top_answer_share"] == 1.0 and always_fresh["exact_match"] == pytest.approx(40 / 60)
+    reference = task.reference(held_out)
+    assert reference == {"exact_match": pytest.approx(40 / 60)}
+    warnings = task.warnings(always_fresh, reference, held_out)
+    assert warnings == [
+        "answers 'fresh' to 100% of the held-out rows",
+        "exact match 0.6667 is no better than always answering 'fresh' (0.6667 of the held-out rows)",
+    ]
+    elsewhere = {**always_fresh, **answer_metrics(["maybe"] * 60, held_out.responses)}
+    assert "none of the expected ones" in task.warnings(elsewhere, reference, held_out)[0]
+    mixed = {**always_fresh, **answer_metrics([" fresh" if i % 3 else "rotten" for i in range(60)], held_out.responses)}
+    assert mixed["exact_match"] == 1.0 and task.warnings(mixed, reference, held_out) == []
 
 
 def test_exact_match_compares_the_first_line_stripped_and_casefolded():

@@ -34,12 +34,13 @@ def test_three_causal_sites_two_rounds_with_secure_aggregation_end_to_end(tiny_c
 
     assert metrics["config"]["task"] == "causal-lm"
     assert "feature_centering" not in metrics or metrics["feature_centering"] is None
-    assert set(metrics["initial_test"]) == {"loss", "perplexity", "exact_match"}
+    keys = {"loss", "perplexity", "exact_match", "top_answer", "top_answer_share"}
+    assert set(metrics["initial_test"]) == keys
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for r in metrics["rounds"]:
         assert sorted(r["survivors"]) == ["site-0", "site-1", "site-2"]
         assert not r["aborted"] and r["secure_aggregation"] is True
-        assert set(r["test"]) == {"loss", "perplexity", "exact_match"}
+        assert set(r["test"]) == keys
         assert math.isfinite(r["test"]["loss"]) and 0.0 <= r["test"]["exact_match"] <= 1.0
     assert metrics["rounds"][-1]["test"] != metrics["initial_test"]  # the aggregate moved the model
     eps = [[c["epsilon"] for c in r["clients"].values()] for r in metrics["rounds"]]

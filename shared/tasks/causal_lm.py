@@ -156,16 +156,26 @@ class CausalLMTask:
         return line
 
     def warnings(self, metrics: Metrics, reference: Metrics, rows: Rows) -> list[str]:
+        from shared.causal_model import answer_choices
+        from shared.metrics import ONE_CLASS_SHARE
+
         common = most_common_answer(rows)
         if common is None or "exact_match" not in metrics:
             return []
-        answer, share = common
-        if metrics["exact_match"] <= share:
-            return [
-                f"exact match {metrics['exact_match']:.4f} is no better than always answering "
-                f"{answer!r} ({share:.4f} of the held-out rows)"
-            ]
-        return []
+        out = []
+        share = float(metrics.get("top_answer_share", 0.0))
+        if share >= ONE_CLASS_SHARE:
+            index = int(metrics["top_answer"])
+            choices = answer_choices(_causal(rows).responses)
+            given = repr(choices[index]) if 0 <= index < len(choices) else "an answer that is none of the expected ones"
+            out.append(f"answers {given} to {share:.0%} of the held-out rows")
+        answer, most = common
+        if metrics["exact_match"] <= most:
+            out.append(
+                f"exact match {metrics['exact_match']:.4f} is no better than always answering {answer!r} "
+                f"({most:.4f} of the held-out rows)"
+            )
+        return out
 
     # -- output ------------------------------------------------------------------------------------------------
     def save_adapter(self, model: nn.Module, directory: Path, *, card: Mapping[str, Any]) -> Path:
