@@ -239,6 +239,19 @@ def main(grid: Grid, context: Context) -> None:
     recorder.monitor.close()
 
 
+def best_round_model(task: Task, cfg: RunConfig, held_out: HeldOut, adapter_dir: Path) -> nn.Module:
+    """The model of the best round, rebuilt from its saved adapter: the run's fresh model (a classifier's center
+    at zero: the saved head has it folded into its bias) with the adapter's weights."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = task.fresh_model(cfg, held_out.rows)
+    result = set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise RuntimeError(f"{adapter_dir}: adapter weights the run's model has no place for: {result.unexpected_keys}")
+    return model
+
+
 def finish(
     task: Task,
     cfg: RunConfig,
@@ -275,7 +288,11 @@ def finish(
             best["test"][task.best_by],
             best["dir"],
         )
-    task.publish(adapter_dir, model, cfg=cfg, history=history, run_records=recorder.run_ledger.records())
+    records = recorder.run_ledger.records()
+    task.publish(adapter_dir, model, cfg=cfg, history=history, run_records=records)
+    if best:  # the best-round adapter is as usable without this project as the final one (export, model card)
+        best_model = model if best["round"] == final_round else best_round_model(task, cfg, held_out, Path(best["dir"]))
+        task.publish(Path(best["dir"]), best_model, cfg=cfg, history=history, run_records=records)
     logger.info("final adapter saved to %s (round %d); metrics in %s", adapter_dir, final_round, run_dir / METRICS_FILE)
     if best:
         logger.info(

@@ -192,8 +192,14 @@ def model_card(
     labels = list(card["label_names"])
     pooling, max_length = card["classifier_pooling"], int(card["max_length"])
     rounds = history.get("rounds") or []
-    # this adapter's own metrics (privatune.json's final_test), else the last round's
-    final = card.get("final_test") or (rounds[-1].get("test") if rounds else None) or history.get("initial_test") or {}
+    # this adapter's own metrics (privatune.json's test: the final or the best round's), else the last round's
+    final = (
+        card.get("test")
+        or card.get("final_test")
+        or (rounds[-1].get("test") if rounds else None)
+        or history.get("initial_test")
+        or {}
+    )
     baseline = majority_baseline(history)
     dp = bool(config.get("dp", True))
     lines = [
@@ -222,6 +228,7 @@ def model_card(
         f"| rounds | {len(rounds)} of {config.get('num-server-rounds', '?')} planned |",
         f"| LoRA | {config.get('lora-mode', '?')}, rank {config.get('lora-r', '?')}, "
         f"modules {config.get('lora-target-modules', '?')} |",
+        f"| this adapter | round {card.get('round', '?')} ({card.get('adapter', 'final')}) |",
         "",
         *privacy_section(run_records),
     ]

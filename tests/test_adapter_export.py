@@ -211,3 +211,8 @@ def test_the_card_shows_the_metrics_privatune_json_gives_for_this_adapter():
     text = model_card(card=card, history=history, run_records=[], data_path="builtin:x", exported=True)
 
     assert "| 0.7100 | 0.7000 | 0.5500 | not recorded |" in text
+    # the best round's card (server/evaluation.update_best) has its round's metrics as "test", no final_test
+    best = {k: v for k, v in card.items() if k != "final_test"}
+    best |= {"round": 1, "adapter": "best", "test": {"accuracy": 0.66, "macro_f1": 0.6, "loss": 0.7}}
+    text = model_card(card=best, history=history, run_records=[], data_path="builtin:x", exported=True)
+    assert "| 0.6600 | 0.6000 | 0.7000 | not recorded |" in text and "| this adapter | round 1 (best) |" in text

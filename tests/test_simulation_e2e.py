@@ -16,11 +16,11 @@ from tests.conftest import simulation_overrides
 pytestmark = pytest.mark.slow
 
 
-def _reload_accuracy(run_dir, cfg: RunConfig, num_clients: int) -> float:
-    card = json.loads((run_dir / "adapter" / "privatune.json").read_text())
+def _reload_accuracy(run_dir, cfg: RunConfig, num_clients: int, adapter: str = "adapter") -> float:
+    card = json.loads((run_dir / adapter / "privatune.json").read_text())
     assert card["classifier_pooling"] == cfg.classifier_pooling
     base = load_base_model(cfg.model_path, num_labels=2, pooling=card["classifier_pooling"])
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))  # plain peft from here on
+    model = PeftModel.from_pretrained(base, str(run_dir / adapter))  # plain peft from here on
     test = server_test_set(cfg, load_run_dataset(cfg), num_clients)
     data = encode(load_tokenizer(cfg.model_path), test.texts, test.labels, max_length=cfg.max_length)
     return evaluate_model(model, data, num_classes=2)["accuracy"]
@@ -73,6 +73,10 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     card = (run_dir / "adapter" / "README.md").read_text()  # the model card, from the attested run ledger
     assert "| rounds | 2 of 2 planned |" in card and all(f"| site-{i} | " in card for i in range(3))
     assert (run_dir / "adapter" / "merged" / "head.safetensors").is_file()  # loads without this project
+    # the best round's adapter is published too: its export and its card, for its own round
+    assert (run_dir / "adapter-best" / "merged" / "head.safetensors").is_file()
+    assert f"| this adapter | round {best['round']} (best) |" in (run_dir / "adapter-best" / "README.md").read_text()
+    assert _reload_accuracy(run_dir, cfg, 3, "adapter-best") == pytest.approx(best["test"]["accuracy"], abs=1e-9)
     out += capsys.readouterr().out
     assert "round 0 | feature centering: 3/3 sites" in out
     assert "round 1/2 | test loss" in out and "round 2/2" in out and "(majority " in out
