@@ -246,7 +246,7 @@ def best_round_model(task: Task, cfg: RunConfig, held_out: HeldOut, adapter_dir:
     from safetensors.torch import load_file
 
     model = task.fresh_model(cfg, held_out.rows)
-    result = set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    result: Any = set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
     if result.unexpected_keys:
         raise RuntimeError(f"{adapter_dir}: adapter weights the run's model has no place for: {result.unexpected_keys}")
     return model
