@@ -39,7 +39,23 @@ class HeldOut:
             rows = data.subset(np.arange(min(len(data), cfg.max_test_examples or len(data))))
         else:
             rows = server_test_set(cfg, task.load_run_rows(cfg), num_partitions=num_sites)
-        return cls(rows, task.evaluator(cfg, rows), task.reference(rows))
+        evaluate = task.evaluator(cfg, rows, device=cfg.server_device)
+        if cfg.server_device != "cpu":
+            evaluate = _back_on_cpu(evaluate)
+        return cls(rows, evaluate, task.reference(rows))
+
+
+def _back_on_cpu(evaluate: Callable[[nn.Module], Metrics]) -> Callable[[nn.Module], Metrics]:
+    """``evaluate`` on ``server-device``, the model moved back to the CPU after: the aggregation, the checkpoints
+    and the saved adapters read and write its weights as CPU arrays."""
+
+    def on_device(model: nn.Module) -> Metrics:
+        try:
+            return evaluate(model)
+        finally:
+            model.to("cpu")
+
+    return on_device
 
 
 def update_best(

@@ -49,6 +49,8 @@ def _simulate(args: argparse.Namespace) -> int:
         overrides["output-dir"] = args.output_dir
     if args.task is not None:
         overrides["task"] = args.task
+    if args.device and "server-device" not in overrides:
+        overrides["server-device"] = args.device  # the server evaluates where the sites train
     cfg = RunConfig.from_flower({**RunConfig().to_flower(), **overrides})  # fail fast, before Ray starts
     return _run(args, overrides, num_clients=args.num_clients or SIMULATED_SITES[cfg.task])
 

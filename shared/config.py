@@ -7,6 +7,7 @@ types and impossible combinations raise :class:`ConfigError` naming the key and 
 from __future__ import annotations
 
 import math
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -52,6 +53,13 @@ class RunConfig:
     dirichlet_alpha: float = field(default=0.5, metadata=_help("Label-skew concentration (smaller = more skew)."))
     test_fraction: float = field(default=0.15, metadata=_help("Held-out test split no client sees."))
     max_test_examples: int = field(default=600, metadata=_help("Cap on the server's test set (0 = no cap)."))
+    server_device: str = field(
+        default="cpu",
+        metadata=_help(
+            "Where the server evaluates the model on its held-out rows each round: cpu, cuda, cuda:N or mps "
+            "(privatune simulate --device cuda sets cuda); the model goes back to the CPU after."
+        ),
+    )
     max_length: int = field(default=48, metadata=_help("Token limit per example."))
     # model
     model_path: str = field(default=BUILTIN_MODEL, metadata=_help("builtin:all-minilm-l6-v2 or a local HF model dir."))
@@ -177,6 +185,12 @@ class RunConfig:
                 raise ConfigError(f"{key.replace('_', '-')} must be {what}, got {value!r}")
 
         need(self.num_server_rounds >= 1, "num_server_rounds", self.num_server_rounds, ">= 1")
+        need(
+            re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.server_device) is not None,
+            "server_device",
+            self.server_device,
+            "cpu, cuda, cuda:N or mps",
+        )
         need(0.0 < self.fraction_train <= 1.0, "fraction_train", self.fraction_train, "in (0, 1]")
         need(self.min_train_nodes >= 1, "min_train_nodes", self.min_train_nodes, ">= 1")
         need(

@@ -525,3 +525,20 @@ def test_the_model_cards_snippet_runs_with_transformers_and_peft_only(cfg, tmp_p
         warnings.filterwarnings("ignore", category=FutureWarning)
         exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()  # the random model's 32 tokens
+
+
+@pytest.mark.gpu
+def test_the_server_evaluates_on_its_server_device_and_gives_the_model_back_on_the_cpu(tiny_causal_config):
+    from dataclasses import replace
+
+    from server.evaluation import HeldOut
+    from shared.tasks import get_task
+
+    cfg = replace(tiny_causal_config, server_device="cuda")
+    task = get_task(cfg)
+    held_out = HeldOut.load(task, cfg, num_sites=3)
+    model = task.fresh_model(cfg, held_out.rows)
+    on_gpu = held_out.evaluate(model)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    on_cpu = HeldOut.load(task, replace(cfg, server_device="cpu"), num_sites=3).evaluate(model)
+    assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-3)

@@ -85,3 +85,9 @@ def test_metrics_port_is_off_by_default_and_takes_an_integer():
     assert RunConfig.from_flower({"metrics-port": 9100}).metrics_port == 9100
     with pytest.raises(ConfigError, match="metrics-port must be an integer, got '9100'"):
         RunConfig.from_flower({"metrics-port": "9100"})
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "CPU", "cuda:x"])
+def test_server_device_must_name_a_torch_device(device):
+    with pytest.raises(ConfigError, match=f"server-device must be cpu, cuda, cuda:N or mps, got '{device}'"):
+        RunConfig.from_flower({"server-device": device})
