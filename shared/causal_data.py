@@ -337,7 +337,7 @@ def encode_causal(tokenizer: Any, rows: CausalRows, *, max_length: int) -> Encod
     tokenized = _fit(_tokenize(tokenizer, rows), max_length=max_length)
     n = len(rows)
     width = max((len(tokenized.prompt(i)) + len(tokenized.targets[i]) for i in range(n)), default=0)
-    input_ids = np.full((n, width), _pad_id(tokenizer), dtype=np.int64)
+    input_ids = np.full((n, width), pad_id(tokenizer), dtype=np.int64)
     attention = np.zeros((n, width), dtype=np.int64)
     labels = np.full((n, width), -100, dtype=np.int64)
     for i in range(n):
@@ -370,7 +370,7 @@ def encode_prompts(tokenizer: Any, rows: CausalRows, *, max_length: int) -> tupl
             )
     width = max((len(p) for p in prompts), default=0)
     n = len(rows)
-    input_ids = np.full((n, width), _pad_id(tokenizer), dtype=np.int64)
+    input_ids = np.full((n, width), pad_id(tokenizer), dtype=np.int64)
     attention = np.zeros((n, width), dtype=np.int64)
     for i, prompt in enumerate(prompts):
         input_ids[i, width - len(prompt) :] = prompt
@@ -378,14 +378,15 @@ def encode_prompts(tokenizer: Any, rows: CausalRows, *, max_length: int) -> tupl
     return torch.from_numpy(input_ids), torch.from_numpy(attention)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The id padding is written with: the tokenizer's pad token, else its eos token, else 0."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
     return 0
 
 
-def _bos_id(tokenizer: Any) -> int | None:
+def bos_id(tokenizer: Any) -> int | None:
     """The BOS id where the tokenizer itself starts a text with it (Llama's); None otherwise. A tokenizer that has
     a BOS token but never adds it (SmolLM2's is ``<|im_start|>``, only ever written by its chat template) and
     BERT's ``[CLS]`` (no BOS token) get none: the model sees its text as it was trained to."""
@@ -440,7 +441,7 @@ def _tokenize(tokenizer: Any, rows: CausalRows) -> _Tokenized:
     prompt_texts, target_texts = _render(tokenizer, rows)
     prompt_ids = _ids(tokenizer, prompt_texts)
     target_ids = _ids(tokenizer, target_texts)
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     eos = tokenizer.eos_token_id
     prompts = [ids[1:] if bos is not None and ids[:1] == [bos] else ids for ids in prompt_ids]
     if eos is None:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from shared.causal_data import pad_id
 from shared.model import Encoded, ModelError, resolve_model_path, wrap_lora
 
 if TYPE_CHECKING:
@@ -242,14 +243,6 @@ def row_mean_nll(model: nn.Module, batch: Encoded) -> torch.Tensor:
 # -- generation -------------------------------------------------------------------------------------------------
 
 
-def pad_token_id(tokenizer: Any) -> int:
-    """The id padding is written with: the tokenizer's pad token, else its eos token, else 0."""
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def first_line(text: str) -> str:
     """How exact match compares an answer: the first non-empty line, stripped and case-folded."""
     lines = text.strip().splitlines()
@@ -283,7 +276,7 @@ def greedy_generate(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        pad_token_id=pad_token_id(tokenizer),
+        pad_token_id=pad_id(tokenizer),
         eos_token_id=eos,
         bos_token_id=tokenizer.bos_token_id,
     )

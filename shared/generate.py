@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from server.outputs import MODEL_CARD
+from shared.causal_data import bos_id
 from shared.causal_model import greedy_generate, load_causal_base, load_causal_tokenizer
 from shared.predict import ADAPTER_CONFIG, AdapterError, check_adapter_dir, read_json_object
 
@@ -67,22 +68,13 @@ def load_causal_adapter(
     return model, load_causal_tokenizer(base_path), card
 
 
-def own_bos_id(tokenizer: Any) -> int | None:
-    """The BOS id where the tokenizer itself starts a text with it (Llama's); None otherwise: SmolLM2's BOS
-    ``<|im_start|>`` is only ever written by its chat template, BERT's ``[CLS]`` is no BOS. The rule by which
-    ``shared/causal_data.py`` encodes training rows, so that a prompt here reads as one did there."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    return int(bos) if tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos] else None
-
-
 def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool = False, max_length: int | None = None) -> torch.Tensor:
     """One prompt's ids as training encoded a prompt row: the prompt's tokens without special tokens, after the
-    BOS where the tokenizer itself adds one (:func:`own_bos_id`); with ``chat``, one user message in the
-    tokenizer's chat template with the assistant's turn opened (the template writes its own BOS). Cut from the
-    left to ``max_length`` tokens (the end of a prompt is what the answer follows)."""
-    bos = own_bos_id(tokenizer)
+    BOS where the tokenizer itself adds one (:func:`shared.causal_data.bos_id`, the rule training rows were
+    encoded by); with ``chat``, one user message in the tokenizer's chat template with the assistant's turn
+    opened (the template writes its own BOS). Cut from the left to ``max_length`` tokens (the end of a prompt is
+    what the answer follows)."""
+    bos = bos_id(tokenizer)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat needs a tokenizer with a chat template; this base model's has none")
