@@ -42,6 +42,7 @@ from shared.config import ConfigError, RunConfig
 from shared.identity import Roster, provision_simulation
 from shared.ledger import RUN_LEDGER_FILE
 from shared.log import RoundProgress, configure_logging
+from shared.metrics import divergence_warnings
 from shared.model import flatten, get_trainable
 from shared.records import record_from_arrays
 from shared.tasks import get_task
@@ -135,8 +136,13 @@ def main(grid: Grid, context: Context) -> None:
         dim,
         len(held_out.rows),
         (
-            f"on, {cfg.dp_noise} noise (target epsilon {cfg.target_epsilon:g}, noise multiplier "
-            f"{cfg.noise_multiplier:g}, delta {cfg.delta:g})"
+            f"on, {cfg.dp_noise} noise ("
+            + (
+                f"target epsilon {cfg.target_epsilon:g}: each site calibrates its noise multiplier"
+                if cfg.target_epsilon > 0
+                else f"noise multiplier {cfg.noise_multiplier:g}"
+            )
+            + f", delta {cfg.delta:g})"
         )
         if cfg.dp
         else "OFF",  # fmt: skip
@@ -226,7 +232,7 @@ def main(grid: Grid, context: Context) -> None:
             record=record,
             agg=agg,
             metrics=task.describe(test, held_out.reference),
-            warnings=task.warnings(test, held_out.reference, held_out.rows),
+            warnings=task.warnings(test, held_out.reference, held_out.rows) + divergence_warnings(test, baseline),
             best_round=history["best"]["round"] if history.get("best") else None,
         )
         if agg.aborted and cfg.secure_aggregation and cfg.secagg_on_abort == "stop":
@@ -276,7 +282,9 @@ def finish(
     best = history.get("best")
     if best:
         history["adapters"]["best"] = {k: best[k] for k in ("dir", "round", "by", "test")}
-    final_warnings = task.warnings(final_test, held_out.reference, held_out.rows)
+    final_warnings = task.warnings(final_test, held_out.reference, held_out.rows) + divergence_warnings(
+        final_test, baseline
+    )
     history["final_warnings"] = final_warnings
     for warning in final_warnings:
         logger.warning("WARNING: the final model %s", warning)

@@ -3,6 +3,7 @@ share of the most-predicted class, the confusion matrix) and batched evaluation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,24 @@ def quality_warnings(test: dict[str, Any], baseline: dict[str, float], label_nam
     if test["accuracy"] < baseline["accuracy"] - 1e-9:
         out.append(f"accuracy {test['accuracy']:.4f} is below the majority baseline {baseline['accuracy']:.4f}")
     return out
+
+
+DIVERGED_LOSS_RATIO = 1.5  # a test loss this many times the untrained model's is a run that is diverging
+
+
+def divergence_warnings(test: dict[str, Any], initial: dict[str, Any]) -> list[str]:
+    """A warning when the model's held-out loss is not finite or has risen to ``DIVERGED_LOSS_RATIO`` times the
+    untrained model's (round 0): the steps are too large for the noise and the data, and every further round
+    spends budget on a worse model. For every task (both report ``loss``); empty otherwise."""
+    loss, start = float(test.get("loss", math.nan)), float(initial.get("loss", math.nan))
+    if not math.isfinite(loss) and "loss" in test:
+        return [f"has a test loss of {loss}: the run has diverged (try a lower learning-rate)"]
+    if math.isfinite(start) and start > 0 and loss > DIVERGED_LOSS_RATIO * start:
+        return [
+            f"has a test loss of {loss:.4f}, {loss / start:.1f}x the untrained model's {start:.4f}: the run is "
+            "diverging (try a lower learning-rate)"
+        ]
+    return []
 
 
 @torch.no_grad()

@@ -15,7 +15,13 @@ from shared.cli import main
 from shared.config import RunConfig
 from shared.evaluation import evaluate_adapter
 from shared.log import RoundProgress, configure_logging
-from shared.metrics import classification_metrics, confusion_matrix, majority_baseline, quality_warnings
+from shared.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    divergence_warnings,
+    majority_baseline,
+    quality_warnings,
+)
 from shared.simulation import discard_failed_run
 from tests.conftest import make_rows, write_csv
 from tests.test_serving import LABELS, make_tiny_adapter
@@ -40,6 +46,20 @@ def test_a_model_that_predicts_one_class_or_worse_than_the_majority_is_warned_ab
     ]
     good = classification_metrics(y, y, num_classes=2)
     assert quality_warnings(good, baseline, LABELS) == []
+
+
+def test_a_run_whose_test_loss_rises_well_above_the_untrained_models_is_warned_about_as_diverging():
+    initial = {"loss": 0.6931, "accuracy": 0.5}
+    assert divergence_warnings({"loss": 0.5, "accuracy": 0.7}, initial) == []
+    assert divergence_warnings({"loss": 1.0, "accuracy": 0.5}, initial) == []  # worse, but under 1.5x
+    assert divergence_warnings({"loss": 3.15, "accuracy": 0.4}, initial) == [
+        "has a test loss of 3.1500, 4.5x the untrained model's 0.6931: the run is diverging "
+        "(try a lower learning-rate)"
+    ]
+    assert divergence_warnings({"loss": float("nan")}, initial) == [
+        "has a test loss of nan: the run has diverged (try a lower learning-rate)"
+    ]
+    assert divergence_warnings({"accuracy": 0.5}, initial) == []  # a task without a loss is not judged
 
 
 def test_a_round_in_flight_prints_progress_with_an_eta(capsys):
