@@ -60,7 +60,13 @@ class RunConfig:
             "(privatune simulate --device cuda sets cuda); the model goes back to the CPU after."
         ),
     )
-    max_length: int = field(default=48, metadata=_help("Token limit per example."))
+    max_length: int = field(
+        default=128,
+        metadata=_help(
+            "Token limit per example (128: the builtin encoder's training length; rows are batched by length, so short"
+            " rows cost no more)."
+        ),
+    )
     # model
     model_path: str = field(default=BUILTIN_MODEL, metadata=_help("builtin:all-minilm-l6-v2 or a local HF model dir."))
     classifier_pooling: Literal["mean", "cls"] = field(

@@ -78,15 +78,15 @@ PRESETS = {
 
 def features(data_path: str, labels: str, cache: Path, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Pooled vectors (frozen encoder, B = 0) and label indices of up to ``max_rows`` rows of the file."""
-    key = hashlib.sha256(f"{data_path}|{labels}|{max_rows}".encode()).hexdigest()[:16]
-    path = cache / f"features-{key}.npz"
+    cfg = RunConfig.from_flower({**RunConfig().to_flower(), "data-path": data_path, "labels": labels})
+    key = hashlib.sha256(f"{data_path}|{labels}|{max_rows}|{cfg.model_path}|{cfg.max_length}".encode()).hexdigest()
+    path = cache / f"features-{key[:16]}.npz"
     if path.is_file():
         saved = np.load(path)
         return saved["x"], saved["y"]
     from shared.data import load_labelled_text
     from shared.model import build_model, encode, load_tokenizer, pooled_features
 
-    cfg = RunConfig.from_flower({**RunConfig().to_flower(), "data-path": data_path, "labels": labels})
     data = load_labelled_text(
         cfg.data_path, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.label_names
     )
