@@ -45,8 +45,9 @@ def data_spec(spec: str) -> tuple[str, str]:
     return spec, ""
 
 
-def draw_rows(path: str, labels: str, rows: int, seed: int, out: Path) -> Path:
-    """``rows`` rows of the data set drawn at random (all of them when it has fewer), as a text,label CSV."""
+def draw_rows(path: str, labels: str, rows: int, seed: int, out: Path) -> int:
+    """Write ``rows`` rows of the data set drawn at random (all of them when it has fewer) to ``out``, as a
+    text,label CSV; returns how many."""
     data = load_labelled_text(
         path, text_column="text", label_column="label", labels=labels.split(",") if labels else None
     )
@@ -56,7 +57,7 @@ def draw_rows(path: str, labels: str, rows: int, seed: int, out: Path) -> Path:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
         writer.writerows((text, data.label_names[label]) for text, label in zip(data.texts, data.labels, strict=True))
-    return out
+    return len(data)
 
 
 def cell(path: Path, labels: str, *, sites: int, rounds: int, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.data:
             path, labels = data_spec(spec)
             for rows in (int(v) for v in args.rows.split(",")):
-                drawn = draw_rows(path, labels, rows, args.seed, Path(tmp) / f"{len(results)}.csv")
-                count = sum(1 for _ in drawn.open(encoding="utf-8")) - 1
+                drawn = Path(tmp) / f"{len(results)}.csv"
+                count = draw_rows(path, labels, rows, args.seed, drawn)
                 for sites, rounds in cells:
                     result = cell(
                         drawn, labels, sites=sites, rounds=rounds, overrides=overrides, out=Path(tmp) / "runs"
