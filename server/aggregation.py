@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("privatune.server")
 
 INSECURE_WARNING = (
-    "SECURE AGGREGATION IS OFF: the server sees every client's individual update in the clear. "
-    "Use this only to compare against secure aggregation (secure-aggregation = true)."
+    "SECURE AGGREGATION IS OFF: the server sees every site's individual update in the clear, and only each "
+    "site's own DP noise protects its data. Run so only where secure aggregation cannot run (a federation of "
+    "two sites, whose sum would reveal the other's update anyway) or to compare against it."
 )
 
 
