@@ -243,6 +243,10 @@ def main(grid: Grid, context: Context) -> None:
         scorer.finish(model, run_dir, run_id=run_id, seed=cfg.seed, delta=cfg.delta)
     recorder.write()
     recorder.monitor.close()
+    from shared.simulation import summary  # the closing lines privatune simulate and flwr run --stream both show
+
+    for line in summary(run_dir).splitlines():
+        logger.info("%s", line)
 
 
 def best_round_model(task: Task, cfg: RunConfig, held_out: HeldOut, adapter_dir: Path) -> nn.Module:

@@ -56,7 +56,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, overrides: dict[str, Any], *, num_clients: int) -> int:
-    from shared.simulation import run_simulation, summary
+    from shared.simulation import run_simulation
 
     site_settings: dict[str, Any] = {}
     if args.site_max_epsilon is not None:
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace, overrides: dict[str, Any], *, num_clients: in
         site_settings["device"] = args.device
         if args.device.startswith("cuda"):
             gpus = 1.0 / num_clients  # the simulated sites share one GPU
-    run_dir = run_simulation(
+    run_simulation(  # the ServerApp ends its log with the run's summary (shared.simulation.summary)
         overrides,
         num_clients=num_clients,
         cpus_per_client=args.cpus_per_client,
@@ -74,7 +74,6 @@ def _run(args: argparse.Namespace, overrides: dict[str, Any], *, num_clients: in
         site_settings=site_settings or None,
         num_gpus_per_client=gpus,
     )
-    print(summary(run_dir))
     return 0
 
 

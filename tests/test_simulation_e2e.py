@@ -53,6 +53,7 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     assert sorted(centering["survivors"]) == ["site-0", "site-1", "site-2"] and not centering["aborted"]
     assert all(0 < c["epsilon"] < min(eps_round1) for c in centering["clients"].values())
     out = capsys.readouterr().out
+    assert f"final adapter (round 2): {run_dir / 'adapter'}" in out  # the server's log ends with the summary
     if centering["center"] is None:  # 240 tiny rows: the center's noise may exceed half its norm (then not used)
         assert centering["expected_noise"] > 0 and "training on the uncentered vector" in out
     else:
