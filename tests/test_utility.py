@@ -22,7 +22,7 @@ from shared.metrics import (
     majority_baseline,
     quality_warnings,
 )
-from shared.simulation import discard_failed_run
+from shared.simulation import SMALL_SITE_ROWS, discard_failed_run, preflight
 from tests.conftest import make_rows, write_csv
 from tests.test_serving import LABELS, make_tiny_adapter
 
@@ -115,6 +115,20 @@ def test_too_many_sites_for_the_rows_fail_before_flower(tmp_path, tiny_model_dir
     args += ["--set", f"data-path={json.dumps(str(data))}", "--set", f"model-path={json.dumps(str(tiny_model_dir))}"]
     assert main(args) == 2
     assert "20 sites" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_sites_too_small_for_local_dp_noise_are_warned_about_before_flower(tmp_path, tiny_model_dir, caplog):
+    data = write_csv(tmp_path / "600.csv", make_rows(600))
+    cfg = RunConfig(data_path=str(data), model_path=str(tiny_model_dir), labels="rotten,fresh", max_length=16)
+    with caplog.at_level(logging.WARNING, logger="privatune"):
+        preflight(cfg, num_clients=10)  # 510 training rows over 10 sites
+        warned = [r.getMessage() for r in caplog.records if "training rows" in r.getMessage()]
+        assert len(warned) == 1 and "the smallest of the 10 sites holds 5" in warned[0]
+        assert int(warned[0].split(" holds ")[1].split()[0]) < SMALL_SITE_ROWS
+        caplog.clear()
+        preflight(cfg, num_clients=3)  # 170 rows each
+        preflight(RunConfig(**{**cfg.__dict__, "dp": False, "target_epsilon": 0.0}), num_clients=10)  # no DP noise
+    assert "training rows" not in caplog.text
 
 
 def test_device_cuda_without_a_gpu_fails_before_flower(tiny_config, tmp_path, capsys):
