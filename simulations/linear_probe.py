@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", action="append", required=True, help="PATH[:LABELS], repeatable")
     parser.add_argument("--max-length", default="48,128", help="token limits, comma-separated")
     parser.add_argument("--max-rows", type=int, default=3400)
+    parser.add_argument("--model-path", default=RunConfig().model_path, help="the run config's model-path")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
     parser.add_argument("--l2", default="0.0001,0.001,0.01", help="regularisation strengths; the best is shown")
     args = parser.parse_args(argv)
     print("| data set | rows | max length | majority | probe accuracy (5-fold) | l2 |")
@@ -70,13 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.data:
         path, labels = data_spec(spec)
         data = load_labelled_text(
-            path, text_column="text", label_column="label", labels=labels.split(",") if labels else None
+            path,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            labels=labels.split(",") if labels else None,
         )
         if len(data) > args.max_rows:
             data = data.subset(np.sort(np.random.default_rng(0).choice(len(data), args.max_rows, replace=False)))
         for max_length in (int(v) for v in args.max_length.split(",")):
             cfg = RunConfig.from_flower(
-                {**RunConfig().to_flower(), "data-path": path, "labels": labels, "max-length": max_length}
+                {
+                    **RunConfig().to_flower(),
+                    "data-path": path,
+                    "labels": labels,
+                    "max-length": max_length,
+                    "model-path": args.model_path,
+                }
             )
             model = build_model(cfg, len(data.label_names))
             enc = encode(load_tokenizer(cfg.model_path), data.texts, data.labels, max_length=max_length)
