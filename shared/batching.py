@@ -1,6 +1,6 @@
 """Batches cut to the rows they hold: rows sorted by length, so that a batch is only as wide as its longest row.
 
-Rows are encoded padded to the run's max length, but most are shorter (the bundled reviews: ~27 of 48 tokens);
+Rows are encoded padded to the run's max length, but most are shorter (the bundled reviews: ~27 tokens, of 128);
 a transformer's cost grows with the width it is given. Sorting rows by length before cutting them into batches
 and trimming each batch to its longest row spends the compute on tokens, not padding. Used by the local DP step
 (a logical Poisson batch taken in micro-batches, :func:`micro_batches`) and by evaluation (:func:`eval_batches`,
