@@ -24,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", nargs="*", default=None, help="run only settings whose name contains these")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--set", action="append", default=[], help="a run-config override of every run, KEY=TOML-VALUE (data-path=...)"
+    )
     args = parser.parse_args(argv)
+    extra_config = {k: v for item in args.set for k, v in tomllib.loads(item).items()}
 
     base = RunConfig.from_flower(
         {
             **RunConfig().to_flower(),
+            **extra_config,
             "delta": args.delta,
             **({"center-features": False} if args.no_center else {}),
             **({} if args.local_steps is None else {"local-steps": args.local_steps}),
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="privatune-ddp-") as tmp:
         for name, extra in settings(args, base):
             overrides = {
+                **extra_config,
                 "delta": args.delta,
                 "center-features": base.center_features,
                 "local-steps": base.local_steps,
