@@ -53,8 +53,7 @@ def test_a_run_whose_test_loss_rises_well_above_the_untrained_models_is_warned_a
     assert divergence_warnings({"loss": 0.5, "accuracy": 0.7}, initial) == []
     assert divergence_warnings({"loss": 1.0, "accuracy": 0.5}, initial) == []  # worse, but under 1.5x
     assert divergence_warnings({"loss": 3.15, "accuracy": 0.4}, initial) == [
-        "has a test loss of 3.1500, 4.5x the untrained model's 0.6931: the run is diverging "
-        "(try a lower learning-rate)"
+        "has a test loss of 3.1500, 4.5x the untrained model's 0.6931: the run is diverging (try a lower learning-rate)"
     ]
     assert divergence_warnings({"loss": float("nan")}, initial) == [
         "has a test loss of nan: the run has diverged (try a lower learning-rate)"
