@@ -232,7 +232,7 @@ def main(grid: Grid, context: Context) -> None:
             record=record,
             agg=agg,
             metrics=task.describe(test, held_out.reference),
-            warnings=task.warnings(test, held_out.reference, held_out.rows) + divergence_warnings(test, baseline),
+            warnings=model_warnings(task, test, held_out, baseline),
             best_round=history["best"]["round"] if history.get("best") else None,
         )
         if agg.aborted and cfg.secure_aggregation and cfg.secagg_on_abort == "stop":
@@ -247,6 +247,12 @@ def main(grid: Grid, context: Context) -> None:
 
     for line in summary(run_dir).splitlines():
         logger.info("%s", line)
+
+
+def model_warnings(task: Task, test: dict[str, Any], held_out: HeldOut, baseline: dict[str, Any]) -> list[str]:
+    """What a round's line and the final summary warn about a model: the task's own warnings on its held-out
+    metrics (one class, below the majority), and a loss that has risen well above the untrained model's."""
+    return task.warnings(test, held_out.reference, held_out.rows) + divergence_warnings(test, baseline)
 
 
 def best_round_model(task: Task, cfg: RunConfig, held_out: HeldOut, adapter_dir: Path) -> nn.Module:
@@ -286,9 +292,7 @@ def finish(
     best = history.get("best")
     if best:
         history["adapters"]["best"] = {k: best[k] for k in ("dir", "round", "by", "test")}
-    final_warnings = task.warnings(final_test, held_out.reference, held_out.rows) + divergence_warnings(
-        final_test, baseline
-    )
+    final_warnings = model_warnings(task, final_test, held_out, baseline)
     history["final_warnings"] = final_warnings
     for warning in final_warnings:
         logger.warning("WARNING: the final model %s", warning)
