@@ -73,6 +73,7 @@ def _run(args: argparse.Namespace, overrides: dict[str, Any], *, num_clients: in
         verbose=args.verbose,
         site_settings=site_settings or None,
         num_gpus_per_client=gpus,
+        estimate_time=not args.no_estimate,
     )
     return 0
 
@@ -142,6 +143,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per simulated client.")
     parser.add_argument("--verbose", action="store_true", help="Show Flower's and Ray's logs too.")
+    parser.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="Skip the preflight's time estimate (a timed DP step on a few rows: seconds, longer for a large model).",
+    )
 
 
 def _provision(args: argparse.Namespace) -> int:

@@ -49,11 +49,19 @@ def offline_environment() -> None:
 SMALL_SITE_ROWS = 100  # below this many training rows per site, local DP noise drowns a site's update (a warning)
 
 
-def preflight(cfg: RunConfig, *, num_clients: int, device: str | None = None) -> None:
+def preflight(
+    cfg: RunConfig,
+    *,
+    num_clients: int,
+    device: str | None = None,
+    estimate_time: bool = False,
+    cpus_per_client: float = 1.0,
+) -> None:
     """What would otherwise fail 10-60 s into a run, checked in this process before Flower and Ray start, through
     the run's task: the data file (the classifier: its columns and labels), that it splits over ``num_clients``
     sites, the server's evaluation file, the model path, and the checkpoint to resume from. Raises ``ValueError``
-    (a ``DataError``, ``ModelError``, ``ConfigError``...) naming what is wrong."""
+    (a ``DataError``, ``ModelError``, ``ConfigError``...) naming what is wrong. With ``estimate_time``, once all
+    of that holds, it logs how long the run will take on this machine (:func:`log_time_estimate`)."""
     from shared.federation import simulated_split
     from shared.tasks import get_task
 
@@ -92,6 +100,60 @@ def preflight(cfg: RunConfig, *, num_clients: int, device: str | None = None) ->
         if not cfg.sim_dir:
             raise ConfigError("resume in a simulation needs sim-dir set: the sites' ledgers must outlive the restart")
         load_checkpoint(Path(cfg.resume))
+    if estimate_time:
+        log_time_estimate(
+            cfg, task, data, parts, num_clients=num_clients, device=device, cpus_per_client=cpus_per_client
+        )
+
+
+LONG_ROW_TOKENS = 64  # rows this long on average: the estimate says that long texts cost more, and what helps
+
+
+def log_time_estimate(
+    cfg: RunConfig,
+    task: Any,
+    data: Any,
+    parts: list[Any],
+    *,
+    num_clients: int,
+    device: str | None,
+    cpus_per_client: float,
+) -> None:
+    """Log the run's estimated time on this machine (``client.round_time``): the data's token lengths and a timed
+    DP step and evaluation on a few rows (a few seconds; longer for a large model)."""
+    import numpy as np
+
+    from client.round_time import RunPlan, estimate, measure_speed
+    from shared.batching import row_lengths
+    from shared.federation import server_test_set
+
+    log = logging.getLogger("privatune")
+    rng = np.random.default_rng(cfg.seed)
+    training = np.concatenate(parts)
+    sample = rng.permutation(training)[:2000]  # lengths of up to 2,000 training rows, in random order
+    lengths = row_lengths(task.encode(cfg, data.subset(np.sort(sample))).attention_mask).numpy()
+    lengths = lengths[rng.permutation(lengths.size)]
+    test = server_test_set(cfg, data, num_clients)
+    speed = measure_speed(cfg, task, data.subset(training), test, device=device or "cpu", seed=cfg.seed)
+    plan = RunPlan(
+        site_rows=[len(p) for p in parts],
+        lengths=lengths,
+        test_rows=len(test),
+        rounds=cfg.num_server_rounds,
+        local_steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        micro_batch_size=cfg.micro_batch_size,
+        centering=cfg.center_features and task.centering is not None and not cfg.resume,
+        parallel_sites=min(num_clients, max(1, int((os.cpu_count() or 1) // max(cpus_per_client, 1e-9)))),
+    )
+    result = estimate(plan, speed)
+    log.info("%s", result.describe())
+    if result.mean_tokens >= LONG_ROW_TOKENS:
+        log.info(
+            "long texts cost more: a DP step's time grows with its rows' tokens (max-length %d cuts each row there; "
+            "a lower max-length or fewer rounds shorten the run, at some cost in accuracy)",
+            cfg.max_length,
+        )
 
 
 def _recorded_anything(run_dir: Path) -> bool:
@@ -120,6 +182,7 @@ def run_simulation(
     verbose: bool = False,
     site_settings: Mapping[str, Any] | None = None,
     num_gpus_per_client: float = 0.0,
+    estimate_time: bool = False,
 ) -> Path:
     """Simulate ``num_clients`` sites with the run config ``overrides`` (kebab-case keys); returns the run dir.
 
@@ -135,7 +198,13 @@ def run_simulation(
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise RuntimeError(f"{PROJECT_ROOT} has no pyproject.toml: install PrivaTune editable (pip install -e .)")
     configure_logging(verbose=verbose)
-    preflight(cfg, num_clients=num_clients, device=(site_settings or {}).get("device"))
+    preflight(
+        cfg,
+        num_clients=num_clients,
+        device=(site_settings or {}).get("device"),
+        estimate_time=estimate_time,
+        cpus_per_client=cpus_per_client,
+    )
     logging.getLogger("privatune").info(
         "starting %d simulated sites (Flower, Ray); loading the model takes a while", num_clients
     )

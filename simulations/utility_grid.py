@@ -76,9 +76,13 @@ PRESETS = {
 }
 
 
-def features(data_path: str, labels: str, cache: Path, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled vectors (frozen encoder, B = 0) and label indices of up to ``max_rows`` rows of the file."""
-    cfg = RunConfig.from_flower({**RunConfig().to_flower(), "data-path": data_path, "labels": labels})
+def features(
+    data_path: str, labels: str, cache: Path, max_rows: int, max_length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled vectors (frozen encoder, B = 0) and label indices of up to ``max_rows`` rows of the file, each row
+    cut at ``max_length`` tokens (None: the run config's default)."""
+    over = {"data-path": data_path, "labels": labels, **({"max-length": max_length} if max_length else {})}
+    cfg = RunConfig.from_flower({**RunConfig().to_flower(), **over})
     key = hashlib.sha256(f"{data_path}|{labels}|{max_rows}|{cfg.model_path}|{cfg.max_length}".encode()).hexdigest()
     path = cache / f"features-{key[:16]}.npz"
     if path.is_file():
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-rows", type=int, default=5000)
     parser.add_argument("--cache", type=Path, default=Path("runs/utility-grid"))
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per row (default: the run config's)")
     args = parser.parse_args(argv)
     presets = dict(PRESETS)
     for spec in args.set:
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or [""] * len(args.data)
     grid = list(itertools.product(*(tuple(int(v) for v in s.split(",")) for s in (args.sites, args.rounds, args.rows))))
     for data_path, label_list in zip(args.data, labels, strict=True):
-        x, y = features(data_path, label_list, args.cache, args.max_rows)
+        x, y = features(data_path, label_list, args.cache, args.max_rows, args.max_length)
         print(f"\n{data_path}: {len(x)} rows, {int(y.max()) + 1} classes")
         print(f"{'preset':<12} {'sites':>5} {'rounds':>6} {'rows':>5}  majority  final  (F1)   best   one-class")
         for name in chosen:
