@@ -61,8 +61,9 @@ class Rows(Protocol):
         ...
 
 
-# What the server's evaluation returns: flat metric name -> number (always "loss"; JSON numbers only).
-Metrics = dict[str, float]
+# What the server's evaluation returns: metric name -> JSON number (always "loss"), or a JSON object of numbers per
+# part of the rows (the classifier's ``per_class``: each label's rows, found and recall). JSON values only.
+Metrics = dict[str, Any]
 # A loss function the local DP step calls: (model, batch) -> scalar, the mean over the batch's rows of each row's
 # own loss (never a mean over tokens of the whole batch: that would couple rows and break per-sample clipping).
 LossFn = Callable[["nn.Module", "Encoded"], "torch.Tensor"]

@@ -2,8 +2,9 @@
 
 Today's (and the default) task. Rows are (text, label) from ``data-path`` (``builtin:rotten-tomatoes`` or a
 labelled CSV / JSONL / Parquet file, :mod:`shared.data`); the model is :func:`shared.model.build_model` with one
-output per label; the server's evaluation is accuracy and macro-F1 on its held-out rows next to the majority
-class (the reference a model must beat); the best round is the one with the highest macro-F1. It has all three
+output per label; the server's evaluation is accuracy, macro-F1 and each label's recall on its held-out rows next
+to the majority class (the reference a model must beat), with a warning for a label the model rarely finds; the
+best round is the one with the highest macro-F1. It has all three
 optional capabilities (:mod:`shared.tasks.base`): feature centering, the canary audit and the sites' noisy
 confusion matrix.
 """
@@ -174,8 +175,8 @@ class ClassifierTask:
         from shared.metrics import evaluate_model
 
         data = self.encode(cfg, rows)
-        num_classes = len(_labelled(rows).label_names)
-        return lambda model: evaluate_model(model, data, num_classes=num_classes, device=device)
+        names = list(_labelled(rows).label_names)
+        return lambda model: evaluate_model(model, data, num_classes=len(names), label_names=names, device=device)
 
     def reference(self, rows: Rows) -> Metrics:
         from shared.metrics import majority_baseline
