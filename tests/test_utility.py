@@ -300,6 +300,33 @@ def test_the_summary_names_the_baseline_both_adapters_and_a_one_class_final_mode
     assert "did better" not in summary(tmp_path)
 
 
+def test_the_summary_gives_each_labels_recall_under_the_final_and_a_better_best_round(tmp_path):
+    from shared.simulation import summary
+
+    y_true, y_pred = _issue_25_model()
+    final = {**classification_metrics(y_true, y_pred, num_classes=2), "loss": 0.6}
+    final["per_class"] = class_recall(y_true, y_pred, label_names=LABELS)
+    best = {**final, "macro_f1": 0.7, "per_class": class_recall(y_true, y_true, label_names=LABELS)}
+    metrics = {
+        "run_id": "7",
+        "config": {"delta": 1e-5},
+        "label_names": LABELS,
+        "majority_baseline": majority_baseline(y_true, num_classes=2),
+        "rounds": [{"round": 2, "test": best, "clients": {}}, {"round": 3, "test": final, "clients": {}}],
+        "best": {"round": 2, "by": "macro_f1", "test": best, "dir": str(tmp_path / "adapter-best")},
+        "final_warnings": quality_warnings(final, majority_baseline(y_true, num_classes=2), LABELS),
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+
+    lines = summary(tmp_path).splitlines()
+
+    assert lines[1] == "majority baseline (always 'fresh'): accuracy 0.5778  macro-F1 0.3662"
+    assert lines[2].startswith("final test (round 3): accuracy 0.6728")
+    assert lines[3] == "  recall per label: 'rotten' 0.2251 (77 of 342)  'fresh' 1.0000 (468 of 468)"
+    assert lines[5] == "  recall per label: 'rotten' 1.0000 (342 of 342)  'fresh' 1.0000 (468 of 468)"  # round 2's
+    assert lines[6].startswith("WARNING: the final model finds only 77 of 342 'rotten' rows (recall 0.2251)")
+
+
 def _checkpointed_run(tmp_path: Path, *, server_round: int, rounds: int) -> Path:
     from server.checkpoint import Checkpoint, save_checkpoint
 
