@@ -1,4 +1,6 @@
-"""``privatune evaluate``: a saved adapter's metrics on a labelled file, next to the majority-class baseline.
+"""``privatune evaluate``: a saved adapter's metrics and each label's recall on a labelled file, next to the
+majority-class baseline, with the warnings a run gives about its model (one label, a label rarely found, below the
+baseline).
 
 The predictions come from :class:`shared.predict.Classifier`, the same function ``privatune predict`` and the
 service call, so the numbers here are the numbers a user of the adapter gets.
@@ -13,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from shared.data import DataError, load_labelled_text
-from shared.metrics import classification_metrics, confusion_matrix, majority_baseline, quality_warnings
+from shared.metrics import (
+    class_recall,
+    classification_metrics,
+    confusion_matrix,
+    majority_baseline,
+    quality_warnings,
+)
 from shared.predict import load_classifier
 
 
@@ -23,7 +31,7 @@ class Evaluation:
     data: str
     rows: int
     label_names: tuple[str, ...]
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # classification_metrics, and per_class: each label's rows, found and recall
     majority: dict[str, float]
     confusion: list[list[int]]  # confusion[i][j]: rows of true label i predicted as label j
     warnings: list[str]
@@ -54,6 +62,10 @@ class Evaluation:
         lines.append(" " * width + "  " + "  ".join(f"{n:>{width}}" for n in self.label_names))
         for name, row in zip(self.label_names, self.confusion, strict=True):
             lines.append(f"{name:>{width}}  " + "  ".join(f"{v:>{width}d}" for v in row))
+        majority = self.label_names[int(b["class"])]
+        lines.append(f"recall per label (the majority baseline finds every {majority!r} row and no other):")
+        for name, c in m["per_class"].items():
+            lines.append(f"{name:>{width}}  {c['recall']:.4f}  ({c['found']} of {c['rows']})")
         lines += [f"WARNING: the model {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -81,7 +93,8 @@ def evaluate_adapter(
     if max_rows is not None:
         texts, y_true = texts[:max_rows], y_true[:max_rows]
     y_pred = np.asarray([p["index"] for p in classifier.predict(texts)], dtype=np.int64)
-    metrics = classification_metrics(y_true, y_pred, num_classes=len(names))
+    metrics: dict[str, Any] = classification_metrics(y_true, y_pred, num_classes=len(names))
+    metrics["per_class"] = class_recall(y_true, y_pred, label_names=names)
     majority = majority_baseline(y_true, num_classes=len(names))
     return Evaluation(
         adapter_dir=str(classifier.adapter_dir),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from server.app import CENTER_MAX_ERROR, center_error
 from shared.cli import main
@@ -246,6 +247,42 @@ def test_evaluate_prints_metrics_the_baseline_and_the_confusion_matrix(tiny_mode
     assert main(["evaluate", "--adapter", str(adapter), "--data", str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["confusion_matrix"] == result.confusion and report["metrics"] == result.metrics
+
+
+def _leaning_adapter(tiny_model_dir: Path, out: Path, *, toward: int) -> Path:
+    """The tiny adapter with its head's bias pushed hard toward one label: it predicts that label for every row."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_tiny_adapter(tiny_model_dir, out)[0]
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    (bias,) = [k for k in weights if k.endswith("classifier.bias")]
+    weights[bias] = torch.full_like(weights[bias], -50.0)
+    weights[bias][toward] = 50.0
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+    return adapter
+
+
+def test_evaluate_gives_each_labels_recall_and_warns_about_a_label_the_adapter_never_finds(
+    tiny_model_dir, tmp_path, capsys
+):
+    adapter = _leaning_adapter(tiny_model_dir, tmp_path / "run", toward=LABELS.index("fresh"))
+    data = write_csv(tmp_path / "test.csv", make_rows(60))  # 30 rows of each label
+
+    result = evaluate_adapter(adapter, data)
+
+    assert result.metrics["per_class"] == {
+        "rotten": {"rows": 30, "found": 0, "recall": 0.0},
+        "fresh": {"rows": 30, "found": 30, "recall": 1.0},
+    }
+    assert result.warnings[:2] == [
+        "predicts 'fresh' for 100% of the test rows",
+        f"finds only 0 of 30 'rotten' rows (recall 0.0000), against recall 1.0000 for 'fresh': {LOW_RECALL_ADVICE}",
+    ]
+    assert main(["evaluate", "--adapter", str(adapter), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "recall per label (the majority baseline finds every 'rotten' row and no other):" in out  # a 30/30 tie
+    assert "  rotten  0.0000  (0 of 30)" in out and "   fresh  1.0000  (30 of 30)" in out
+    assert "WARNING: the model finds only 0 of 30 'rotten' rows" in out
 
 
 def test_evaluate_refuses_labels_the_adapter_does_not_know(tiny_model_dir, tmp_path, capsys):
