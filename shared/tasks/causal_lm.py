@@ -8,7 +8,9 @@ SmolLM2-135M-Instruct (:mod:`shared.causal_model`), with LoRA on the attention p
 as for the classifier). The server evaluates on its held-out rows every round: loss and perplexity, and, when
 every response is a short answer (a label), exact-match accuracy of greedy generation against always giving the
 most common answer. The best round is the one with the lowest held-out loss. The adapter is a plain PEFT adapter:
-``AutoModelForCausalLM.from_pretrained(base)`` + ``PeftModel.from_pretrained`` load it (``privatune generate``).
+``AutoModelForCausalLM.from_pretrained(base)`` + ``PeftModel.from_pretrained`` load it (``privatune generate``);
+``privatune evaluate`` scores it on a user's JSONL file as the server scores its held-out rows
+(:mod:`shared.causal_evaluation`).
 
 It has none of the optional capabilities: no head to center, no canary audit, no site evaluation release.
 """
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from shared.causal_data import CausalRows
+    from shared.causal_evaluation import CausalEvaluation
     from shared.config import RunConfig
     from shared.model import Encoded
     from shared.site import Site
@@ -146,6 +149,25 @@ class CausalLMTask:
         from shared.causal_model import answer_warnings
 
         return answer_warnings(metrics, _causal(rows))
+
+    def evaluate_adapter(
+        self,
+        adapter_dir: Path,
+        data_path: Path,
+        *,
+        base_model: str | None = None,
+        max_rows: int | None = None,
+        columns: Mapping[str, str] | None = None,
+    ) -> CausalEvaluation:
+        from shared.causal_evaluation import evaluate_causal
+
+        if columns:
+            named = ", ".join(f"--{role}-column" for role in columns)
+            raise ValueError(
+                f"{named}: a causal-LM file has no columns to name; each line is a prompt/response, messages or text "
+                "object (docs/causal-lm.md)"
+            )
+        return evaluate_causal(adapter_dir, data_path, base_model=base_model, max_rows=max_rows)
 
     # -- output ------------------------------------------------------------------------------------------------
     def save_adapter(self, model: nn.Module, directory: Path, *, card: Mapping[str, Any]) -> Path:

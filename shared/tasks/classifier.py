@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from shared.classifier_evaluation import ClassifierEvaluation
     from shared.config import RunConfig
     from shared.data import LabelledText
     from shared.model import Encoded
@@ -202,13 +203,37 @@ class ClassifierTask:
 
         return quality_warnings(metrics, reference, list(_labelled(rows).label_names))
 
+    def evaluate_adapter(
+        self,
+        adapter_dir: Path,
+        data_path: Path,
+        *,
+        base_model: str | None = None,
+        max_rows: int | None = None,
+        columns: Mapping[str, str] | None = None,
+    ) -> ClassifierEvaluation:
+        from shared.classifier_evaluation import evaluate_classifier
+
+        columns = dict(columns or {})
+        unknown = sorted(set(columns) - {"text", "label"})
+        if unknown:
+            raise ValueError(f"a classifier's file has a text and a label column, not {unknown}")
+        return evaluate_classifier(
+            adapter_dir,
+            data_path,
+            text_column=columns.get("text", "text"),
+            label_column=columns.get("label", "label"),
+            base_model=base_model,
+            max_rows=max_rows,
+        )
+
     # -- output ------------------------------------------------------------------------------------------------
     def save_adapter(self, model: nn.Module, directory: Path, *, card: Mapping[str, Any]) -> Path:
         from server.outputs import save_adapter
         from shared.model import fold_feature_center
 
         folded = fold_feature_center(model)  # the head takes the plain pooled vector: the base model has no center
-        own = {"classifier_pooling": _pooling(model), "label_names": _label_names(model)}
+        own = {"task": CLASSIFY, "classifier_pooling": _pooling(model), "label_names": _label_names(model)}
         return save_adapter(folded, Path(directory).parent, card={**card, **own}, name=Path(directory).name)
 
     def publish(
