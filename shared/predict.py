@@ -81,8 +81,11 @@ def check_adapter_dir(adapter_dir: Path) -> Path:
 
 def _which_dir(directory: Path) -> str:
     """The adapter directory a user probably meant, for an error about ``directory`` ("" when there is no guess)."""
-    if (directory / "adapter" / MODEL_CARD).is_file():
-        return f" (a run's directory: give {directory / 'adapter'} or {directory / 'adapter-best'})"
+    adapters = [
+        str(directory / name) for name in ("adapter", "adapter-best") if (directory / name / MODEL_CARD).is_file()
+    ]
+    if adapters:
+        return f" (a run's directory: give {' or '.join(adapters)})"
     if (directory.parent / MODEL_CARD).is_file():
         return f" (inside an adapter, e.g. its merged/ export: give {directory.parent})"
     return " (give runs/run-<id>/adapter or adapter-best)"

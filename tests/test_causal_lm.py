@@ -422,7 +422,7 @@ def test_a_causal_adapter_given_to_predict_or_a_run_directory_given_to_evaluate_
     assert f"{out} is a 'causal-lm' adapter (its privatune.json), not a classifier's" in err
     assert f"use privatune generate --adapter {out} --prompt TEXT" in err and "privatune evaluate" in err
     assert main(["evaluate", "--adapter", str(run_dir), "--data", "x.jsonl"]) == 2
-    assert f"(a run's directory: give {out} or {run_dir / 'adapter-best'})" in capsys.readouterr().err
+    assert f"(a run's directory: give {out})" in capsys.readouterr().err
 
 
 # -- resolving the base model ------------------------------------------------------------------------------------
