@@ -177,6 +177,38 @@ def privacy_section(run_records: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def recall_section(test: Mapping[str, Any], history: Mapping[str, Any], labels: Sequence[str]) -> list[str]:
+    """The model card's recall of each label (Markdown lines, empty where ``test`` has no ``per_class``) next to
+    what the majority-class baseline finds, and the warnings about this adapter's test metrics
+    (:func:`shared.metrics.quality_warnings`, :func:`shared.metrics.divergence_warnings`)."""
+    from shared.metrics import divergence_warnings, quality_warnings
+
+    per_class = test.get("per_class")
+    if not isinstance(per_class, Mapping) or not per_class:
+        return []
+    majority = history.get("majority_baseline")
+    majority = majority if isinstance(majority, Mapping) and "accuracy" in majority else None
+    always = labels[int(majority["class"])] if majority and 0 <= int(majority.get("class", -1)) < len(labels) else None
+    lines = [
+        "",
+        "Recall per label: of each label's test rows, how many this adapter gives that label"
+        + (
+            f" (the majority-class baseline, always {always!r}, finds every {always!r} row and no other)."
+            if always
+            else "."
+        ),
+        "",
+        "| label | test rows | found | recall |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {c['rows']} | {c['found']} | {_fmt(c['recall'])} |" for name, c in per_class.items()]
+    initial = history.get("initial_test")
+    warnings = quality_warnings(test, majority, labels)
+    if isinstance(initial, Mapping):
+        warnings += divergence_warnings(dict(test), dict(initial))
+    return lines + (["", *(f"**Warning:** this adapter {w}." for w in warnings)] if warnings else [])
+
+
 def model_card(
     *,
     card: Mapping[str, Any],
@@ -240,6 +272,7 @@ def model_card(
         "|---|---|---|---|",
         f"| {_fmt(final.get('accuracy'))} | {_fmt(final.get('macro_f1'))} | {_fmt(final.get('loss'))} "
         f"| {_fmt(baseline)} |",
+        *recall_section(final, history, labels),
         "",
         "## Load it",
         "",

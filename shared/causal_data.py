@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,15 @@ def has_short_answers(rows: CausalRows) -> bool:
         kind != "text" and "\n" not in response.strip() and len(response.strip()) <= SHORT_ANSWER_CHARS
         for kind, response in zip(rows.kinds, rows.responses, strict=True)
     )
+
+
+def most_common_answer(rows: CausalRows) -> tuple[str, float] | None:
+    """The most common response (stripped, case-folded) and its share of ``rows``, when every response is a short
+    answer (:func:`has_short_answers`): the exact match of always giving it, what a model must beat; else None."""
+    if not has_short_answers(rows):
+        return None
+    answer, count = Counter(r.strip().casefold() for r in rows.responses).most_common(1)[0]
+    return answer, count / len(rows)
 
 
 # -- loading ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from shared.causal_data import pad_id
+from shared.causal_data import CausalRows, encode_causal, encode_prompts, has_short_answers, most_common_answer, pad_id
 from shared.model import Encoded, ModelError, resolve_model_path, wrap_lora
 
 if TYPE_CHECKING:
@@ -374,6 +374,47 @@ def causal_evaluator(
         return metrics
 
     return evaluate
+
+
+def held_out_evaluator(
+    tokenizer: Any, rows: CausalRows, *, max_length: int, device: str = "cpu"
+) -> Callable[[nn.Module], dict[str, float]]:
+    """:func:`causal_evaluator` on ``rows`` encoded once as training encodes them (to ``max_length`` tokens), with
+    exact match when every response is a short answer (:func:`shared.causal_data.has_short_answers`): the
+    server's evaluation each round, and ``privatune evaluate`` on a file."""
+    short = has_short_answers(rows)
+    return causal_evaluator(
+        encode_causal(tokenizer, rows, max_length=max_length),
+        prompts=encode_prompts(tokenizer, rows, max_length=max_length) if short else None,
+        answers=rows.responses if short else None,
+        tokenizer=tokenizer,
+        device=device,
+    )
+
+
+def answer_warnings(metrics: Mapping[str, Any], rows: CausalRows) -> list[str]:
+    """Loud one-line warnings about a model's answers on ``rows`` (short answers only; empty otherwise): it gives
+    one answer to ``ONE_CLASS_SHARE`` of the rows or more (named), or its exact match is no better than always
+    giving the most common answer."""
+    from shared.metrics import ONE_CLASS_SHARE
+
+    common = most_common_answer(rows)
+    if common is None or "exact_match" not in metrics:
+        return []
+    out = []
+    share = float(metrics.get("top_answer_share", 0.0))
+    if share >= ONE_CLASS_SHARE:
+        index = int(metrics["top_answer"])
+        choices = answer_choices(rows.responses)
+        given = repr(choices[index]) if 0 <= index < len(choices) else "an answer that is none of the expected ones"
+        out.append(f"answers {given} to {share:.0%} of the held-out rows")
+    answer, most = common
+    if metrics["exact_match"] <= most:
+        out.append(
+            f"exact match {metrics['exact_match']:.4f} is no better than always answering {answer!r} "
+            f"({most:.4f} of the held-out rows)"
+        )
+    return out
 
 
 def answer_metrics(texts: Sequence[str], answers: Sequence[str]) -> dict[str, float]:

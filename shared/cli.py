@@ -294,11 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(res)
     res.set_defaults(func=_resume)
 
-    ev = sub.add_parser("evaluate", help="Metrics and confusion matrix of a saved adapter on a labelled file.")
+    ev = sub.add_parser(
+        "evaluate",
+        help="A saved adapter's metrics on a file, next to the baseline (a classifier's: each label's recall and "
+        "the confusion matrix; a causal LM's: loss, perplexity, exact match).",
+    )
     ev.add_argument("--adapter", required=True, help="An adapter directory (runs/run-<id>/adapter or adapter-best).")
-    ev.add_argument("--data", required=True, help="A .csv / .jsonl / .parquet file with text and label columns.")
-    ev.add_argument("--text-column", default="text", help="Column of the texts (default: text).")
-    ev.add_argument("--label-column", default="label", help="Column of the labels (default: label).")
+    ev.add_argument(
+        "--data",
+        required=True,
+        help="A classifier's: a .csv / .jsonl / .parquet file with text and label columns; a causal LM's: a .jsonl "
+        "file of prompt/response, messages or text rows.",
+    )
+    ev.add_argument("--text-column", default=None, help="A classifier's column of the texts (default: text).")
+    ev.add_argument("--label-column", default=None, help="A classifier's column of the labels (default: label).")
     ev.add_argument("--base-model", default=None, help="Where the base model lives here (default: the card's).")
     ev.add_argument("--max-rows", type=int, default=None, help="Score only the first N rows.")
     ev.add_argument("--json", action="store_true", help="Print JSON instead of the table.")

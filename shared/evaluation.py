@@ -1,95 +1,38 @@
-"""``privatune evaluate``: a saved adapter's metrics on a labelled file, next to the majority-class baseline.
+"""``privatune evaluate``: a saved adapter of any task on a user's file, scored as the server scores its held-out
+rows, next to the task's reference, with the warnings a run gives about its model.
 
-The predictions come from :class:`shared.predict.Classifier`, the same function ``privatune predict`` and the
-service call, so the numbers here are the numbers a user of the adapter gets.
+The adapter's card (``privatune.json``) names the task it was trained for, and the task (:mod:`shared.tasks`)
+reads the file and scores the adapter: a classifier's accuracy, macro-F1, each label's recall and the confusion
+matrix next to the majority class (:mod:`shared.classifier_evaluation`); a causal LM's loss, perplexity and exact
+match next to the most common answer (:mod:`shared.causal_evaluation`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from shared.data import DataError, load_labelled_text
-from shared.metrics import classification_metrics, confusion_matrix, majority_baseline, quality_warnings
-from shared.predict import load_classifier
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    adapter_dir: str
-    data: str
-    rows: int
-    label_names: tuple[str, ...]
-    metrics: dict[str, float]
-    majority: dict[str, float]
-    confusion: list[list[int]]  # confusion[i][j]: rows of true label i predicted as label j
-    warnings: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "adapter": self.adapter_dir,
-            "data": self.data,
-            "rows": self.rows,
-            "label_names": list(self.label_names),
-            "metrics": self.metrics,
-            "majority_baseline": self.majority,
-            "confusion_matrix": self.confusion,
-            "warnings": self.warnings,
-        }
-
-    def report(self) -> str:
-        m, b = self.metrics, self.majority
-        lines = [
-            f"adapter {self.adapter_dir} on {self.data} ({self.rows} rows)",
-            f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  precision {m['precision']:.4f}  "
-            f"recall {m['recall']:.4f}",
-            f"majority baseline (always {self.label_names[int(b['class'])]!r}): accuracy {b['accuracy']:.4f}  "
-            f"macro-F1 {b['macro_f1']:.4f}",
-            "confusion matrix (rows: true label, columns: predicted):",
-        ]
-        width = max(8, *(len(n) for n in self.label_names))
-        lines.append(" " * width + "  " + "  ".join(f"{n:>{width}}" for n in self.label_names))
-        for name, row in zip(self.label_names, self.confusion, strict=True):
-            lines.append(f"{name:>{width}}  " + "  ".join(f"{v:>{width}d}" for v in row))
-        lines += [f"WARNING: the model {w}" for w in self.warnings]
-        return "\n".join(lines)
+from shared.predict import adapter_task_name
+from shared.tasks import get_task
+from shared.tasks.base import AdapterEvaluation
 
 
 def evaluate_adapter(
     adapter_dir: str | Path,
     data_path: str | Path,
     *,
-    text_column: str = "text",
-    label_column: str = "label",
+    text_column: str | None = None,
+    label_column: str | None = None,
     base_model: str | None = None,
     max_rows: int | None = None,
-) -> Evaluation:
-    """Predict every row of ``data_path`` with the adapter and score it against the file's labels, which must
-    be among the adapter's label names (its card)."""
-    classifier = load_classifier(adapter_dir, base_model=base_model)
-    names = classifier.label_names
-    data = load_labelled_text(data_path, text_column=text_column, label_column=label_column, labels=None)
-    unknown = sorted(set(data.label_names) - set(names))
-    if unknown:
-        raise DataError(f"{data.source}: label(s) {unknown} are not the adapter's labels {list(names)}")
-    index = {n: i for i, n in enumerate(names)}
-    y_true = np.asarray([index[data.label_names[k]] for k in data.labels], dtype=np.int64)
-    texts = list(data.texts)
-    if max_rows is not None:
-        texts, y_true = texts[:max_rows], y_true[:max_rows]
-    y_pred = np.asarray([p["index"] for p in classifier.predict(texts)], dtype=np.int64)
-    metrics = classification_metrics(y_true, y_pred, num_classes=len(names))
-    majority = majority_baseline(y_true, num_classes=len(names))
-    return Evaluation(
-        adapter_dir=str(classifier.adapter_dir),
-        data=data.source,
-        rows=len(texts),
-        label_names=tuple(names),
-        metrics=metrics,
-        majority=majority,
-        confusion=confusion_matrix(y_true, y_pred, num_classes=len(names)).tolist(),
-        warnings=quality_warnings(metrics, majority, list(names)),
+) -> AdapterEvaluation:
+    """The adapter of ``adapter_dir`` on the rows of ``data_path`` (the first ``max_rows``), by the task its card
+    names. ``text_column`` and ``label_column`` name a classifier's file columns (default ``text`` and
+    ``label``); ``base_model`` is where the base model lives here (default: the card's)."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"--max-rows must be at least 1, got {max_rows}")
+    adapter_dir = Path(adapter_dir).expanduser()
+    columns = {role: name for role, name in (("text", text_column), ("label", label_column)) if name is not None}
+    task = get_task(adapter_task_name(adapter_dir))
+    return task.evaluate_adapter(
+        adapter_dir, Path(data_path).expanduser(), base_model=base_model, max_rows=max_rows, columns=columns
     )

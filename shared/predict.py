@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from server.outputs import MODEL_CARD
+from shared.tasks.presets import CLASSIFY, TASK_NAMES
 
 ADAPTER_CONFIG = "adapter_config.json"
 PREDICT_BATCH = 64  # rows per forward pass
@@ -65,14 +66,39 @@ class AdapterCard:
 
 def check_adapter_dir(adapter_dir: Path) -> Path:
     """``adapter_dir`` as a path, once it is a directory holding both files a run writes there (the PEFT adapter's
-    config and the card); an :class:`AdapterError` naming what is missing otherwise."""
+    config and the card); an :class:`AdapterError` naming what is missing otherwise, and which directory to give
+    where it is a run's directory or an adapter's ``merged/`` export."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter directory {adapter_dir} does not exist")
     for name in (ADAPTER_CONFIG, MODEL_CARD):
         if not (adapter_dir / name).is_file():
-            raise AdapterError(f"{adapter_dir} has no {name}: not an adapter directory a PrivaTune run wrote")
+            raise AdapterError(
+                f"{adapter_dir} has no {name}: not an adapter directory a PrivaTune run wrote{_which_dir(adapter_dir)}"
+            )
     return adapter_dir
+
+
+def _which_dir(directory: Path) -> str:
+    """The adapter directory a user probably meant, for an error about ``directory`` ("" when there is no guess)."""
+    adapters = [
+        str(directory / name) for name in ("adapter", "adapter-best") if (directory / name / MODEL_CARD).is_file()
+    ]
+    if adapters:
+        return f" (a run's directory: give {' or '.join(adapters)})"
+    if (directory.parent / MODEL_CARD).is_file():
+        return f" (inside an adapter, e.g. its merged/ export: give {directory.parent})"
+    return " (give runs/run-<id>/adapter or adapter-best)"
+
+
+def adapter_task_name(adapter_dir: Path) -> str:
+    """The task an adapter directory was trained for: its card's ``task`` (``classify`` where the card has none: a
+    classifier's cards named no task before the causal LM was added); an :class:`AdapterError` for anything else."""
+    path = check_adapter_dir(adapter_dir) / MODEL_CARD
+    task = read_json_object(path).get("task", CLASSIFY)
+    if task not in TASK_NAMES:
+        raise AdapterError(f"{path}: task must be one of {list(TASK_NAMES)}, got {task!r}")
+    return str(task)
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -88,7 +114,15 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def read_card(adapter_dir: Path) -> AdapterCard:
+    """A classifier's card; an :class:`AdapterError` naming what to use for another task's adapter."""
     path = check_adapter_dir(adapter_dir) / MODEL_CARD
+    task = adapter_task_name(adapter_dir)
+    if task != CLASSIFY:
+        raise AdapterError(
+            f"{adapter_dir} is a {task!r} adapter (its {MODEL_CARD}), not a classifier's: privatune predict and serve "
+            f"take a classifier's adapter; use privatune generate --adapter {adapter_dir} --prompt TEXT for its text "
+            f"and privatune evaluate --adapter {adapter_dir} --data FILE for its metrics on a file"
+        )
     return AdapterCard.from_dict(read_json_object(path), source=str(path))
 
 

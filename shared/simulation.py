@@ -276,7 +276,8 @@ def run_simulation(
 
 
 def summary(run_dir: Path) -> str:
-    """The run's result as a person reads it: majority baseline, final and best round, warnings, epsilon."""
+    """The run's result as a person reads it: majority baseline, final and best round (a classifier's with each
+    label's recall), warnings, epsilon."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     last = metrics["rounds"][-1] if metrics["rounds"] else None
     lines = [f"run {metrics['run_id']} -> {run_dir}"]
@@ -290,6 +291,7 @@ def summary(run_dir: Path) -> str:
         )
     if last:
         lines.append(f"final test (round {last['round']}): {_shown_metrics(last['test'])}")
+        lines += _recall_line(last["test"])
     best = metrics.get("best")
     if best:
         by = str(best.get("by", "macro_f1"))
@@ -297,6 +299,8 @@ def summary(run_dir: Path) -> str:
             f"best round {best['round']} (by {_METRIC_NAMES.get(by, by)} on the server's held-out test set): "
             f"{_shown_metrics(best['test'], _BEST_SHOWN)}"
         )
+        if not last or best["round"] != last["round"]:
+            lines += _recall_line(best["test"])
     for warning in metrics.get("final_warnings") or []:
         lines.append(f"WARNING: the final model {warning}")
     if metrics.get("final_warnings") and best and last:
@@ -327,6 +331,16 @@ _METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "precision": "p
 _SHOWN_FIRST = ("accuracy", "macro_f1", "precision", "recall", "loss")
 _BEST_SHOWN = ("accuracy", "macro_f1")
 _NOT_SHOWN = ("top_class", "top_class_share", "top_answer", "top_answer_share")  # the warnings say what matters
+
+
+def _recall_line(test: dict[str, Any]) -> list[str]:
+    """``  recall per label: 'neg' 0.2251 (77 of 342)  'pos' 0.9782 (450 of 460)``: a classifier's recall of each
+    label (``per_class``) under its test line; nothing for a task without it."""
+    per_class = test.get("per_class")
+    if not isinstance(per_class, dict) or not per_class:
+        return []
+    shown = "  ".join(f"{name!r} {c['recall']:.4f} ({c['found']} of {c['rows']})" for name, c in per_class.items())
+    return [f"  recall per label: {shown}"]
 
 
 def _shown_metrics(test: dict[str, Any], keys: tuple[str, ...] | None = None) -> str:

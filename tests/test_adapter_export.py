@@ -190,6 +190,31 @@ def test_the_model_card_shows_the_majority_baseline_when_the_run_recorded_it():
     assert "No site attested a release in this run." in text
 
 
+def test_the_model_card_shows_each_labels_recall_and_warns_about_a_label_the_adapter_rarely_finds():
+    per_class = {
+        "rotten": {"rows": 342, "found": 77, "recall": 77 / 342},
+        "fresh": {"rows": 468, "found": 468, "recall": 1.0},
+    }
+    test = {"accuracy": 0.6728, "macro_f1": 0.59, "loss": 0.6, "top_class": 1, "top_class_share": 733 / 810}
+    history = {
+        "run_id": "1",
+        "majority_baseline": {"accuracy": 468 / 810, "macro_f1": 0.366, "class": 1},
+        "rounds": [{"round": 3, "test": {**test, "per_class": per_class}}],
+    }
+    card = {"base_model": "builtin:all-minilm-l6-v2", "classifier_pooling": "mean", "label_names": ["rotten", "fresh"]}
+
+    text = model_card(card={**card, "max_length": 48}, history=history, run_records=[], data_path="x", exported=True)
+
+    assert "the majority-class baseline, always 'fresh', finds every 'fresh' row and no other" in text
+    assert "| label | test rows | found | recall |" in text
+    assert "| rotten | 342 | 77 | 0.2251 |" in text and "| fresh | 468 | 468 | 1.0000 |" in text
+    assert "**Warning:** this adapter finds only 77 of 342 'rotten' rows (recall 0.2251)" in text
+    balanced = {name: {"rows": c["rows"], "found": c["rows"] * 3 // 4, "recall": 0.75} for name, c in per_class.items()}
+    history["rounds"][0]["test"] = {**test, "top_class_share": 0.5, "per_class": balanced}
+    text = model_card(card={**card, "max_length": 48}, history=history, run_records=[], data_path="x", exported=True)
+    assert "| rotten | 342 | 256 | 0.7500 |" in text and "Warning" not in text
+
+
 @pytest.mark.parametrize(
     ("path", "shown"),
     [("builtin:all-minilm-l6-v2", "builtin:all-minilm-l6-v2"), ("/home/ana/models/my-bert", "my-bert")],

@@ -370,6 +370,61 @@ def test_generate_refuses_what_is_not_a_causal_lm_adapter(cfg, tmp_path, capsys)
     assert "--chat needs a tokenizer with a chat template" in capsys.readouterr().err
 
 
+def test_evaluate_scores_a_causal_adapter_on_a_file_as_the_server_scores_its_held_out_rows(cfg, tmp_path, capsys):
+    from shared.causal_data import load_causal_rows
+    from shared.causal_model import held_out_evaluator
+    from shared.cli import main
+    from tests.conftest import make_rows, write_instructions
+
+    model = trained(cfg)
+    out = save_causal_adapter(model, tmp_path / "adapter", card={"base_model": cfg.model_path, "max_length": 32})
+    publish_causal_adapter(out, cfg=cfg, history=_history(), run_records=[])
+    data = write_instructions(tmp_path / "test.jsonl", make_rows(24)[:9])  # 4 or 5 of each answer
+    rows = load_causal_rows(str(data))
+    expected = held_out_evaluator(load_causal_tokenizer(cfg.model_path), rows, max_length=32)(model)  # live model
+    count, answer = max((rows.responses.count(f" {a}"), a) for a in ("fresh", "rotten"))  # 9 rows: no tie
+
+    assert main(["evaluate", "--adapter", str(out), "--data", str(data), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "causal-lm" and report["rows"] == 9
+    assert report["metrics"]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert report["metrics"]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    assert report["metrics"]["exact_match"] == expected["exact_match"]
+    assert report["most_common_answer"] == {"answer": answer, "exact_match": pytest.approx(count / 9)}
+    assert main(["evaluate", "--adapter", str(out), "--data", str(data), "--max-rows", "4"]) == 0
+    text = capsys.readouterr().out
+    assert f"on {data} (4 rows)" in text and "loss " in text and "perplexity " in text and "exact match " in text
+    assert "most common answer baseline (always " in text
+
+
+def test_evaluate_of_a_causal_adapter_on_plain_text_scores_loss_only(cfg, tmp_path, capsys):
+    from shared.cli import main
+
+    out = save_causal_adapter(trained(cfg), tmp_path / "adapter", card={"base_model": cfg.model_path, "max_length": 32})
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the film was {w} and long"}) + "\n" for w in ("good", "bad", "flat")))
+
+    assert main(["evaluate", "--adapter", str(out), "--data", str(data)]) == 0
+    text = capsys.readouterr().out
+    assert "exact match not scored: not every row is a prompt with a short answer" in text
+    assert main(["evaluate", "--adapter", str(out), "--data", str(data), "--text-column", "body"]) == 2
+    assert "--text-column: a causal-LM file has no columns to name" in capsys.readouterr().err
+
+
+def test_a_causal_adapter_given_to_predict_or_a_run_directory_given_to_evaluate_says_what_to_use(cfg, tmp_path, capsys):
+    from shared.cli import main
+
+    run_dir = tmp_path / "run-1"
+    out = save_causal_adapter(trained(cfg), run_dir / "adapter", card={"base_model": cfg.model_path, "max_length": 32})
+
+    assert main(["predict", "--adapter", str(out), "--text", "a sharp film"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is a 'causal-lm' adapter (its privatune.json), not a classifier's" in err
+    assert f"use privatune generate --adapter {out} --prompt TEXT" in err and "privatune evaluate" in err
+    assert main(["evaluate", "--adapter", str(run_dir), "--data", "x.jsonl"]) == 2
+    assert f"(a run's directory: give {out})" in capsys.readouterr().err
+
+
 # -- resolving the base model ------------------------------------------------------------------------------------
 
 

@@ -66,6 +66,17 @@ def test_recorded_rounds_survive_reopen(tmp_path, keys, roster):
     assert reopened.records()[0]["declined"] == {"site-1": "declined: budget already spent"}
 
 
+def test_a_classifiers_per_label_recall_is_recorded_with_the_rounds_metrics(tmp_path, roster):
+    run = RunLedger(tmp_path / "run_ledger.jsonl", "run-a", roster=roster)
+    per_class = {
+        "rotten": {"rows": 342, "found": 77, "recall": 77 / 342},
+        "fresh": {"rows": 468, "found": 468, "recall": 1.0},
+    }
+    _record(run, 1, {}, metrics={"accuracy": 0.67, "loss": 0.6, "per_class": per_class})
+
+    assert RunLedger(tmp_path / "run_ledger.jsonl", "run-a").records()[0]["metrics"]["per_class"] == per_class
+
+
 def test_an_attestation_in_the_run_ledger_still_verifies(tmp_path, keys, roster):
     run = RunLedger(tmp_path / "run_ledger.jsonl", "run-a", roster=roster)
     _record(run, 1, {"site-0": _attestation(tmp_path, keys)})

@@ -35,7 +35,17 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     for r in metrics["rounds"]:
         assert sorted(r["survivors"]) == ["site-0", "site-1", "site-2"]
         assert not r["aborted"] and r["secure_aggregation"] is secure
-        assert set(r["test"]) == {"loss", "accuracy", "precision", "recall", "macro_f1", "top_class", "top_class_share"}
+        assert set(r["test"]) == {
+            "loss",
+            "accuracy",
+            "precision",
+            "recall",
+            "macro_f1",
+            "top_class",
+            "top_class_share",
+            "per_class",
+        }
+        assert list(r["test"]["per_class"]) == metrics["label_names"]  # each label's rows, found and recall
     eps_round1 = [c["epsilon"] for c in metrics["rounds"][0]["clients"].values()]
     eps_round2 = [c["epsilon"] for c in metrics["rounds"][1]["clients"].values()]
     assert all(0 < a < b for a, b in zip(eps_round1, eps_round2, strict=True))  # cumulative, not per round
@@ -62,6 +72,7 @@ def test_three_sites_two_rounds_end_to_end(tiny_config, secure, capsys):
     assert run_rounds == [0, 1, 2]
     text = summary(run_dir)
     assert "final test (round 2): accuracy" in text and "majority baseline (always " in text
+    assert "  recall per label: 'rotten' " in text
     best = metrics["best"]
     assert best["round"] in (1, 2) and best["by"] == "macro_f1"
     assert best["test"]["macro_f1"] == max(r["test"]["macro_f1"] for r in metrics["rounds"])

@@ -151,6 +151,27 @@ def test_the_adapter_is_saved_and_published_without_local_paths(setup, tmp_path)
     assert str(tmp_path) not in json.dumps(adapter_config)  # the base model is named, not its local directory
 
 
+def test_a_saved_adapter_is_evaluated_on_a_file_of_the_tasks_rows(setup, tmp_path):
+    """``privatune evaluate`` for every task: the card names the task, and the task scores the adapter on a file
+    of its own format (here the first rows of the run's file) next to its reference."""
+    from shared.evaluation import evaluate_adapter
+
+    task, cfg = setup
+    rows = task.load_run_rows(cfg)
+    card = {"base_model": cfg.model_path, "max_length": cfg.max_length, "round": 0, "adapter": "final"}
+    out = task.save_adapter(task.fresh_model(cfg, rows), tmp_path / "adapter", card=card)
+    assert json.loads((out / "privatune.json").read_text())["task"] == task.name
+
+    result = evaluate_adapter(out, cfg.data_path, max_rows=8)
+
+    report = result.to_json()
+    json.dumps(report, allow_nan=False)
+    assert report["task"] == task.name and report["rows"] == 8 and math.isfinite(report["metrics"][task.best_by])
+    assert isinstance(result.report(), str) and all(isinstance(w, str) for w in result.warnings)
+    with pytest.raises(ValueError, match="--max-rows must be at least 1, got 0"):
+        evaluate_adapter(out, cfg.data_path, max_rows=0)
+
+
 def test_an_unknown_task_or_a_missing_task_module_is_a_clear_error(monkeypatch):
     with pytest.raises(TaskError, match="unknown task 'regression'"):
         get_task("regression")

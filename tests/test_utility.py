@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from server.app import CENTER_MAX_ERROR, center_error
 from shared.cli import main
@@ -16,11 +17,16 @@ from shared.config import RunConfig
 from shared.evaluation import evaluate_adapter
 from shared.log import RoundProgress, configure_logging
 from shared.metrics import (
+    LOW_RECALL_ADVICE,
+    LOW_RECALL_MIN_ROWS,
+    class_recall,
     classification_metrics,
     confusion_matrix,
     divergence_warnings,
     majority_baseline,
     quality_warnings,
+    rarely_found,
+    recall_warning,
 )
 from shared.simulation import SMALL_SITE_ROWS, discard_failed_run, preflight
 from tests.conftest import make_rows, write_csv
@@ -46,6 +52,74 @@ def test_a_model_that_predicts_one_class_or_worse_than_the_majority_is_warned_ab
     ]
     good = classification_metrics(y, y, num_classes=2)
     assert quality_warnings(good, baseline, LABELS) == []
+
+
+def _issue_25_model() -> tuple[np.ndarray, np.ndarray]:
+    """The issue's final model: it found 77 of 342 'rotten' rows, every 'fresh' row, and predicted 'fresh' for
+    90.5% of the rows."""
+    y_true = np.array([0] * 342 + [1] * 468)
+    y_pred = np.array([0] * 77 + [1] * 265 + [1] * 468)
+    return y_true, y_pred
+
+
+def test_each_labels_recall_counts_its_rows_and_those_found():
+    y_true, y_pred = _issue_25_model()
+    assert class_recall(y_true, y_pred, label_names=LABELS) == {
+        "rotten": {"rows": 342, "found": 77, "recall": pytest.approx(77 / 342)},
+        "fresh": {"rows": 468, "found": 468, "recall": 1.0},
+    }
+    assert class_recall(np.array([1, 1]), np.array([1, 0]), label_names=LABELS)["rotten"] == {
+        "rows": 0,
+        "found": 0,
+        "recall": 0.0,
+    }
+
+
+def test_a_label_found_under_half_as_often_as_the_best_is_warned_about_with_its_counts_and_what_to_try():
+    y_true, y_pred = _issue_25_model()
+    test = {**classification_metrics(y_true, y_pred, num_classes=2)}
+    test["per_class"] = class_recall(y_true, y_pred, label_names=LABELS)
+    assert test["top_class_share"] == pytest.approx(0.905, abs=5e-4)  # under the one-class warning's 95%
+    warnings = quality_warnings(test, majority_baseline(y_true, num_classes=2), LABELS)
+    assert warnings == [
+        "finds only 77 of 342 'rotten' rows (recall 0.2251), against recall 1.0000 for 'fresh', and predicts "
+        f"'fresh' for 90.5% of the test rows: {LOW_RECALL_ADVICE}"
+    ]
+    assert "more rounds" in LOW_RECALL_ADVICE and "max-length" in LOW_RECALL_ADVICE
+
+
+def test_a_balanced_model_on_three_labels_and_a_label_with_few_rows_are_not_warned_about():
+    names = ["negative", "neutral", "positive"]
+    # recalls 0.8, 0.45 (a hard neutral class, over 0.5 x 0.8) and 0.7: no warning
+    y_true = np.array([0] * 100 + [1] * 100 + [2] * 100)
+    y_pred = np.array([0] * 80 + [1] * 20 + [1] * 45 + [0] * 30 + [2] * 25 + [2] * 70 + [1] * 30)
+    per_class = class_recall(y_true, y_pred, label_names=names)
+    assert [c["recall"] for c in per_class.values()] == pytest.approx([0.8, 0.45, 0.7])
+    assert rarely_found(per_class) == ([], "negative")
+    assert recall_warning({"per_class": per_class}, names) is None
+    # the same neutral class found 35 times: under half of 0.8, warned about, the best named
+    per_class["neutral"] = {"rows": 100, "found": 35, "recall": 0.35}
+    assert rarely_found(per_class) == (["neutral"], "negative")
+    # a label with fewer than LOW_RECALL_MIN_ROWS test rows is not judged, however low its recall
+    few = {"rotten": {"rows": LOW_RECALL_MIN_ROWS - 1, "found": 1, "recall": 1 / 19}, "fresh": per_class["negative"]}
+    assert rarely_found(few) == ([], None)
+
+
+def test_the_classifiers_held_out_metrics_carry_each_labels_recall_and_its_warning(tiny_config):
+    from shared.tasks import get_task
+
+    task = get_task(tiny_config)
+    rows = task.load_run_rows(tiny_config)
+    held_out = rows.subset(range(40))
+    metrics = task.evaluator(tiny_config, held_out)(task.fresh_model(tiny_config, rows))
+    assert list(metrics["per_class"]) == ["rotten", "fresh"]
+    assert sum(c["rows"] for c in metrics["per_class"].values()) == 40
+    assert sum(c["found"] for c in metrics["per_class"].values()) == round(metrics["accuracy"] * 40)
+    y_true, y_pred = _issue_25_model()
+    biased = {**classification_metrics(y_true, y_pred, num_classes=2), "loss": 0.6}
+    biased["per_class"] = class_recall(y_true, y_pred, label_names=LABELS)
+    warnings = task.warnings(biased, task.reference(held_out), held_out)  # the round's line and the final summary
+    assert any(w.startswith("finds only 77 of 342 'rotten' rows") for w in warnings)
 
 
 def test_a_run_whose_test_loss_rises_well_above_the_untrained_models_is_warned_about_as_diverging():
@@ -175,6 +249,42 @@ def test_evaluate_prints_metrics_the_baseline_and_the_confusion_matrix(tiny_mode
     assert report["confusion_matrix"] == result.confusion and report["metrics"] == result.metrics
 
 
+def _leaning_adapter(tiny_model_dir: Path, out: Path, *, toward: int) -> Path:
+    """The tiny adapter with its head's bias pushed hard toward one label: it predicts that label for every row."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_tiny_adapter(tiny_model_dir, out)[0]
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    (bias,) = [k for k in weights if k.endswith("classifier.bias")]
+    weights[bias] = torch.full_like(weights[bias], -50.0)
+    weights[bias][toward] = 50.0
+    save_file(weights, str(adapter / "adapter_model.safetensors"))
+    return adapter
+
+
+def test_evaluate_gives_each_labels_recall_and_warns_about_a_label_the_adapter_never_finds(
+    tiny_model_dir, tmp_path, capsys
+):
+    adapter = _leaning_adapter(tiny_model_dir, tmp_path / "run", toward=LABELS.index("fresh"))
+    data = write_csv(tmp_path / "test.csv", make_rows(60))  # 30 rows of each label
+
+    result = evaluate_adapter(adapter, data)
+
+    assert result.metrics["per_class"] == {
+        "rotten": {"rows": 30, "found": 0, "recall": 0.0},
+        "fresh": {"rows": 30, "found": 30, "recall": 1.0},
+    }
+    assert result.warnings[:2] == [
+        "predicts 'fresh' for 100% of the test rows",
+        f"finds only 0 of 30 'rotten' rows (recall 0.0000), against recall 1.0000 for 'fresh': {LOW_RECALL_ADVICE}",
+    ]
+    assert main(["evaluate", "--adapter", str(adapter), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "recall per label (the majority baseline finds every 'rotten' row and no other):" in out  # a 30/30 tie
+    assert "  rotten  0.0000  (0 of 30)" in out and "   fresh  1.0000  (30 of 30)" in out
+    assert "WARNING: the model finds only 0 of 30 'rotten' rows" in out
+
+
 def test_evaluate_refuses_labels_the_adapter_does_not_know(tiny_model_dir, tmp_path, capsys):
     adapter = make_tiny_adapter(tiny_model_dir, tmp_path / "run")[0]
     data = write_csv(tmp_path / "test.csv", [("fine", "fresh"), ("odd", "meh")])
@@ -225,6 +335,33 @@ def test_the_summary_names_the_baseline_both_adapters_and_a_one_class_final_mode
     metrics["best"]["test"] = metrics["rounds"][1]["test"]  # a tie: the earlier round is kept, but is no better
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert "did better" not in summary(tmp_path)
+
+
+def test_the_summary_gives_each_labels_recall_under_the_final_and_a_better_best_round(tmp_path):
+    from shared.simulation import summary
+
+    y_true, y_pred = _issue_25_model()
+    final = {**classification_metrics(y_true, y_pred, num_classes=2), "loss": 0.6}
+    final["per_class"] = class_recall(y_true, y_pred, label_names=LABELS)
+    best = {**final, "macro_f1": 0.7, "per_class": class_recall(y_true, y_true, label_names=LABELS)}
+    metrics = {
+        "run_id": "7",
+        "config": {"delta": 1e-5},
+        "label_names": LABELS,
+        "majority_baseline": majority_baseline(y_true, num_classes=2),
+        "rounds": [{"round": 2, "test": best, "clients": {}}, {"round": 3, "test": final, "clients": {}}],
+        "best": {"round": 2, "by": "macro_f1", "test": best, "dir": str(tmp_path / "adapter-best")},
+        "final_warnings": quality_warnings(final, majority_baseline(y_true, num_classes=2), LABELS),
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+
+    lines = summary(tmp_path).splitlines()
+
+    assert lines[1] == "majority baseline (always 'fresh'): accuracy 0.5778  macro-F1 0.3662"
+    assert lines[2].startswith("final test (round 3): accuracy 0.6728")
+    assert lines[3] == "  recall per label: 'rotten' 0.2251 (77 of 342)  'fresh' 1.0000 (468 of 468)"
+    assert lines[5] == "  recall per label: 'rotten' 1.0000 (342 of 342)  'fresh' 1.0000 (468 of 468)"  # round 2's
+    assert lines[6].startswith("WARNING: the final model finds only 77 of 342 'rotten' rows (recall 0.2251)")
 
 
 def _checkpointed_run(tmp_path: Path, *, server_round: int, rounds: int) -> Path:

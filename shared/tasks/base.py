@@ -2,9 +2,10 @@
 
 A task (text classification, causal-LM fine-tuning) says how rows are read and split, how they are encoded, how
 the model every party builds identically is made, the loss of a batch (mean over its rows, so that Opacus's
-per-sample gradients are each row's own), how the server evaluates on its held-out rows, and how the adapter is
-saved. The loops in ``server/`` and ``client/`` hold no ``if task == ...``: what differs between tasks is here,
-in one file per task (``shared/tasks/classifier.py``, ``shared/tasks/causal_lm.py``), and one contract test
+per-sample gradients are each row's own), how the server evaluates on its held-out rows, how the adapter is
+saved, and how a saved adapter is evaluated on a user's file (``privatune evaluate``). The loops in ``server/``
+and ``client/`` hold no ``if task == ...``: what differs between tasks is here, in one file per task
+(``shared/tasks/classifier.py``, ``shared/tasks/causal_lm.py``), and one contract test
 (``tests/test_task_contract.py``) runs against every task.
 
 Choosing a task: ``task`` in the run config (``"classify"``, the default, or ``"causal-lm"``); see
@@ -61,8 +62,9 @@ class Rows(Protocol):
         ...
 
 
-# What the server's evaluation returns: flat metric name -> number (always "loss"; JSON numbers only).
-Metrics = dict[str, float]
+# What the server's evaluation returns: metric name -> JSON number (always "loss"), or a JSON object of numbers per
+# part of the rows (the classifier's ``per_class``: each label's rows, found and recall). JSON values only.
+Metrics = dict[str, Any]
 # A loss function the local DP step calls: (model, batch) -> scalar, the mean over the batch's rows of each row's
 # own loss (never a mean over tokens of the whole batch: that would couple rows and break per-sample clipping).
 LossFn = Callable[["nn.Module", "Encoded"], "torch.Tensor"]
@@ -107,6 +109,23 @@ class SiteEvaluation(Protocol):
         self, model: nn.Module, data: Encoded, rows: Rows, *, noise_multiplier: float, device: str
     ) -> dict[str, float | int | list[float]]:
         """The noisy metrics the site sends (nothing exact about its rows)."""
+        ...
+
+
+class AdapterEvaluation(Protocol):
+    """What ``privatune evaluate`` shows of a saved adapter on a file: the task's metrics next to its reference (the
+    classifier: each label's recall and the majority class; the causal LM: the most common answer), and the
+    warnings a run gives about its model."""
+
+    @property
+    def warnings(self) -> list[str]: ...
+
+    def to_json(self) -> dict[str, Any]:
+        """The evaluation as JSON values (``--json``)."""
+        ...
+
+    def report(self) -> str:
+        """The evaluation as lines a person reads."""
         ...
 
 
@@ -188,6 +207,22 @@ class Task(Protocol):
     def warnings(self, metrics: Metrics, reference: Metrics, rows: Rows) -> list[str]:
         """Loud one-line warnings about a model's metrics on the held-out ``rows`` (predicts one class, named; worse
         than the reference)."""
+        ...
+
+    def evaluate_adapter(
+        self,
+        adapter_dir: Path,
+        data_path: Path,
+        *,
+        base_model: str | None = None,
+        max_rows: int | None = None,
+        columns: Mapping[str, str] | None = None,
+    ) -> AdapterEvaluation:
+        """``privatune evaluate``: a saved adapter of this task (its card ``privatune.json`` says which task) on the
+        rows of a user's file, read as this task reads one, scored as the server scores its held-out rows.
+        ``base_model`` replaces the card's base model; ``max_rows`` scores only the first rows; ``columns`` are the
+        file's columns by role (``text``, ``label``) that the user named: a ``ValueError`` naming the option for a
+        task whose files have no such columns."""
         ...
 
     # -- output ----------------------------------------------------------------------------------------------

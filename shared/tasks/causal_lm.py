@@ -8,14 +8,15 @@ SmolLM2-135M-Instruct (:mod:`shared.causal_model`), with LoRA on the attention p
 as for the classifier). The server evaluates on its held-out rows every round: loss and perplexity, and, when
 every response is a short answer (a label), exact-match accuracy of greedy generation against always giving the
 most common answer. The best round is the one with the lowest held-out loss. The adapter is a plain PEFT adapter:
-``AutoModelForCausalLM.from_pretrained(base)`` + ``PeftModel.from_pretrained`` load it (``privatune generate``).
+``AutoModelForCausalLM.from_pretrained(base)`` + ``PeftModel.from_pretrained`` load it (``privatune generate``);
+``privatune evaluate`` scores it on a user's JSONL file as the server scores its held-out rows
+(:mod:`shared.causal_evaluation`).
 
 It has none of the optional capabilities: no head to center, no canary audit, no site evaluation release.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from shared.causal_data import CausalRows
+    from shared.causal_evaluation import CausalEvaluation
     from shared.config import RunConfig
     from shared.model import Encoded
     from shared.site import Site
@@ -61,14 +63,11 @@ def _load_cached(path: str, _stamp: tuple[int, int] | None) -> CausalRows:
 
 
 def most_common_answer(rows: Rows) -> tuple[str, float] | None:
-    """The most common response and its share of ``rows``, when every response is a short answer; else None."""
-    from shared.causal_data import has_short_answers
+    """The most common response and its share of ``rows``, when every response is a short answer; else None
+    (:func:`shared.causal_data.most_common_answer`)."""
+    from shared.causal_data import most_common_answer as common
 
-    causal = _causal(rows)
-    if len(causal) == 0 or not has_short_answers(causal):
-        return None
-    answer, count = Counter(r.strip().casefold() for r in causal.responses).most_common(1)[0]
-    return answer, count / len(causal)
+    return common(_causal(rows))
 
 
 class CausalLMTask:
@@ -120,19 +119,10 @@ class CausalLMTask:
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def evaluator(self, cfg: RunConfig, rows: Rows, *, device: str = "cpu") -> Callable[[nn.Module], Metrics]:
-        from shared.causal_data import encode_prompts, has_short_answers
-        from shared.causal_model import causal_evaluator, load_causal_tokenizer
+        from shared.causal_model import held_out_evaluator, load_causal_tokenizer
 
-        causal = _causal(rows)
         tokenizer = load_causal_tokenizer(cfg.model_path)
-        short = has_short_answers(causal)
-        return causal_evaluator(
-            self.encode(cfg, causal),
-            prompts=encode_prompts(tokenizer, causal, max_length=cfg.max_length) if short else None,
-            answers=causal.responses if short else None,
-            tokenizer=tokenizer,
-            device=device,
-        )
+        return held_out_evaluator(tokenizer, _causal(rows), max_length=cfg.max_length, device=device)
 
     def reference(self, rows: Rows) -> Metrics:
         common = most_common_answer(rows)
@@ -156,26 +146,28 @@ class CausalLMTask:
         return line
 
     def warnings(self, metrics: Metrics, reference: Metrics, rows: Rows) -> list[str]:
-        from shared.causal_model import answer_choices
-        from shared.metrics import ONE_CLASS_SHARE
+        from shared.causal_model import answer_warnings
 
-        common = most_common_answer(rows)
-        if common is None or "exact_match" not in metrics:
-            return []
-        out = []
-        share = float(metrics.get("top_answer_share", 0.0))
-        if share >= ONE_CLASS_SHARE:
-            index = int(metrics["top_answer"])
-            choices = answer_choices(_causal(rows).responses)
-            given = repr(choices[index]) if 0 <= index < len(choices) else "an answer that is none of the expected ones"
-            out.append(f"answers {given} to {share:.0%} of the held-out rows")
-        answer, most = common
-        if metrics["exact_match"] <= most:
-            out.append(
-                f"exact match {metrics['exact_match']:.4f} is no better than always answering {answer!r} "
-                f"({most:.4f} of the held-out rows)"
+        return answer_warnings(metrics, _causal(rows))
+
+    def evaluate_adapter(
+        self,
+        adapter_dir: Path,
+        data_path: Path,
+        *,
+        base_model: str | None = None,
+        max_rows: int | None = None,
+        columns: Mapping[str, str] | None = None,
+    ) -> CausalEvaluation:
+        from shared.causal_evaluation import evaluate_causal
+
+        if columns:
+            named = ", ".join(f"--{role}-column" for role in columns)
+            raise ValueError(
+                f"{named}: a causal-LM file has no columns to name; each line is a prompt/response, messages or text "
+                "object (docs/causal-lm.md)"
             )
-        return out
+        return evaluate_causal(adapter_dir, data_path, base_model=base_model, max_rows=max_rows)
 
     # -- output ------------------------------------------------------------------------------------------------
     def save_adapter(self, model: nn.Module, directory: Path, *, card: Mapping[str, Any]) -> Path:

@@ -2,8 +2,9 @@
 
 Today's (and the default) task. Rows are (text, label) from ``data-path`` (``builtin:rotten-tomatoes`` or a
 labelled CSV / JSONL / Parquet file, :mod:`shared.data`); the model is :func:`shared.model.build_model` with one
-output per label; the server's evaluation is accuracy and macro-F1 on its held-out rows next to the majority
-class (the reference a model must beat); the best round is the one with the highest macro-F1. It has all three
+output per label; the server's evaluation is accuracy, macro-F1 and each label's recall on its held-out rows next
+to the majority class (the reference a model must beat), with a warning for a label the model rarely finds; the
+best round is the one with the highest macro-F1. It has all three
 optional capabilities (:mod:`shared.tasks.base`): feature centering, the canary audit and the sites' noisy
 confusion matrix.
 """
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from shared.classifier_evaluation import ClassifierEvaluation
     from shared.config import RunConfig
     from shared.data import LabelledText
     from shared.model import Encoded
@@ -174,8 +176,8 @@ class ClassifierTask:
         from shared.metrics import evaluate_model
 
         data = self.encode(cfg, rows)
-        num_classes = len(_labelled(rows).label_names)
-        return lambda model: evaluate_model(model, data, num_classes=num_classes, device=device)
+        names = list(_labelled(rows).label_names)
+        return lambda model: evaluate_model(model, data, num_classes=len(names), label_names=names, device=device)
 
     def reference(self, rows: Rows) -> Metrics:
         from shared.metrics import majority_baseline
@@ -201,13 +203,37 @@ class ClassifierTask:
 
         return quality_warnings(metrics, reference, list(_labelled(rows).label_names))
 
+    def evaluate_adapter(
+        self,
+        adapter_dir: Path,
+        data_path: Path,
+        *,
+        base_model: str | None = None,
+        max_rows: int | None = None,
+        columns: Mapping[str, str] | None = None,
+    ) -> ClassifierEvaluation:
+        from shared.classifier_evaluation import evaluate_classifier
+
+        columns = dict(columns or {})
+        unknown = sorted(set(columns) - {"text", "label"})
+        if unknown:
+            raise ValueError(f"a classifier's file has a text and a label column, not {unknown}")
+        return evaluate_classifier(
+            adapter_dir,
+            data_path,
+            text_column=columns.get("text", "text"),
+            label_column=columns.get("label", "label"),
+            base_model=base_model,
+            max_rows=max_rows,
+        )
+
     # -- output ------------------------------------------------------------------------------------------------
     def save_adapter(self, model: nn.Module, directory: Path, *, card: Mapping[str, Any]) -> Path:
         from server.outputs import save_adapter
         from shared.model import fold_feature_center
 
         folded = fold_feature_center(model)  # the head takes the plain pooled vector: the base model has no center
-        own = {"classifier_pooling": _pooling(model), "label_names": _label_names(model)}
+        own = {"task": CLASSIFY, "classifier_pooling": _pooling(model), "label_names": _label_names(model)}
         return save_adapter(folded, Path(directory).parent, card={**card, **own}, name=Path(directory).name)
 
     def publish(
