@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.budget import decide
+from client.release_lock import ReleaseInProgress, exclusive_release
 from client.secagg_mod import secagg_mod
 from client.site_policy import SitePolicyError, check_site_policy
 from shared import constants as C
@@ -176,6 +177,38 @@ def _accounted_reply(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A training round, or round 0's feature-mean query: one release of the site's data source at a time."""
+    return _one_release_at_a_time(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """An evaluation of the server's adapter on the site's rows (:func:`_evaluate`): one release at a time."""
+    return _one_release_at_a_time(msg, context, _evaluate)
+
+
+def _one_release_at_a_time(msg: Message, context: Context, handler: Callable[[Message, Context], Message]) -> Message:
+    """Run ``handler`` holding the lock of the site's data source (client/release_lock.py): its budget check and
+    its ledger entry cannot interleave with another run's; a request meanwhile is declined, naming the other."""
+    site = site_from_context(context)
+    record = msg.content.config_records.get(C.TRAIN_CONFIG_RECORD) or msg.content.config_records.get(
+        C.EVALUATE_CONFIG_RECORD
+    )
+    server_round = None if record is None else record.get(C.KEY_SERVER_ROUND)
+    if not isinstance(server_round, int):  # the handler says what is wrong with it
+        server_round = None
+    try:
+        with exclusive_release(
+            site.ledger_path,
+            site.data_source,
+            holder=f"run {context.run_id}, round {server_round}, {msg.metadata.message_type}",
+        ):
+            return handler(msg, context)
+    except ReleaseInProgress as e:
+        return _decline(msg, f"site {site.site_id}: {e}")
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
     server_round = int(config_value(msg.content, C.TRAIN_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
@@ -329,8 +362,7 @@ def _set_center(msg: Message, task: Task, model: Any) -> None:
     task.centering.set_center(model, arrays_from_record(msg.content, C.CENTER_RECORD)[C.CENTER_ARRAY])
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def _evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's adapter on the site's own rows, if the site agreed to and its task can: DP-noised
     releases only.
 

@@ -133,3 +133,59 @@ def test_two_concurrent_runs_at_a_site_with_budget_for_one_round_train_only_one(
     entries = _ledger(tmp_path).entries()
     assert [(e.run_id, e.round) for e in entries] == [("1", 1), (str(trained[0]), 1)]
     assert entries[-1].epsilon <= node_config["max-epsilon"]
+
+
+# -- the lock itself --------------------------------------------------------------------------------------------
+
+
+def test_a_site_process_that_dies_between_its_budget_check_and_its_record_leaves_the_source_free(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from client.release_lock import ReleaseInProgress, exclusive_release
+
+    ledger = tmp_path / "privacy_ledger.jsonl"
+    holder = subprocess.Popen(  # holds the lock, as a handler does between its budget check and its ledger entry
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from client.release_lock import exclusive_release\n"
+            f"with exclusive_release({str(ledger)!r}, 'default', holder='run 8, round 3, train'):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        busy = r"data source 'default' is in progress at this site \(run 8, round 3, train, pid"
+        with (
+            pytest.raises(ReleaseInProgress, match=busy),
+            exclusive_release(ledger, "default", holder="run 9, round 1, train"),
+        ):
+            pass
+        with exclusive_release(ledger, "other-source", holder="run 9, round 1, train"):
+            pass  # another data source is not held up
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: nothing was recorded, nothing left the site
+        holder.wait(timeout=30)
+
+    with exclusive_release(ledger, "default", holder="run 9, round 1, train"):
+        assert not ledger.exists()  # the lock came back with the process's death; no ledger entry was written
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        ("default", "privacy_ledger.release-default.lock"),
+        ("notes/2024 ../x", "privacy_ledger.release-9cc9cb62bd6e29f9.lock"),
+    ],
+)
+def test_each_data_source_has_its_own_lock_file_beside_the_ledger(tmp_path, source, name):
+    from client.release_lock import lock_path
+
+    path = lock_path(tmp_path / "privacy_ledger.jsonl", source)
+
+    assert path.parent == tmp_path and path.name.startswith(name) and path.name.endswith(".lock")
