@@ -107,11 +107,15 @@ def _decline(msg: Message, reason: str) -> Message:
 
 
 def _open_ledger(site: Site) -> SiteLedger:
+    """The site's ledger, checked against its head record and its witness; opened before the site's fingerprint
+    key is first made, so that a fingerprint key without a ledger, head or witness means they were deleted."""
     return SiteLedger(
         site.ledger_path,
         site_id=site.site_id,
         signing_key=load_private_key(site.identity_key_path),
         head_path=site.ledger_head_path,
+        witness_path=site.witness_path,
+        proof_of_use=site.fingerprint_key_path,
     )
 
 
@@ -242,8 +246,8 @@ def _train(msg: Message, context: Context) -> Message:
     rows = site_training_rows(cfg, site, task)
     if cfg.canaries and task.canary_audit is not None:
         rows = task.canary_audit.add_site_canaries(rows, cfg, site)
-    fingerprint = _fingerprint(site, rows)
     ledger = _open_ledger(site)
+    fingerprint = _fingerprint(site, rows)
     if ledger.find(run_id=run_id, server_round=server_round, purpose=purpose) is not None:
         return _decline(msg, f"round {server_round} of run {run_id} was already trained by this site (replay)")
 
@@ -397,8 +401,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
     delta, accountant = site.accounting()
 
     rows = site_training_rows(cfg, site, task)
-    fingerprint = _fingerprint(site, rows)
     ledger = _open_ledger(site)
+    fingerprint = _fingerprint(site, rows)
     if ledger.find(run_id=run_id, server_round=server_round, purpose=PURPOSE_EVALUATE) is not None:
         return _decline(msg, f"round {server_round} of run {run_id} was already evaluated by this site (replay)")
     planned = evaluation.event(site.evaluate_noise_multiplier)
