@@ -114,6 +114,10 @@ def accept_ledger(
     ledger_path = Path(ledger_path)
     head_path = Path(head_path) if head_path is not None else default_head_path(ledger_path)
     witness_path = Path(witness_path)
+    if not witness_path.parent.is_dir():  # checked before the override is written: it must be followed by a witness
+        raise LedgerError(
+            f"the directory of the ledger witness {witness_path} does not exist (is its storage mounted?)"
+        )
     ledger_exists = ledger_path.exists()  # before the lock file creates it
     public_key = signing_key.public_key()
     try:

@@ -319,3 +319,72 @@ def test_the_site_check_before_start_refuses_a_ledger_deleted_with_its_head(tmp_
 
     with pytest.raises(ProvisionError, match=r"would refuse every release: the ledger .* is missing, but its witness"):
         check_bundle(site.site_dir)
+
+
+def test_an_attested_release_that_an_override_let_go_of_fails_the_audit_with_the_run_ledger(tmp_path, key, capsys):
+    from server.run_ledger import RunLedger
+    from shared.ledger import RUN_LEDGER_FILE
+    from shared.ledger_override import accept_ledger
+
+    path, witness = tmp_path / "privacy_ledger.jsonl", tmp_path / "w.json"
+    ledger = _open(path, key, witness)
+    roster = Roster({"site-0": key.public_key()})
+    (tmp_path / "roster.json").write_text(roster.to_json())
+    run = RunLedger(tmp_path / "run" / RUN_LEDGER_FILE, "run-a", roster=roster)
+    for server_round in (1, 2):
+        _append(ledger, server_round)
+        run.record_round(
+            server_round,
+            participants=["site-0"],
+            declined=[],
+            survivors=["site-0"],
+            dropped=[],
+            aborted=False,
+            aggregate_hash="sha256:00",
+            attestations={"site-0": ledger.attestation(ledger.entries()[-1])},
+            metrics={},
+        )
+        if server_round == 1:
+            backup = {p: p.read_bytes() for p in (path, path.with_name("privacy_ledger.head.json"))}
+    for p, data in backup.items():
+        p.write_bytes(data)
+    accept_ledger(path, site_id="site-0", signing_key=key, reason="lost disk", witness_path=witness)
+
+    status = audit_main(
+        ["--ledger", str(path), "--site-id", "site-0", "--roster", str(tmp_path / "roster.json")]
+        + ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-cross-check"]
+    )
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "[override]: entry 1: the site's operator went on from this ledger" in err
+    assert (
+        "[rollback]: the server holds site-0's signed entry 1 (run run-a, round 2, epsilon" in err
+        and "but line 2 of its ledger is its operator's override" in err
+    )
+
+
+def test_an_override_never_accepts_a_ledger_whose_chain_was_edited(tmp_path, key):
+    from shared.ledger_override import accept_ledger
+
+    path, witness = tmp_path / "privacy_ledger.jsonl", tmp_path / "w.json"
+    ledger = _open(path, key, witness)
+    _append(ledger, 1)
+    _append(ledger, 2)
+    path.write_text(path.read_text().replace('"round":2', '"round":3'))
+
+    with pytest.raises(LedgerError, match="does not verify, and is never accepted"):
+        accept_ledger(path, site_id="site-0", signing_key=key, reason="it looks fine", witness_path=witness)
+
+
+def test_an_override_without_a_reason_is_refused(tmp_path, key):
+    from shared.ledger_override import accept_ledger
+
+    path, witness = tmp_path / "privacy_ledger.jsonl", tmp_path / "w.json"
+    _append(_open(path, key, witness), 1)
+    path.unlink()
+
+    with pytest.raises(LedgerError, match="reason must say why the ledger is accepted as it is .*got '  '"):
+        accept_ledger(path, site_id="site-0", signing_key=key, reason="  ", witness_path=witness)
+
+    assert not path.exists()
