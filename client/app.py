@@ -193,7 +193,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _one_release_at_a_time(msg: Message, context: Context, handler: Callable[[Message, Context], Message]) -> Message:
     """Run ``handler`` holding the lock of the site's data source (client/release_lock.py): its budget check and
-    its ledger entry cannot interleave with another run's; a request meanwhile is declined, naming the other."""
+    its ledger entry cannot interleave with another run's; a request meanwhile is declined (the other run is
+    named in the site's log only)."""
     site = site_from_context(context)
     record = msg.content.config_records.get(C.TRAIN_CONFIG_RECORD) or msg.content.config_records.get(
         C.EVALUATE_CONFIG_RECORD
@@ -209,6 +210,7 @@ def _one_release_at_a_time(msg: Message, context: Context, handler: Callable[[Me
         ):
             return handler(msg, context)
     except ReleaseInProgress as e:
+        logger.warning("data source %r is held by %s (lock %s)", site.data_source, e.holder, e.path)
         return _decline(msg, f"site {site.site_id}: {e}")
 
 

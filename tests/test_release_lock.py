@@ -129,7 +129,8 @@ def test_two_concurrent_runs_at_a_site_with_budget_for_one_round_train_only_one(
     trained = [run_id for run_id, reason in reasons.items() if reason is None]
     assert len(trained) == 1, reasons
     (declined,) = [reason for reason in reasons.values() if reason is not None]
-    assert f"site {SITE}:" in declined and "data source 'default'" in declined, declined
+    assert declined.startswith(f"site {SITE}: another release of data source 'default' is in progress"), declined
+    assert f"run {trained[0]}" not in declined  # the other run is named in the site's log only
     entries = _ledger(tmp_path).entries()
     assert [(e.run_id, e.round) for e in entries] == [("1", 1), (str(trained[0]), 1)]
     assert entries[-1].epsilon <= node_config["max-epsilon"]
@@ -160,12 +161,13 @@ def test_a_site_process_that_dies_between_its_budget_check_and_its_record_leaves
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        busy = r"data source 'default' is in progress at this site \(run 8, round 3, train, pid"
         with (
-            pytest.raises(ReleaseInProgress, match=busy),
+            pytest.raises(ReleaseInProgress, match=r"data source 'default' is in progress at this site;") as busy,
             exclusive_release(ledger, "default", holder="run 9, round 1, train"),
         ):
             pass
+        assert busy.value.holder.startswith("run 8, round 3, train, pid ")  # for the site's log
+        assert "run 8" not in str(busy.value)  # what the declined run's server reads names no other run
         with exclusive_release(ledger, "other-source", holder="run 9, round 1, train"):
             pass  # another data source is not held up
     finally:
