@@ -101,6 +101,7 @@ def _two_rounds_spending_the_budget(cfg, tmp_path: Path, backup: Path, **node) -
     return node_config
 
 
+@pytest.mark.slow  # trains through the site's handler
 def test_a_ledger_and_its_head_restored_from_an_older_backup_are_refused(cfg, tmp_path):
     node_config = _two_rounds_spending_the_budget(cfg, tmp_path, tmp_path / "backup")
     for path in _ledger_files(tmp_path):  # both files, consistent with each other, one round behind
@@ -112,6 +113,7 @@ def test_a_ledger_and_its_head_restored_from_an_older_backup_are_refused(cfg, tm
     assert len(SiteLedger(_ledger_files(tmp_path)[0], site_id=SITE).entries()) == 1  # nothing trained or written
 
 
+@pytest.mark.slow  # trains through the site's handler
 def test_a_ledger_deleted_with_its_head_is_refused(cfg, tmp_path):
     node_config = _two_rounds_spending_the_budget(cfg, tmp_path, tmp_path / "backup")
     for path in _ledger_files(tmp_path):
@@ -121,6 +123,7 @@ def test_a_ledger_deleted_with_its_head_is_refused(cfg, tmp_path):
         _train(cfg, node_config, 3)
 
 
+@pytest.mark.slow  # trains through the site's handler
 def test_a_site_directory_restored_whole_is_refused_by_a_witness_on_other_storage(cfg, tmp_path):
     witness = tmp_path / "other-disk" / "hospital-a.witness.json"
     witness.parent.mkdir()
@@ -134,6 +137,7 @@ def test_a_site_directory_restored_whole_is_refused_by_a_witness_on_other_storag
         _train(cfg, node_config, 3)
 
 
+@pytest.mark.slow  # trains through the site's handler
 def test_a_ledger_deleted_with_its_head_and_witness_is_refused_while_the_fingerprint_key_remains(cfg, tmp_path):
     node_config = _two_rounds_spending_the_budget(cfg, tmp_path, tmp_path / "backup")
     for path in tmp_path.joinpath(SITE).glob("privacy_ledger*"):
@@ -154,6 +158,7 @@ def _write_node_config(node_config: dict) -> Path:
     return path
 
 
+@pytest.mark.slow  # trains through the site's handler
 def test_the_operators_override_is_recorded_in_the_ledger_and_failed_by_the_audit(cfg, tmp_path, capsys):
     node_config = _two_rounds_spending_the_budget(cfg, tmp_path, tmp_path / "backup")
     for path in _ledger_files(tmp_path):
@@ -187,6 +192,7 @@ def test_the_operators_override_is_recorded_in_the_ledger_and_failed_by_the_audi
     assert [e["seq"] for e in site["entries"]] == [0, 2]  # the releases: round 1, and the one after the override
 
 
+@pytest.mark.slow  # trains through the site's handler
 def test_accept_ledger_refuses_when_there_is_nothing_to_accept(cfg, tmp_path, capsys):
     node_config = _node_config(tmp_path)
     assert _declined(_train(cfg, node_config, 1)) is None

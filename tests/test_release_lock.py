@@ -85,6 +85,7 @@ def _ledger(tmp_path: Path) -> SiteLedger:
     return SiteLedger(tmp_path / SITE / "privacy_ledger.jsonl", site_id=SITE)
 
 
+@pytest.mark.slow  # three rounds through the site's train handler
 def test_two_concurrent_runs_at_a_site_with_budget_for_one_round_train_only_one(cfg, tmp_path, monkeypatch):
     # Prepare: one round already spent; the budget then covers exactly one more round of the same cost
     first = client_app.train(_message(cfg, 1, 1), _context(cfg, _node_config(tmp_path, 1000.0), 1))
