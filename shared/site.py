@@ -42,9 +42,7 @@ NODE_MAX_EPSILON = "max-epsilon"
 NODE_DELTA = "delta"
 NODE_LEDGER = "ledger-path"
 NODE_LEDGER_HEAD = "ledger-head-path"  # the ledger's signed head record (default: <ledger>.head.json beside it)
-NODE_LEDGER_WITNESS = (
-    "ledger-witness"  # the ledger's witness, on other storage (default: <site-dir>/ledger-witness.json)
-)
+NODE_LEDGER_WITNESS = "ledger-witness"  # the ledger's witness, on other storage (default: in the site dir)
 NODE_ROSTER = "roster-path"
 NODE_ACCOUNTANT = "accountant"
 NODE_DATA_SOURCE = "data-source"
