@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.budget import decide
+from client.release_lock import ReleaseInProgress, exclusive_release
 from client.secagg_mod import secagg_mod
 from client.site_policy import SitePolicyError, check_site_policy
 from shared import constants as C
@@ -106,11 +107,15 @@ def _decline(msg: Message, reason: str) -> Message:
 
 
 def _open_ledger(site: Site) -> SiteLedger:
+    """The site's ledger, checked against its head record and its witness; opened before the site's fingerprint
+    key is first made, so that a fingerprint key without a ledger, head or witness means they were deleted."""
     return SiteLedger(
         site.ledger_path,
         site_id=site.site_id,
         signing_key=load_private_key(site.identity_key_path),
         head_path=site.ledger_head_path,
+        witness_path=site.witness_path,
+        proof_of_use=site.fingerprint_key_path,
     )
 
 
@@ -176,6 +181,40 @@ def _accounted_reply(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A training round, or round 0's feature-mean query: one release of the site's data source at a time."""
+    return _one_release_at_a_time(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """An evaluation of the server's adapter on the site's rows (:func:`_evaluate`): one release at a time."""
+    return _one_release_at_a_time(msg, context, _evaluate)
+
+
+def _one_release_at_a_time(msg: Message, context: Context, handler: Callable[[Message, Context], Message]) -> Message:
+    """Run ``handler`` holding the lock of the site's data source (client/release_lock.py): its budget check and
+    its ledger entry cannot interleave with another run's; a request meanwhile is declined (the other run is
+    named in the site's log only)."""
+    site = site_from_context(context)
+    record = msg.content.config_records.get(C.TRAIN_CONFIG_RECORD) or msg.content.config_records.get(
+        C.EVALUATE_CONFIG_RECORD
+    )
+    server_round = None if record is None else record.get(C.KEY_SERVER_ROUND)
+    if not isinstance(server_round, int):  # the handler says what is wrong with it
+        server_round = None
+    try:
+        with exclusive_release(
+            site.ledger_path,
+            site.data_source,
+            holder=f"run {context.run_id}, round {server_round}, {msg.metadata.message_type}",
+        ):
+            return handler(msg, context)
+    except ReleaseInProgress as e:
+        logger.warning("data source %r is held by %s (lock %s)", site.data_source, e.holder, e.path)
+        return _decline(msg, f"site {site.site_id}: {e}")
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     site = site_from_context(context)
     server_round = int(config_value(msg.content, C.TRAIN_CONFIG_RECORD, C.KEY_SERVER_ROUND, int))  # type: ignore[call-overload]
@@ -209,8 +248,8 @@ def train(msg: Message, context: Context) -> Message:
     rows = site_training_rows(cfg, site, task)
     if cfg.canaries and task.canary_audit is not None:
         rows = task.canary_audit.add_site_canaries(rows, cfg, site)
-    fingerprint = _fingerprint(site, rows)
     ledger = _open_ledger(site)
+    fingerprint = _fingerprint(site, rows)
     if ledger.find(run_id=run_id, server_round=server_round, purpose=purpose) is not None:
         return _decline(msg, f"round {server_round} of run {run_id} was already trained by this site (replay)")
 
@@ -329,8 +368,7 @@ def _set_center(msg: Message, task: Task, model: Any) -> None:
     task.centering.set_center(model, arrays_from_record(msg.content, C.CENTER_RECORD)[C.CENTER_ARRAY])
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def _evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's adapter on the site's own rows, if the site agreed to and its task can: DP-noised
     releases only.
 
@@ -365,8 +403,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     delta, accountant = site.accounting()
 
     rows = site_training_rows(cfg, site, task)
-    fingerprint = _fingerprint(site, rows)
     ledger = _open_ledger(site)
+    fingerprint = _fingerprint(site, rows)
     if ledger.find(run_id=run_id, server_round=server_round, purpose=PURPOSE_EVALUATE) is not None:
         return _decline(msg, f"round {server_round} of run {run_id} was already evaluated by this site (replay)")
     planned = evaluation.event(site.evaluate_noise_multiplier)

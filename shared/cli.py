@@ -228,6 +228,56 @@ def _site_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_accept_ledger(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from shared.identity import load_private_key
+    from shared.ledger_override import accept_ledger, review_ledger
+    from shared.provision import NODE_CONFIG_FILE
+    from shared.site import site_from_node_config
+
+    site_dir = Path(args.site_dir).expanduser().resolve()
+    site = site_from_node_config(tomllib.loads((site_dir / NODE_CONFIG_FILE).read_text()), sim_dir=site_dir)
+    key = load_private_key(site.identity_key_path)
+    problem = review_ledger(
+        site.ledger_path,
+        site_id=site.site_id,
+        signing_key=key,
+        witness_path=site.witness_path,
+        head_path=site.ledger_head_path,
+        proof_of_use=site.fingerprint_key_path,
+    )
+    if problem is None:
+        print(f"nothing to accept: site {site.site_id} releases from its ledger {site.ledger_path} as it is")
+        return 1
+    print(f"site {site.site_id} refuses its ledger {site.ledger_path}:\n  {problem}")
+    print(
+        "Restore the latest ledger and head record if you can. Accepting the ledger as it is goes on without the "
+        "releases it lost: no epsilon of this site counts them from now on. The decision and your reason are "
+        "recorded in the ledger, and every audit of it reports them."
+    )
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ValueError("accepting a ledger needs its operator: run interactively, or pass --yes")
+        if input("Accept this ledger as it is? Type 'yes': ").strip().lower() != "yes":
+            print("not accepted; nothing changed")
+            return 1
+    override = accept_ledger(
+        site.ledger_path,
+        site_id=site.site_id,
+        signing_key=key,
+        reason=args.reason,
+        witness_path=site.witness_path,
+        head_path=site.ledger_head_path,
+        proof_of_use=site.fingerprint_key_path,
+    )
+    print(
+        f"recorded as entry {override.seq} of {site.ledger_path}: {override.entries_found} entries kept, at least "
+        f"{override.lost} release(s) lost as far as the head record and witness tell; the site releases again"
+    )
+    return 0
+
+
 def _superlink_address(site_dir: Path, given: str | None) -> str:
     import tomllib
 
@@ -374,6 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("bundle", help="The site directory.")
     check.set_defaults(func=_site_check)
+    accept = site_sub.add_parser(
+        "accept-ledger",
+        help="Go on from a ledger the site refuses (restored from an older copy or deleted), recording why in it.",
+    )
+    accept.add_argument("site_dir", help="The site directory (its node-config.toml names the ledger).")
+    accept.add_argument("--reason", required=True, help="Why the ledger is accepted as it is (recorded in it).")
+    accept.add_argument("--yes", action="store_true", help="Accept without asking (you read what is lost).")
+    accept.set_defaults(func=_site_accept_ledger)
     start = site_sub.add_parser(
         "start", help="Check the site directory, then run flower-supernode for it (Flower phone-home off)."
     )

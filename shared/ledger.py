@@ -39,6 +39,7 @@ from shared.distributed_dp import (
 )
 from shared.hashchain import ChainError, ChainWriter, canonical_json, record_hash, signature_valid
 from shared.ledger_head import LedgerAnchor, default_head_path
+from shared.ledger_witness import LedgerWitness
 from shared.privacy import DpEvent, PrivacyError, check_accountant, check_delta
 
 SITE_LEDGER_KIND = "privatune.site-ledger.v1"
@@ -85,6 +86,23 @@ ATTESTATION_FIELDS = (
     "entry_hash",
     "signature",
 )
+
+
+OVERRIDE_FIELDS = (
+    "seq",
+    "site_id",
+    "time",
+    "override",
+    "reason",
+    "problem",
+    "entries_found",
+    "head",
+    "witness",
+    "prev_hash",
+    "entry_hash",
+    "signature",
+)
+OVERRIDE_ACCEPT_LEDGER = "accept-ledger"  # the operator went on from the ledger as it was (shared/ledger_override.py)
 
 
 class LedgerError(ValueError):
@@ -314,6 +332,75 @@ class LedgerEntry:
         return entry
 
 
+def is_override(record: Mapping[str, Any]) -> bool:
+    """Whether a stored ledger line is an operator's override (:class:`LedgerOverride`), not a release."""
+    return "override" in record
+
+
+@dataclass(frozen=True)
+class LedgerOverride:
+    """One line of a site ledger that records no release but an operator's decision: to go on from the ledger
+    as it was found although its head record or witness said that entries were lost (``privatune site
+    accept-ledger``, :mod:`shared.ledger_override`). It is chained and signed like every entry, and the audit
+    reports it: releases it lets go of are in no epsilon of this ledger."""
+
+    seq: int
+    site_id: str
+    time: str
+    override: str  # what was decided: accept-ledger
+    reason: str  # the operator's own words
+    problem: str  # why the site refused the ledger, as it said it
+    entries_found: int  # entries the ledger held when the operator went on from it
+    head: Mapping[str, Any] | None  # the head record then ({"count", "head_hash", "time"}; None: none readable)
+    witness: Mapping[str, Any] | None  # the witness then (likewise)
+    prev_hash: str
+    entry_hash: str
+    signature: str
+
+    @property
+    def entries_said(self) -> int:
+        """The most entries the head record or the witness said the ledger held."""
+        counts = [int(r["count"]) for r in (self.head, self.witness) if r is not None]
+        return max([self.entries_found, *counts])
+
+    @property
+    def lost(self) -> int:
+        """Releases the ledger lost, as far as its head record and witness tell (a lower bound)."""
+        return self.entries_said - self.entries_found
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> LedgerOverride:
+        """Parse a stored override line, naming the first missing or mistyped field."""
+        if set(record) != set(OVERRIDE_FIELDS):
+            missing, unknown = sorted(set(OVERRIDE_FIELDS) - set(record)), sorted(set(record) - set(OVERRIDE_FIELDS))
+            raise LedgerError(
+                f"ledger override {record.get('seq', '?')}: missing fields {missing}, unknown fields {unknown}"
+            )
+        for name in ("head", "witness"):
+            value = record[name]
+            if value is not None and not (isinstance(value, Mapping) and _is_int(value.get("count"))):
+                raise LedgerError(
+                    f"ledger override {record['seq']}: {name} must be null or hold a count, got {value!r}"
+                )
+        override = cls(
+            seq=_typed(record, "seq", int),
+            site_id=_typed(record, "site_id", str),
+            time=_typed(record, "time", str),
+            override=_typed(record, "override", str),
+            reason=_typed(record, "reason", str),
+            problem=_typed(record, "problem", str),
+            entries_found=_typed(record, "entries_found", int),
+            head=record["head"],
+            witness=record["witness"],
+            prev_hash=_typed(record, "prev_hash", str),
+            entry_hash=_typed(record, "entry_hash", str),
+            signature=_typed(record, "signature", str),
+        )
+        if override.override != OVERRIDE_ACCEPT_LEDGER:
+            raise LedgerError(f"ledger override {override.seq}: unknown override {override.override!r}")
+        return override
+
+
 def _typed(record: Mapping[str, Any], key: str, typ: type) -> Any:
     value = record[key]
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
@@ -328,7 +415,9 @@ def _utc_now() -> str:
 class SiteLedger:
     """A site's append-only privacy ledger file. Opening it verifies the whole chain (and signatures) and that
     nothing was cut off since the last append: the ledger must match its signed head record
-    (:mod:`shared.ledger_head`, at ``head_path``, by default ``<ledger>.head.json`` beside it)."""
+    (:mod:`shared.ledger_head`, at ``head_path``, by default ``<ledger>.head.json`` beside it) and, when
+    ``witness_path`` is given, its witness on other storage (:mod:`shared.ledger_witness`; ``proof_of_use``, the
+    site's fingerprint key, tells a deleted ledger from a new one)."""
 
     def __init__(
         self,
@@ -338,6 +427,8 @@ class SiteLedger:
         signing_key: Ed25519PrivateKey | None = None,
         public_key: Ed25519PublicKey | None = None,
         head_path: Path | None = None,
+        witness_path: Path | None = None,
+        proof_of_use: Path | None = None,
     ) -> None:
         if not site_id:
             raise LedgerError("site_id must be a non-empty string")
@@ -354,20 +445,40 @@ class SiteLedger:
                 public_key=public_key,
             )
             self._anchor = LedgerAnchor(self._chain, self.head_path, signing_key=signing_key)
+            self._witness = (
+                None
+                if witness_path is None
+                else LedgerWitness(self._chain, witness_path, signing_key=signing_key, proof_of_use=proof_of_use)
+            )
         except ChainError as e:
             raise LedgerError(f"site ledger of {site_id!r} is invalid: {e}") from e
         self._load(self._chain.records)
 
     def _load(self, records: list[dict[str, Any]]) -> None:
         self._records = {r["entry_hash"]: r for r in records}  # the stored lines, for attestations
-        self._entries = [LedgerEntry.from_record(r) for r in records]
+        self._entries = [LedgerEntry.from_record(r) for r in records if not is_override(r)]
+        self._overrides = [LedgerOverride.from_record(r) for r in records if is_override(r)]
+
+    def _check_anchors(self, records: list[dict[str, Any]]) -> None:
+        self._anchor.check(records)
+        if self._witness is not None:
+            self._witness.check(records)
+
+    def _advance_anchors(self, records: list[dict[str, Any]]) -> None:
+        self._anchor.advance(records)
+        if self._witness is not None:
+            self._witness.advance(records)
 
     @property
     def public_key(self) -> Ed25519PublicKey | None:
         return self._chain.public_key
 
     def entries(self) -> list[LedgerEntry]:
+        """Every release recorded, in ledger order (the operator's overrides are not releases: :meth:`overrides`)."""
         return list(self._entries)
+
+    def overrides(self) -> list[LedgerOverride]:
+        return list(self._overrides)
 
     def history(self, data_source: str) -> list[AnyDpEvent]:
         """The DP events of every entry of this data source (and every legacy entry), across all runs, in
@@ -441,7 +552,7 @@ class SiteLedger:
         event = event_from_dict(event.to_dict())  # normalized types: a stable hash
 
         def make_body(records: list[dict[str, Any]]) -> dict[str, Any]:
-            self._anchor.check(records)  # nothing was cut off since the last head record
+            self._check_anchors(records)  # nothing was cut off since the last head record and witness
             self._load(records)  # the file as it is now, under the lock
             if self.find(run_id=run_id, server_round=server_round, purpose=purpose):
                 raise LedgerError(
@@ -468,7 +579,7 @@ class SiteLedger:
             }
 
         try:
-            self._chain.append(make_body, after=self._anchor.advance)  # then the head record, still locked
+            self._chain.append(make_body, after=self._advance_anchors)  # then head and witness, still locked
         except ChainError as e:
             raise LedgerError(f"cannot append to the site ledger of {self.site_id!r}: {e}") from e
         self._load(self._chain.records)

@@ -25,9 +25,10 @@ append, under the ledger's file lock, and its count only ever grows. On open:
   error, as the head must then have been replaced by an older copy.
 
 What it does not stop: whoever holds the site's identity key can sign any head, and restoring the ledger
-and its head together from an older backup is consistent. Against those, the server's run ledgers hold the
-site's signed attestations, and ``privatune audit`` reports every attested entry missing from, or different
-in, the site's ledger (see ``docs/privacy-audit.md``).
+and its head together from an older backup is consistent; the site's witness on other storage
+(:mod:`shared.ledger_witness`) catches that. And the server's run ledgers hold the site's signed attestations:
+``privatune audit`` reports every attested entry missing from, or different in, the site's ledger (see
+``docs/privacy-audit.md``).
 """
 
 from __future__ import annotations

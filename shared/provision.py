@@ -223,6 +223,9 @@ data-source = "default"
 # Answer the server's evaluate requests with DP-noised counts (charged to your budget): off by default.
 allow-evaluate = false
 ledger-path = "{site_dir / "privacy_ledger.jsonl"}"
+# The ledger's witness: on storage the ledger's backups and restores do not touch (another disk or share), so
+# that a ledger restored from an older copy, or deleted, is refused. Default: in this directory.
+# ledger-witness = "/mnt/other-disk/privatune/{site_id}.witness.json"
 roster-path = "{site_dir / ROSTER_FILE}"
 # Refuse any round without secure aggregation, and any secure round with fewer distinct sites than this.
 require-secagg = true
@@ -389,7 +392,8 @@ def provision(
 
 def check_bundle(site_dir: Path) -> Path:
     """Check a site's directory before the SuperNode starts: every file present, private keys 0600, valid keys,
-    a complete node config, a roster this site's operator approved (pinned), and this site's own keys in it."""
+    a complete node config, a roster this site's operator approved (pinned), this site's own keys in it, and a
+    ledger that agrees with its head record and witness."""
     import tomllib
 
     from client.site_policy import check_node_config
@@ -435,6 +439,22 @@ def check_bundle(site_dir: Path) -> Path:
         raise ProvisionError(f"{config_path}: {e}") from e
     if site.data_path is None or not site.data_path.is_file():
         raise ProvisionError(f"{config_path}: data-path {site.data_path} does not exist (edit data-path)")
+    from shared.ledger import LedgerError
+    from shared.ledger_override import review_ledger
+
+    try:  # the ledger against its head record and witness, as every release checks it (read only here)
+        problem = review_ledger(
+            site.ledger_path,
+            site_id=site.site_id,
+            signing_key=identity,
+            witness_path=site.witness_path,
+            head_path=site.ledger_head_path,
+            proof_of_use=site.fingerprint_key_path,
+        )
+    except LedgerError as e:
+        raise ProvisionError(f"{config_path}: {e}") from e
+    if problem is not None:
+        raise ProvisionError(f"{config_path}: the site would refuse every release: {problem}")
     return site_dir
 
 

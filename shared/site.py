@@ -30,6 +30,7 @@ from shared.tasks.presets import CLASSIFY, TASK_NAMES, TASK_REQUIRED_SITE_KEYS, 
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 FINGERPRINT_KEY_FILE = "fingerprint.key"  # the site's secret HMAC key of its data fingerprints (0600)
+LEDGER_WITNESS_FILE = "ledger-witness.json"  # the ledger's witness by default (shared/ledger_witness.py)
 DEFAULT_EVALUATE_NOISE_MULTIPLIER = 20.0  # noise std of each released confusion-matrix count (sensitivity 1)
 
 # Node-config keys a deployed site sets (flower-supernode --node-config "site-id='hospital-a' ...")
@@ -41,6 +42,7 @@ NODE_MAX_EPSILON = "max-epsilon"
 NODE_DELTA = "delta"
 NODE_LEDGER = "ledger-path"
 NODE_LEDGER_HEAD = "ledger-head-path"  # the ledger's signed head record (default: <ledger>.head.json beside it)
+NODE_LEDGER_WITNESS = "ledger-witness"  # the ledger's witness, on other storage (default: in the site dir)
 NODE_ROSTER = "roster-path"
 NODE_ACCOUNTANT = "accountant"
 NODE_DATA_SOURCE = "data-source"
@@ -156,6 +158,7 @@ class Site:
     secagg_threshold_fraction: float = 2 / 3  # t >= ceil(f * (k + 1)) (secagg-threshold-fraction)
     ledger_head_path: Path | None = None  # None: beside the ledger (shared.ledger_head.default_head_path)
     task: str = CLASSIFY  # what a deployed site's data is for (node config ``task``); a run of another is refused
+    ledger_witness_path: Path | None = None  # None: <site-dir>/ledger-witness.json (node config ``ledger-witness``)
 
     @property
     def simulated(self) -> bool:
@@ -164,6 +167,11 @@ class Site:
     @property
     def fingerprint_key_path(self) -> Path:
         return self.site_dir / FINGERPRINT_KEY_FILE
+
+    @property
+    def witness_path(self) -> Path:
+        """Where the ledger's witness is kept (shared/ledger_witness.py): ``ledger-witness``, or the site dir."""
+        return self.ledger_witness_path if self.ledger_witness_path is not None else self.site_dir / LEDGER_WITNESS_FILE
 
     def accounting(self) -> tuple[float, str]:
         """``(delta, accountant)`` every epsilon of this site is composed at; an error while unset."""
@@ -302,6 +310,11 @@ def site_from_node_config(node_config: Mapping[str, Any], *, sim_dir: Path) -> S
             task=task,
             ledger_head_path=(
                 Path(str(node_config[NODE_LEDGER_HEAD])).expanduser() if NODE_LEDGER_HEAD in node_config else None
+            ),
+            ledger_witness_path=(
+                Path(_text(node_config, NODE_LEDGER_WITNESS, "")).expanduser()
+                if NODE_LEDGER_WITNESS in node_config
+                else None
             ),
             **own,
         )

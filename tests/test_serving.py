@@ -130,6 +130,29 @@ def test_a_key_over_its_rate_is_refused_with_429_and_others_are_not(classifier, 
     assert other_key.status_code == 200  # one bucket per key
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "answer"),
+    [
+        ("POST", PREDICT_PATH, {"Authorization": "Bearer ptk_guess"}, 401),  # guessing keys
+        ("POST", PREDICT_PATH, {}, 401),  # no key
+        ("GET", "/health", {}, 200),  # an endpoint that needs no key
+    ],
+)
+def test_requests_without_a_valid_key_are_rate_limited_per_client_address(
+    classifier, keys, method, path, headers, answer
+):
+    key_file, token = keys
+    service, _ = start(classifier, key_file, rate=0.01, burst=2)
+    body = {"texts": TEXTS[:1]} if method == "POST" else None
+    with service as url, httpx.Client(base_url=url) as http:
+        tries = [http.request(method, path, json=body, headers=headers) for _ in range(3)]
+        with_key = http.post(PREDICT_PATH, json={"texts": TEXTS[:1]}, headers=bearer(token))
+    assert [r.status_code for r in tries] == [answer, answer, 429]
+    assert int(tries[2].headers["retry-after"]) >= 1
+    assert "predictions" not in tries[2].text
+    assert with_key.status_code == 200  # a valid key from the same address has its own bucket
+
+
 def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(classifier, keys):
     key_file, token = keys
     service, metrics = start(classifier, key_file, max_body_bytes=1000)

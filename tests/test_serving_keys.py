@@ -178,6 +178,38 @@ def test_each_key_has_its_own_bucket():
     assert limiter.take("a") > 0
 
 
+def test_buckets_that_refilled_are_dropped_so_many_addresses_cannot_grow_the_table():
+    from server.serving.ratelimit import PRUNE_AT
+
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1.0, burst=2, clock=clock)
+    limiter.take("address:10.0.0.1")
+    limiter.take("address:10.0.0.1")  # empty: it must be kept
+    for i in range(PRUNE_AT - 1):  # PRUNE_AT buckets in all
+        limiter.take(f"address:10.1.{i // 256}.{i % 256}")
+    clock.now += 1.5  # the others refilled (1 + 1.5 >= 2); the empty one holds 1.5
+
+    limiter.take("address:10.2.0.1")
+
+    assert len(limiter) == 2
+    assert limiter.take("address:10.0.0.1") == 0.0 and limiter.take("address:10.0.0.1") > 0  # its state was kept
+
+
+@pytest.mark.parametrize(
+    ("host", "bucket"),
+    [
+        ("192.0.2.7", "address:192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", "address:2001:db8:1:2::/64"),  # a host's /64 is one client
+        ("::ffff:192.0.2.7", "address:192.0.2.7"),
+        (None, "address:unknown"),
+    ],
+)
+def test_a_request_without_a_valid_key_is_limited_by_its_client_address(host, bucket):
+    from server.serving.app import client_address
+
+    assert client_address({"client": None if host is None else (host, 5555)}) == bucket
+
+
 @pytest.mark.parametrize(
     ("rate", "burst", "message"),
     [(0.0, 1, "rate limit must be"), (float("nan"), 1, "rate limit must be"), (1.0, 0, "burst must be")],

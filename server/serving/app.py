@@ -3,12 +3,15 @@
 Access control is one ASGI middleware in front of the app, so that a request is refused before its body is
 read: no key or a wrong one is a 401, a key over its rate a 429, a body over ``max_body_bytes`` a 413 (by its
 Content-Length, or as soon as that many bytes have arrived); a batch over ``max_batch`` texts is a 413 from the
-endpoint. Every request, refused or not, is counted in the metrics and logged with its key's name, time,
-size and latency; never with its text.
+endpoint. A request without a valid key (a wrong key, none, or one to an endpoint that needs none) draws on
+its client address's bucket, at the same rate as a key: over it, a 429 instead of the answer. Every request,
+refused or not, is counted in the metrics and logged with its key's name, time, size and latency; never with
+its text.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
@@ -104,6 +107,20 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+def client_address(scope: Scope) -> str:
+    """The rate-limit bucket of a request without a valid key: ``address:<client IP>``, an IPv6 client by its
+    /64 (one host commonly holds a whole /64). Key names cannot hold ``:``, so no key shares a bucket with an
+    address. Behind a proxy every client is the proxy's address (forwarded headers are not trusted)."""
+    client = scope.get("client")
+    try:
+        ip = ipaddress.ip_address(client[0] if client else "")
+    except ValueError:
+        return "address:unknown"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return f"address:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"address:{ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else ip}"
+
+
 class AccessControl:
     """ASGI middleware: authenticate, rate-limit and bound the body of protected paths; count and log all."""
 
@@ -138,7 +155,7 @@ class AccessControl:
         try:
             if scope["path"] in PROTECTED_PATHS:
                 await self._protected(scope, receive, send_counted, seen)
-            else:
+            elif await self._address_within_rate(scope, receive, send_counted):
                 await self.app(scope, receive, send_counted)
         except Exception:
             seen["status"] = seen["status"] or 500  # Starlette's outer error middleware answers it
@@ -168,6 +185,8 @@ class AccessControl:
             await JSONResponse({"detail": "the service cannot read its key file"}, 503)(scope, receive, send)
             return
         if name is None:
+            if not await self._address_within_rate(scope, receive, send):
+                return
             await JSONResponse(
                 {"detail": "missing or invalid API key (Authorization: Bearer <key>)"},
                 401,
@@ -217,6 +236,18 @@ class AccessControl:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _address_within_rate(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Spend a token of the client address's bucket; over its rate, answer 429 and return False."""
+        wait = self.limiter.take(client_address(scope))
+        if wait > 0:
+            detail = (
+                f"rate limit of {self.limits.rate:g} requests/s (burst {self.limits.burst}) without a valid API "
+                "key exceeded from this address"
+            )
+            headers = {"Retry-After": str(max(1, math.ceil(wait)))}
+            await JSONResponse({"detail": detail}, 429, headers=headers)(scope, receive, send)
+        return wait <= 0
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = f"request body over {self.limits.max_body_bytes} bytes"

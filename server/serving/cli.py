@@ -116,8 +116,15 @@ def add_serving_commands(sub: Any) -> None:
     serve.add_argument("--tls-key", default=None, help="The certificate's private key (PEM).")
     serve.add_argument("--max-batch", type=int, default=32, help="Most texts per request (default 32).")
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="Largest request body (default 65536).")
-    serve.add_argument("--rate-limit", type=float, default=10.0, help="Requests/s per key (default 10).")
-    serve.add_argument("--burst", type=int, default=20, help="Requests a key may send at once (default 20).")
+    serve.add_argument(
+        "--rate-limit",
+        type=float,
+        default=10.0,
+        help="Requests/s per key, and per client address without a valid key (default 10).",
+    )
+    serve.add_argument(
+        "--burst", type=int, default=20, help="Requests a key (or address) may send at once (default 20)."
+    )
     serve.add_argument(
         "--metrics-port", type=int, default=0, help="Serve Prometheus metrics on 127.0.0.1:<port> (0 = off)."
     )

@@ -197,6 +197,18 @@ def site_section(site: SiteAudit) -> dict[str, Any]:
         "data_sources": data_sources,
         "dp_parameters": list(parameters.values()),
         "entries": entries,
+        "overrides": [  # the operator's accept-ledger lines: each is also an error finding
+            {
+                "seq": o.seq,
+                "time": o.time,
+                "reason": o.reason,
+                "entries_found": o.entries_found,
+                "lost_at_least": o.lost,
+                "head": o.head,
+                "witness": o.witness,
+            }
+            for o in site.overrides
+        ],
         "findings": [f.to_dict() for f in site.findings],
     }
 

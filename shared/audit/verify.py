@@ -12,7 +12,9 @@ checked against the budget; a source whose entries hold several fingerprints is 
 under one budget). For the server's run ledger: its chain, and every site attestation in it signed by that site
 and present, identically, in the site's own ledger: an attestation the site's ledger does not hold at that
 position is a fork or a rollback, and a site ledger that is missing while a run ledger attests entries of it
-was deleted.
+was deleted. An operator's override (``privatune site accept-ledger``: the site went on from a ledger its head
+record or witness said had lost entries) is an error of every audit of that ledger, naming what was lost and
+the operator's reason.
 
 Nothing here raises on bad content: each problem is a :class:`Finding` naming the file, line and entry, so
 that the audit can list them all and exit non-zero.
@@ -38,7 +40,9 @@ from shared.ledger import (
     SITE_LEDGER_KIND,
     LedgerEntry,
     LedgerError,
+    LedgerOverride,
     cumulative_epsilon,
+    is_override,
     verify_attestation,
 )
 from shared.ledger_head import HeadError, HeadRecord, default_head_path, read_head, unanchored
@@ -126,6 +130,10 @@ class SiteAudit:
     sources: dict[str, SourceSpent] = field(default_factory=dict)
     exists: bool = True  # False: no ledger file at path
     head: HeadRecord | None = None  # the verified head record, when there is one
+    overrides: list[LedgerOverride] = field(default_factory=list)  # the operator's accept-ledger lines
+
+    def override_at(self, seq: int) -> LedgerOverride | None:
+        return next((o for o in self.overrides if o.seq == seq), None)
 
     @property
     def ok(self) -> bool:
@@ -226,10 +234,15 @@ def audit_site_ledger(
             )
         )
 
-    entries: list[LedgerEntry] = []
+    entries: list[tuple[int, LedgerEntry]] = []  # (line, release)
     for line, record in enumerate(read.records, start=1):
         try:
-            entries.append(LedgerEntry.from_record(record))
+            if is_override(record):
+                override = LedgerOverride.from_record(record)
+                audit.overrides.append(override)
+                audit.findings.append(_override_finding(subject, override, line))
+            else:
+                entries.append((line, LedgerEntry.from_record(record)))
         except LedgerError as e:
             audit.findings.append(Finding(subject, "corrupt", str(e), line=line))
             break
@@ -237,8 +250,8 @@ def audit_site_ledger(
         audit.accounting = SiteAccounting(site_delta, site_accountant, settings_from)
     elif entries:
         audit.accounting = SiteAccounting(
-            site_delta if site_delta is not None else entries[0].delta,
-            site_accountant or entries[0].accountant,
+            site_delta if site_delta is not None else entries[0][1].delta,
+            site_accountant or entries[0][1].accountant,
             "the ledger's first entry" if site_delta is None and site_accountant is None else settings_from,
         )
     accounting = audit.accounting
@@ -247,7 +260,7 @@ def audit_site_ledger(
     legacy_by_fingerprint: dict[str, list[AnyDpEvent]] = {}  # entries written before data sources: their rule
     legacy: list[AnyDpEvent] = []  # ... and they count toward every source
     named: dict[str, list[AnyDpEvent]] = {}
-    for line, entry in enumerate(entries, start=1):
+    for line, entry in entries:
         name = f"entry {entry.seq} (run {entry.run_id}, round {entry.round}, {entry.release})"
         key = (entry.run_id, entry.round, entry.release)
         if key in seen:
@@ -327,6 +340,25 @@ def audit_site_ledger(
         recorded = [c.entry.max_epsilon for c in audit.checks if c.entry.max_epsilon is not None]
         audit.max_epsilon = recorded[-1] if recorded else None
     return audit
+
+
+def _override_finding(subject: str, override: LedgerOverride, line: int) -> Finding:
+    """An operator's override is an error of every audit: the releases it let go of are in no epsilon here."""
+    said = [
+        f"its {name} said {record['count']} ({record.get('time', '?')})"
+        for name, record in (("head record", override.head), ("witness", override.witness))
+        if record is not None
+    ]
+    return Finding(
+        subject,
+        "override",
+        f"entry {override.seq}: the site's operator went on from this ledger as it was, with "
+        f"{override.entries_found} entries where {' and '.join(said) or 'nothing readable said otherwise'}: at least "
+        f"{override.lost} release(s) of this site's data are in no epsilon of this ledger (the server's run "
+        f"ledgers hold their attestations). Accepted {override.time}, reason: {override.reason!r}. The site had "
+        f"refused the ledger: {override.problem}",
+        line=line,
+    )
 
 
 def _pld(events: Sequence[AnyDpEvent], *, delta: float) -> float | None:
@@ -512,7 +544,19 @@ def cross_check_attestations(run: RunAudit, sites: Mapping[str, SiteAudit]) -> l
             )
             continue
         own = site.entry_at(attested.seq)
-        if own is None:
+        override = site.override_at(attested.seq)
+        if override is not None:
+            findings.append(
+                Finding(
+                    subject,
+                    "rollback",
+                    f"the server holds {site_id}'s signed entry {attested.seq} (run {run.run_id}, round "
+                    f"{server_round}, epsilon {_eps(attested.epsilon)}), but line {attested.seq + 1} of its ledger "
+                    "is its operator's override: the entry was lost before the operator went on without it",
+                    line=attested.seq + 1,
+                )
+            )
+        elif own is None:
             verified = len(site.checks)
             findings.append(
                 Finding(
