@@ -12,6 +12,7 @@ import csv
 import gzip
 import importlib.util
 import io
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -128,7 +129,8 @@ def load_labelled_text(
         else:
             frame = pd.read_csv(file, dtype=str, keep_default_na=False)
     except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise DataError(f"cannot read data file {file}: {e}") from e
+        bad_line = _jsonl_syntax_error(file) if suffix == ".jsonl" else None
+        raise (bad_line or DataError(f"cannot read data file {file}: {e}")) from e
     if suffix == ".parquet":
         where: Callable[[int], str] = lambda row: f"row {row + 1}"  # noqa: E731
     elif suffix == ".jsonl":
@@ -193,6 +195,24 @@ def _jsonl_line(file: Path, row: int) -> int:
                 if seen == row:
                     return number
     return row + 1
+
+
+def json_syntax_error(where: str, e: json.JSONDecodeError) -> DataError:
+    """``where`` (a file's line) is not JSON: what the parser found, and the column."""
+    problem = e.msg.removesuffix(" at")  # "Unterminated string starting at", "Invalid control character at"
+    return DataError(f"{where} is not valid JSON: {problem} at column {e.colno}")
+
+
+def _jsonl_syntax_error(file: Path) -> DataError | None:
+    """The first line of ``file`` that is not a JSON value, named; None when every line is one."""
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    return json_syntax_error(f"{file}: line {number}", e)
+    return None
 
 
 def _label_key(value: object) -> str | None:

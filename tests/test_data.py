@@ -100,6 +100,16 @@ def test_a_bad_jsonl_or_parquet_row_is_named_by_line_or_1_based_row(tmp_path):
         load_labelled_text(parquet, labels=["rotten", "fresh"])
 
 
+def test_a_jsonl_line_that_is_not_json_is_named_with_the_parsers_reason(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a", "label": "fresh"}\n\n{"text": "b, "label": "rotten"}\n')
+
+    with pytest.raises(DataError) as err:
+        load_labelled_text(jsonl, labels=["rotten", "fresh"])
+
+    assert str(err.value) == f"{jsonl}: line 3 is not valid JSON: Expecting ',' delimiter at column 15"
+
+
 def test_a_file_that_is_not_utf8_names_the_line_and_the_encoding_to_convert_from(tmp_path):
     path = tmp_path / "win.csv"
     path.write_bytes("text,label\nfine,fresh\nit\u2019s great,fresh\n".encode("cp1252"))
