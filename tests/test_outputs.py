@@ -61,3 +61,19 @@ def test_without_a_centering_query_the_card_has_no_column_for_it():
 
     assert rows["site"][-1] == "training rounds attested" and len(rows["site"]) == 4
     assert rows["site-0"][-1] == "3" and rows["site-1"][-1] == "2"
+
+
+def test_the_readme_lists_every_file_a_run_writes_in_its_run_dir():
+    from pathlib import Path
+
+    from server.checkpoint import CHECKPOINT_FILE
+    from server.outputs import ADAPTER_DIR, BEST_ADAPTER_DIR, METRICS_FILE
+    from shared.canary_data import CANARY_FILE
+    from shared.ledger import RUN_LEDGER_FILE
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    outputs = readme.split("Its outputs go to `runs/run-<id>/`:")[1].split("\n\n")[0]
+
+    for name in (ADAPTER_DIR, BEST_ADAPTER_DIR, METRICS_FILE, RUN_LEDGER_FILE, CHECKPOINT_FILE, CANARY_FILE):
+        assert f"`{name}" in outputs, name
+    assert "`checkpoint-r<k>.npz`" in outputs and "`federation/`" in outputs
