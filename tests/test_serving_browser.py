@@ -12,12 +12,13 @@ from collections.abc import Iterator
 import pytest
 
 from server.serving.app import HEALTH_PATH, PREDICT_PATH
-from tests.test_audit_browser import driver  # noqa: F401  (the browser fixture)
+from tests.test_audit_browser import coloured_pixels, documented_screenshot, driver, screenshot  # noqa: F401
 from tests.test_serving import keys, make_tiny_adapter, start  # noqa: F401  (keys is a fixture)
 
 pytestmark = pytest.mark.integration
 
 RENDER_ERROR = "Unable to render this definition"
+POST_GREEN = "#49cc90"  # Swagger UI's colour of a POST operation
 LOAD_TIMEOUT_S = 30
 
 
@@ -73,3 +74,15 @@ def test_docs_page_shows_the_bearer_scheme_and_logs_no_error(driver, docs_page):
 
     assert driver.find_elements(By.CSS_SELECTOR, ".auth-wrapper .authorize")  # "Authorize": the API key scheme
     assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_the_docs_screenshot_command_draws_the_operations(classifier, keys, tmp_path):  # noqa: F811
+    key_file, _ = keys
+    png = tmp_path / "docs.png"
+    service, _ = start(classifier, key_file)
+    with service as url:
+        command = documented_screenshot("serving.md", **{"/tmp/docs.png": str(png), "http://127.0.0.1:8000": url})
+        image = screenshot(command, png)
+
+    assert "--no-sandbox" in command
+    assert image is not None and coloured_pixels(image, POST_GREEN, tolerance=10) > 1000  # POST /v1/predict's bar
