@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from shared.model import SNIPPET_WARNING_FILTER
+
 ADAPTER_DIR = "adapter"
 BEST_ADAPTER_DIR = "adapter-best"  # the adapter of the round with the best macro-F1 on the server's test set
 METRICS_FILE = "metrics.json"
@@ -294,8 +296,10 @@ def model_card(
         "With PrivaTune (`privatune predict --adapter DIR --text ...`, or in Python):",
         "",
         "```python",
+        *(["import warnings"] if pooling == "cls" else []),
         "from peft import PeftModel",
         "from shared.model import load_base_model",
+        *(SNIPPET_WARNING_FILTER if pooling == "cls" else ()),  # a transformers model (mean: PrivaTune's own)
         f'base = load_base_model("{base}", num_labels={len(labels)}, pooling="{pooling}")'
         + ("  # your local copy of the base model" if not base.startswith(BUILTIN_PREFIX) else ""),
         'model = PeftModel.from_pretrained(base, "DIR")  # DIR: this directory',

@@ -77,3 +77,30 @@ def test_the_readme_lists_every_file_a_run_writes_in_its_run_dir():
     for name in (ADAPTER_DIR, BEST_ADAPTER_DIR, METRICS_FILE, RUN_LEDGER_FILE, CHECKPOINT_FILE, CANARY_FILE):
         assert f"`{name}" in outputs, name
     assert "`checkpoint-r<k>.npz`" in outputs and "`federation/`" in outputs
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_the_classifier_cards_peft_snippet_loads_the_adapter_without_pefts_futurewarning(
+    tiny_model_dir, tmp_path, pooling
+):
+    import warnings
+
+    from server.outputs import save_adapter
+    from shared.config import RunConfig
+    from shared.model import PEFT_DEPRECATION, build_model
+
+    cfg = RunConfig(model_path=str(tiny_model_dir), max_length=16, classifier_pooling=pooling, center_features=False)
+    card = {"base_model": str(tiny_model_dir), "label_names": ["neg", "pos"], "classifier_pooling": pooling}
+    adapter = save_adapter(build_model(cfg, num_labels=2), tmp_path, card={**card, "max_length": 16})
+    text = model_card(card={**card, "max_length": 16}, history={}, run_records=[], data_path="d.csv", exported=False)
+    snippet = text.split("With PrivaTune")[1].split("```python\n")[1].split("```")[0]
+    code = snippet.replace(f'"{tiny_model_dir.name}"', repr(str(tiny_model_dir))).replace('"DIR"', repr(str(adapter)))
+    scope: dict = {}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md", "exec"), scope)
+
+    assert type(scope["model"]).__name__ == "PeftModelForSequenceClassification"
+    assert [w for w in caught if PEFT_DEPRECATION in str(w.message)] == []
+    assert ("filterwarnings" in snippet) == (pooling == "cls")  # only a transformers base model warns
