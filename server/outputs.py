@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from shared.model import SNIPPET_WARNING_FILTER
+
 ADAPTER_DIR = "adapter"
 BEST_ADAPTER_DIR = "adapter-best"  # the adapter of the round with the best macro-F1 on the server's test set
 METRICS_FILE = "metrics.json"
@@ -143,37 +145,47 @@ def majority_baseline(history: Mapping[str, Any]) -> float | None:
 
 def attested_privacy(run_records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per site, from the run ledger's signed attestations: the last cumulative epsilon it attested, its delta
-    and accountant, and in how many rounds it attested a release."""
+    and accountant, in how many training rounds it attested a release (``rounds``: round 1 on, as metrics.json's
+    ``rounds`` and the card's "rounds" count them), and whether it attested round 0, the classifier's centering
+    query (``centering_query``): a release of its own, in its epsilon, but no training round."""
     sites: dict[str, dict[str, Any]] = {}
     for record in run_records:
         for site, att in (record.get("attestations") or {}).items():
-            row = sites.setdefault(str(site), {"rounds": 0})
+            row = sites.setdefault(str(site), {"rounds": 0, "centering_query": False})
             row.update(
                 epsilon=float(att["epsilon"]),
                 delta=float(att["delta"]),
                 accountant=str(att.get("accountant", "")),
                 last_round=int(record["round"]),
             )
-            row["rounds"] += 1
+            if int(record["round"]) == 0:
+                row["centering_query"] = True
+            else:
+                row["rounds"] += 1
     return dict(sorted(sites.items()))
 
 
 def privacy_section(run_records: Sequence[Mapping[str, Any]]) -> list[str]:
     """The model card's "Privacy, per site" section (Markdown lines), the same for every task: each site's
-    attested epsilon, delta, accountant and rounds (:func:`attested_privacy`), or that none attested a release."""
+    attested epsilon, delta, accountant, training rounds and centering query (:func:`attested_privacy`), or that
+    none attested a release."""
     lines = ["## Privacy, per site (signed attestations in the run ledger)", ""]
     privacy = attested_privacy(run_records)
     if not privacy:
         return lines + ["No site attested a release in this run."]
-    lines += ["| site | epsilon (cumulative) | delta | accountant | rounds attested |", "|---|---|---|---|---|"]
+    centering = any(p["centering_query"] for p in privacy.values())
+    head = "| site | epsilon (cumulative) | delta | accountant | training rounds attested |"
+    lines += [head + (" centering query (round 0) |" if centering else ""), "|---" * (6 if centering else 5) + "|"]
     lines += [
         f"| {site} | {_fmt(p['epsilon'], 3)} | {p['delta']:g} | {p['accountant']} | {p['rounds']} |"
+        + ((" attested |" if p["centering_query"] else " no |") if centering else "")
         for site, p in privacy.items()
     ]
     return lines + [
         "",
-        "Epsilon is each site's own, composed over every release of its data it recorded (also in earlier "
-        "runs); `privatune audit` re-verifies it from the sites' ledgers.",
+        "Epsilon is each site's own, composed over every release of its data it recorded"
+        + (" (the training rounds and the round-0 centering query, a noisy mean of the features)" if centering else "")
+        + ", also in earlier runs; `privatune audit` re-verifies it from the sites' ledgers.",
     ]
 
 
@@ -317,8 +329,10 @@ def model_card(
         "With PrivaTune (`privatune predict --adapter DIR --text ...`, or in Python):",
         "",
         "```python",
+        *(["import warnings"] if pooling == "cls" else []),
         "from peft import PeftModel",
         "from shared.model import load_base_model",
+        *(SNIPPET_WARNING_FILTER if pooling == "cls" else ()),  # a transformers model (mean: PrivaTune's own)
         f'base = load_base_model("{base}", num_labels={len(labels)}, pooling="{pooling}")'
         + ("  # your local copy of the base model" if not base.startswith(BUILTIN_PREFIX) else ""),
         'model = PeftModel.from_pretrained(base, "DIR")  # DIR: this directory',

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from shared.data import DataError
+from shared.data import DataError, json_syntax_error
 
 if TYPE_CHECKING:
     import torch
@@ -232,7 +232,7 @@ def _parse_line(line: str, *, where: str) -> tuple[Kind, str, tuple[Message, ...
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where} is not valid JSON: {e.msg} at column {e.colno}") from e
+        raise json_syntax_error(where, e) from e
     if not isinstance(obj, dict):
         raise DataError(f"{where} is a JSON {type(obj).__name__}, not an object")
     formats = [

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from shared.causal_data import CausalRows, encode_causal, encode_prompts, has_short_answers, most_common_answer, pad_id
-from shared.model import Encoded, ModelError, resolve_model_path, wrap_lora
+from shared.model import SNIPPET_WARNING_FILTER, Encoded, ModelError, resolve_model_path, wrap_lora
 
 if TYPE_CHECKING:
     from shared.config import RunConfig
@@ -574,8 +574,10 @@ def _load_snippet(base: str) -> list[str]:
         "BOS token where it adds one):",
         "",
         "```python",
+        "import warnings",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        *SNIPPET_WARNING_FILTER,
         f"base_path = {path}",
         "tokenizer = AutoTokenizer.from_pretrained(base_path)",
         'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), "DIR").eval()  # DIR: here',

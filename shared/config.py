@@ -48,7 +48,13 @@ class RunConfig:
     data_path: str = field(default=BUILTIN_DATA, metadata=_help("builtin:rotten-tomatoes or a .csv/.jsonl/.parquet"))
     text_column: str = field(default="text", metadata=_help("Column holding the text (deployed sites: their own)."))
     label_column: str = field(default="label", metadata=_help("Column holding the label (deployed sites: their own)."))
-    labels: str = field(default="", metadata=_help("Comma-separated label set, in class-index order; '' = inferred."))
+    labels: str = field(
+        default="",
+        metadata=_help(
+            "Comma-separated label set, in class-index order; '' = inferred: every label in the file is a class, and "
+            "one on fewer than 10 rows and under 1% of them, beside two common ones, is warned about as a likely typo."
+        ),
+    )
     partitioning: Literal["iid", "dirichlet"] = field(default="iid", metadata=_help("How rows go to clients."))
     dirichlet_alpha: float = field(default=0.5, metadata=_help("Label-skew concentration (smaller = more skew)."))
     test_fraction: float = field(default=0.15, metadata=_help("Held-out test split no client sees."))

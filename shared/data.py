@@ -12,7 +12,10 @@ import csv
 import gzip
 import importlib.util
 import io
+import json
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,14 @@ from shared.config import BUILTIN_DATA
 ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")  # class 0, class 1; the corpus's "plot" rows are not reviews
 SUPPORTED_SUFFIXES = (".csv", ".csv.bz2", ".csv.gz", ".jsonl", ".parquet")
+
+
+# An inferred label set (no ``labels``) warns about a label this rare beside common ones: probably a typo.
+STRAY_LABEL_ROWS = 10  # fewer rows than this
+STRAY_LABEL_SHARE = 0.01  # and under this share of the rows
+STRAY_LABEL_SHOWN = 5  # rows named in the warning
+
+logger = logging.getLogger("privatune")
 
 
 class DataError(ValueError):
@@ -97,8 +108,12 @@ def load_labelled_text(
     text_column: str = "text",
     label_column: str = "label",
     labels: Sequence[str] | None = None,
+    warn_stray: bool = False,
 ) -> LabelledText:
-    """Load (text, label) rows from ``path``; ``labels`` fixes the label set and its order when given."""
+    """Load (text, label) rows from ``path``; ``labels`` fixes the label set and its order when given.
+
+    ``warn_stray``: where ``labels`` is not given and every label found becomes a class (the run's data), warn
+    about a label that looks like a typo (:func:`stray_labels`), naming its lines."""
     if str(path) == BUILTIN_DATA:
         data = load_rotten_tomatoes()
         if labels is not None and tuple(labels) != data.label_names:
@@ -128,7 +143,8 @@ def load_labelled_text(
         else:
             frame = pd.read_csv(file, dtype=str, keep_default_na=False)
     except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise DataError(f"cannot read data file {file}: {e}") from e
+        bad_line = _jsonl_syntax_error(file) if suffix == ".jsonl" else None
+        raise (bad_line or DataError(f"cannot read data file {file}: {e}")) from e
     if suffix == ".parquet":
         where: Callable[[int], str] = lambda row: f"row {row + 1}"  # noqa: E731
     elif suffix == ".jsonl":
@@ -136,7 +152,13 @@ def load_labelled_text(
     else:
         where = lambda row: f"line {_csv_line(file, suffix, row)}"  # noqa: E731
     return _to_labelled(
-        frame, text_column=text_column, label_column=label_column, labels=labels, source=str(file), where=where
+        frame,
+        text_column=text_column,
+        label_column=label_column,
+        labels=labels,
+        source=str(file),
+        where=where,
+        warn_stray=warn_stray,
     )
 
 
@@ -195,6 +217,24 @@ def _jsonl_line(file: Path, row: int) -> int:
     return row + 1
 
 
+def json_syntax_error(where: str, e: json.JSONDecodeError) -> DataError:
+    """``where`` (a file's line) is not JSON: what the parser found, and the column."""
+    problem = e.msg.removesuffix(" at")  # "Unterminated string starting at", "Invalid control character at"
+    return DataError(f"{where} is not valid JSON: {problem} at column {e.colno}")
+
+
+def _jsonl_syntax_error(file: Path) -> DataError | None:
+    """The first line of ``file`` that is not a JSON value, named; None when every line is one."""
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    return json_syntax_error(f"{file}: line {number}", e)
+    return None
+
+
 def _label_key(value: object) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -202,6 +242,42 @@ def _label_key(value: object) -> str | None:
         value = int(value)
     text = str(value).strip()
     return text or None
+
+
+def stray_labels(keys: Sequence[str]) -> list[str]:
+    """The labels that look stray in rows labelled ``keys``, rarest first: each on fewer than
+    :data:`STRAY_LABEL_ROWS` rows and under :data:`STRAY_LABEL_SHARE` of them, beside at least two labels that are
+    neither (the classes meant). In 100 rows or fewer nothing is stray: one row is then 1% or more, as likely a
+    small class as a typo; nor where most labels are that rare (many small classes)."""
+    counts = Counter(keys)
+    rare = [k for k, c in counts.items() if c < STRAY_LABEL_ROWS and c < STRAY_LABEL_SHARE * len(keys)]
+    return sorted(rare, key=lambda k: (counts[k], k)) if len(counts) - len(rare) >= 2 else []
+
+
+def _warn_stray_labels(
+    keys: Sequence[str], names: Sequence[str], *, source: str, label_column: str, where: Callable[[int], str]
+) -> None:
+    """Warn about every :func:`stray_labels` label of ``keys`` (whose inferred label set is ``names``), naming its
+    first rows and the fix: the run config's ``labels``, which would make it an error naming its line."""
+    stray = stray_labels(keys)
+    counts = Counter(keys)
+    meant = [n for n in names if n not in stray]
+    for label in stray:
+        rows = [i for i, k in enumerate(keys) if k == label]
+        shown = ", ".join(where(i) for i in rows[:STRAY_LABEL_SHOWN]) + (", ..." if rows[STRAY_LABEL_SHOWN:] else "")
+        logger.warning(
+            "WARNING: %s: label %r in %r is on only %d of %d rows (%s), beside %s: it becomes a class of its own. "
+            "If it is a typo or a stray value, fix those rows, or list the labels meant in the run config "
+            "(privatune simulate --set labels='\"%s\"'): any other label is then an error naming its line.",
+            source,
+            label,
+            label_column,
+            len(rows),
+            len(keys),
+            shown,
+            ", ".join(f"{n!r} ({counts[n]} rows)" for n in meant),
+            ",".join(meant),
+        )
 
 
 def _to_labelled(
@@ -212,6 +288,7 @@ def _to_labelled(
     labels: Sequence[str] | None,
     source: str,
     where: Callable[[int], str],
+    warn_stray: bool = False,
 ) -> LabelledText:
     """``where(row)`` names 0-based data row ``row`` as the user finds it in the file ("line 7", "row 6")."""
     import pandas as pd
@@ -239,6 +316,8 @@ def _to_labelled(
             set(keys),
             key=lambda k: (not k.lstrip("-").isdigit(), int(k) if k.lstrip("-").isdigit() else 0, k),
         )
+        if warn_stray:
+            _warn_stray_labels(keys, names, source=source, label_column=label_column, where=where)
     else:
         names = [str(n) for n in labels]
         if len(set(names)) != len(names):

@@ -34,7 +34,9 @@ def load_run_dataset(cfg: RunConfig) -> LabelledText:
 def _load_cached(
     data_path: str, _stamp: tuple[int, int] | None, text_column: str, label_column: str, labels: tuple[str, ...] | None
 ) -> LabelledText:
-    return load_labelled_text(data_path, text_column=text_column, label_column=label_column, labels=labels)
+    return load_labelled_text(
+        data_path, text_column=text_column, label_column=label_column, labels=labels, warn_stray=True
+    )
 
 
 def simulated_split(cfg: RunConfig, data: Rows, num_partitions: int) -> tuple[list[np.ndarray], np.ndarray]:

@@ -27,6 +27,15 @@ from shared.config import BUILTIN_MODEL, RunConfig
 
 ADAPTER_NAME = "default"
 POOLINGS = ("mean", "cls")
+# peft 0.21's PeftModel.__init__ reads transformers 5's deprecated ``is_gradient_checkpointing`` of a transformers
+# base model: a FutureWarning at every PeftModel built or loaded on one (not at generate; the mean-pooling
+# classifier's base is PrivaTune's own module). Harmless; PrivaTune's loaders hide it, and the loading snippets of
+# docs/causal-lm.md and the model cards silence exactly it with these lines.
+PEFT_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
+SNIPPET_WARNING_FILTER = (
+    "# peft 0.21 reads a name transformers 5 deprecated: a harmless FutureWarning at every load, silenced here",
+    f'warnings.filterwarnings("ignore", "{PEFT_DEPRECATION}", FutureWarning)',
+)
 
 
 class ModelError(ValueError):

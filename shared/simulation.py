@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def offline_environment() -> None:
     os.environ.update(FLOWER_ENV)
 
 
+FLOWER_TELEMETRY_WAIT_S = 5.0  # at most this long for Flower's exit event to be done with FLWR_HOME
 SMALL_SITE_ROWS = 100  # below this many training rows per site, local DP noise drowns a site's update (a warning)
 
 
@@ -156,6 +158,20 @@ def log_time_estimate(
         )
 
 
+def await_flower_telemetry(timeout_s: float = FLOWER_TELEMETRY_WAIT_S) -> None:
+    """Wait until Flower's telemetry has read (or made) its source id file, ``$FLWR_HOME/source``.
+
+    flwr 1.41's simulation fires its exit event as it ends, success or failure, telemetry on or off, from a daemon
+    thread; the first event of a process creates ``$FLWR_HOME`` and that file. Removing FLWR_HOME before the thread
+    got there left an empty-looking ``privatune-*/flwr/source`` in the temp directory. Once the id is read it is
+    kept in memory and later events touch no file. Bounded by ``timeout_s`` (a runtime that fired no event)."""
+    from flwr.supercore import telemetry
+
+    deadline = time.monotonic() + timeout_s
+    while telemetry.state["source"] is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _recorded_anything(run_dir: Path) -> bool:
     """Whether a failed run left a record that must be kept: its metrics, or a site ledger with an entry."""
     if (run_dir / "metrics.json").is_file():
@@ -221,8 +237,6 @@ def run_simulation(
     import client.app
     import server.app
 
-    scratch = Path(tempfile.mkdtemp(prefix="privatune-"))
-    os.environ["FLWR_HOME"] = str(scratch / "flwr")
     # The same Run set-up flwr.simulation.run_simulation does, plus our run config (flwr 1.41 internals).
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
@@ -239,6 +253,9 @@ def run_simulation(
             write_site_settings(cfg.simulation_dir(run_id) / "sites" / site_id_for_partition(i), site_settings)
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
     cpus = os.cpu_count() or 1
+    scratch = Path(tempfile.mkdtemp(prefix="privatune-"))
+    flwr_home = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(scratch / "flwr")
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": num_gpus_per_client},
         "init_args": {
@@ -264,7 +281,12 @@ def run_simulation(
             verbose_logging=verbose,
         )
     finally:
+        await_flower_telemetry()  # or its thread makes scratch/flwr/source again after the removal
         shutil.rmtree(scratch, ignore_errors=True)
+        if flwr_home is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = flwr_home
         removed = discard_failed_run(cfg, run_id)  # only if nothing was recorded (no metrics, no ledger entry)
     run_dir = cfg.run_dir(run_id)
     if not (run_dir / "metrics.json").is_file():

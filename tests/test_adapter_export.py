@@ -168,8 +168,8 @@ def test_the_model_card_gives_base_data_rounds_privacy_per_site_and_metrics(tiny
     assert "Model Card for Model ID" not in card  # PEFT's blank template is gone
     assert f"base_model: {Path(tiny_config.model_path).name}" in card
     assert "| rounds | 1 of 1 planned |" in card
-    assert "| site-0 | 7.991 | 1e-05 | prv | 2 |" in card  # the last attested, cumulative epsilon
-    assert "| site-1 | 3.333 | 1e-06 | rdp | 1 |" in card
+    assert "| site-0 | 7.991 | 1e-05 | prv | 1 | attested |" in card  # the last attested, cumulative epsilon
+    assert "| site-1 | 3.333 | 1e-06 | rdp | 1 | no |" in card  # training rounds as "1 of 1"; round 0 apart
     assert "| 0.6667 | 0.5000 | 0.6123 | not recorded |" in card  # rounded; no majority baseline recorded
     assert "0.6666666" not in card and "3.33333" not in card
 

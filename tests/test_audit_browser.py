@@ -8,7 +8,10 @@ skipped, saying why, where they are missing.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from shared.audit.plots import PALETTE
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 pytestmark = pytest.mark.integration
 
@@ -209,3 +213,32 @@ def test_png_decoder_matches_a_known_image():
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
     assert decode_png(png).tolist() == [[[255, 0, 0], [0, 255, 0]]]
+
+
+def documented_screenshot(doc: str, **replace: str) -> list[str]:
+    """The ``chromium --headless ... --screenshot=...`` command of ``docs/<doc>``, its paths replaced."""
+    line = next(x for x in (DOCS / doc).read_text().splitlines() if x.startswith("chromium --headless"))
+    for old, new in replace.items():
+        line = line.replace(old, new)
+    return [CHROMIUM, *shlex.split(line)[1:]]
+
+
+def screenshot(command: list[str], png: Path) -> np.ndarray | None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian chromium (apt-get install chromium)")
+    subprocess.run(command, capture_output=True, timeout=120, check=False)
+    return decode_png(png.read_bytes()) if png.is_file() else None
+
+
+def test_the_docs_screenshot_of_the_report_works_and_says_no_sandbox_for_root(report, tmp_path):
+    def command(png: Path) -> list[str]:
+        paths = {"/tmp/report.png": str(png), "file:///tmp/audit/report.html": report.as_uri()}
+        return documented_screenshot("privacy-audit.md", **paths)
+
+    image = screenshot(command(tmp_path / "report.png"), tmp_path / "report.png")
+
+    assert "--no-sandbox" in command(tmp_path / "report.png")
+    assert image is not None and ink(image) > 0.02
+    if os.geteuid() == 0:  # why the docs say it: as root, Chromium refuses to start without it
+        sandboxed = [a for a in command(tmp_path / "sandboxed.png") if a != "--no-sandbox"]
+        assert screenshot(sandboxed, tmp_path / "sandboxed.png") is None

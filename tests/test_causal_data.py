@@ -339,6 +339,8 @@ def test_unicode_in_messages_is_kept_as_is_in_the_fingerprinted_row(tmp_path):
 BAD_LINES = [
     ("[1, 2]", r"line 2 is a JSON list, not an object"),
     ('{"prompt": "q", "response": ', r"line 2 is not valid JSON: Expecting value at column 29"),
+    ('{"prompt": "q", "response": "a', r"line 2 is not valid JSON: Unterminated string starting at column 29$"),
+    ('{"prompt": "q\tx", "response": "a"}', r"line 2 is not valid JSON: Invalid control character at column 14$"),
     ('{"answer": "x"}', r"line 2 has none of the formats: .* its keys are \['answer'\]"),
     ('{"prompt": "q", "response": "a", "text": "t"}', r"line 2 mixes formats \['prompt/response', 'text'\]"),
     ('{"text": "t", "messages": []}', r"line 2 mixes formats \['messages', 'text'\]"),

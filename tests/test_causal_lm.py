@@ -40,7 +40,15 @@ from shared.causal_model import (
     save_causal_adapter,
 )
 from shared.config import RunConfig
-from shared.model import Encoded, ModelError, flatten, get_trainable, set_trainable
+from shared.model import (
+    PEFT_DEPRECATION,
+    SNIPPET_WARNING_FILTER,
+    Encoded,
+    ModelError,
+    flatten,
+    get_trainable,
+    set_trainable,
+)
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
@@ -576,10 +584,39 @@ def test_the_model_cards_snippet_runs_with_transformers_and_peft_only(cfg, tmp_p
     assert "privatune" not in snippet and "shared." not in snippet
     base_line = next(line for line in snippet.splitlines() if line.startswith("base_path = "))
     code = snippet.replace(base_line, f"base_path = {str(cfg.model_path)!r}").replace('"DIR"', repr(str(out)))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()  # the random model's 32 tokens
+    assert peft_deprecations(caught) == []  # the snippet silences exactly peft's deprecation
+
+
+def peft_deprecations(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if w.category is FutureWarning and PEFT_DEPRECATION in str(w.message)]
+
+
+def test_peft_warns_of_a_deprecated_transformers_name_at_every_load_so_the_snippets_silence_it(cfg, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = save_causal_adapter(trained(cfg), tmp_path / "adapter", card={"base_model": cfg.model_path})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg.model_path), str(out))
+
+    assert len(peft_deprecations(caught)) == 1  # peft 0.21 on transformers 5: what the filter is for
+    assert SNIPPET_WARNING_FILTER[1] in (Path(__file__).resolve().parents[1] / "docs" / "causal-lm.md").read_text()
+
+
+def test_one_privatune_generate_prints_no_futurewarning_of_peft(cfg, tmp_path):
+    from shared.generate import generate_text
+
+    out = save_causal_adapter(trained(cfg), tmp_path / "adapter", card={"base_model": cfg.model_path, "max_length": 32})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate_text(out, "the film was good", max_new_tokens=3)
+
+    assert peft_deprecations(caught) == []
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
@@ -34,6 +35,7 @@ HEALTH_PATH = "/health"
 PROTECTED_PATHS = frozenset({PREDICT_PATH})
 DOCS_PATH = "/docs"
 DOCS_STATIC_PATH = "/docs-static"
+SWAGGER_UI_FILES = ("swagger-ui-bundle.js", "swagger-ui.css")
 ENDPOINTS = (PREDICT_PATH, HEALTH_PATH, DOCS_PATH, "/openapi.json")
 
 access_log = logging.getLogger("privatune.access")
@@ -267,21 +269,36 @@ def _key_name(
     return str(name)
 
 
+def _swagger_ui_dir() -> Path:
+    """The Swagger UI 5 files shipped in the ``fastapi-offline`` package (5.x reads the OpenAPI 3.1 document that
+    FastAPI writes; the 4.x of ``swagger-ui-bundle`` reads only 3.0 and shows "Unable to render this definition")."""
+    try:
+        import fastapi_offline
+    except ImportError as e:
+        raise ImportError("/docs serves Swagger UI from fastapi-offline: pip install fastapi-offline") from e
+    folder = Path(fastapi_offline.__file__).parent / "static"
+    missing = [name for name in SWAGGER_UI_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ImportError(f"fastapi-offline at {folder} lacks {', '.join(missing)}: pip install fastapi-offline")
+    return folder
+
+
 def _add_offline_docs(app: FastAPI) -> None:
-    """``GET /docs``: Swagger UI from the ``swagger-ui-bundle`` package, so the page needs no network."""
+    """``GET /docs``: Swagger UI served from the installed ``fastapi-offline`` package, so the page needs no
+    network."""
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
 
-    app.mount(DOCS_STATIC_PATH, StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+    app.mount(DOCS_STATIC_PATH, StaticFiles(directory=str(_swagger_ui_dir())), name="docs-static")
+    js, css = SWAGGER_UI_FILES
 
     @app.get(DOCS_PATH, include_in_schema=False)
     def docs() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=app.openapi_url or "/openapi.json",
             title=f"{app.title} - API",
-            swagger_js_url=f"{DOCS_STATIC_PATH}/swagger-ui-bundle.js",
-            swagger_css_url=f"{DOCS_STATIC_PATH}/swagger-ui.css",
+            swagger_js_url=f"{DOCS_STATIC_PATH}/{js}",
+            swagger_css_url=f"{DOCS_STATIC_PATH}/{css}",
             swagger_favicon_url="data:,",
         )
 
