@@ -5,6 +5,9 @@ roster from its bundle; each site has its own node config.
 
 Every process is started in its own session and its whole process group is killed in teardown (Flower's
 SuperLink and SuperNodes each start a SuperExec child, which starts the app processes).
+
+Each site's operator approves the app (this repository's FAB, as ``flwr run`` builds it) before its SuperNode
+starts, as docs/deploy.md says: every run below but the tampered one runs that approved app.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.app_approval import approve_app, build_app, review_app
 from shared.enrolment import approve_roster, init_site, review_roster
 from shared.provision import (
     FLWR_CONFIG_FILE,
@@ -193,11 +197,11 @@ def _toml_value(v: object) -> str:
     return repr(v)
 
 
-def submit(fed: Federation, config: dict, name: str) -> tuple[Proc, Path]:
-    """``flwr run`` the project with this run config, streaming the ServerApp's log to a file."""
+def submit(fed: Federation, config: dict, name: str, *, app: Path = REPO) -> tuple[Proc, Path]:
+    """``flwr run`` the app (default: this project) with this run config, streaming the ServerApp's log to a file."""
     path = fed.root / f"{name}.toml"
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-    proc = fed.start(f"run-{name}", [str(BIN / "flwr"), "run", str(REPO), "--run-config", str(path), "--stream"])
+    proc = fed.start(f"run-{name}", [str(BIN / "flwr"), "run", str(app), "--run-config", str(path), "--stream"])
     return proc, path
 
 
@@ -225,6 +229,10 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     site_dirs = {site: enrolled[site].site_dir for site in SITES}
     for site, site_dir in site_dirs.items():  # at each site: its operator approves the roster in its bundle
         approve_roster(review_roster(site_dir, made.bundle_dirs[site], expected_fingerprint=made.roster_fingerprint))
+    fab = root / "privatune.fab"  # what the coordinator sends each site: this project as flwr run builds it
+    fab.write_bytes(build_app(REPO).content)
+    for site_dir in site_dirs.values():  # at each site: its operator approves that app
+        approve_app(review_app(site_dir, fab))
     for i, site_dir in enumerate(site_dirs.values()):
         write_csv(site_dir / "data.csv", make_rows(48, seed=10 + i))
         config = (site_dir / NODE_CONFIG_FILE).read_text().replace("max-epsilon = 8.0", "max-epsilon = 100.0")
@@ -259,6 +267,50 @@ def test_two_rounds_with_dp_and_secure_aggregation_over_tls(fed, tiny_model_dir)
     assert all(sorted(r["survivors"]) == sorted(SITES) and not r["aborted"] for r in metrics["rounds"])
     assert all(r["secure_aggregation"] for r in metrics["rounds"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _tampered_app(dest: Path, marker: Path) -> Path:
+    """This project with one line added to the ClientApp's module (``client/app.py``): as soon as a site imports
+    it, it writes to ``marker``: the coordinator's stand-in for "send this site's rows" (it defeats secure
+    aggregation, DP and the ledger at once)."""
+    import shutil
+
+    ignore = shutil.ignore_patterns(".git", "__pycache__", ".*_cache", ".flwr", ".venv", "runs")
+    shutil.copytree(REPO, dest, ignore=ignore)
+    module = dest / "client" / "app.py"
+    head, tail = module.read_text().split("from __future__ import annotations\n", 1)
+    line = f"open({str(marker)!r}, 'a').write('the rows of this site\\n')\n"
+    module.write_text(f"{head}from __future__ import annotations\n{line}{tail}")
+    return dest
+
+
+def test_every_site_refuses_an_app_changed_after_its_approval_before_any_line_of_it_runs(
+    fed, tiny_model_dir, tmp_path
+):
+    from flwr.cli.build import build_fab_from_disk
+
+    from shared.identity import sha256_hex
+
+    marker = tmp_path / "exfiltrated.txt"
+    tampered = _tampered_app(tmp_path / "privatune", marker)
+    tampered_hash = sha256_hex(build_fab_from_disk(tampered))
+    nodes = {site: fed.procs[f"node-{site}"] for site in SITES}
+    before = {site: node.text().count(tampered_hash) for site, node in nodes.items()}
+    config = run_config(fed, tiny_model_dir, **{"num-server-rounds": 1, "center-features": False})
+
+    proc, _ = submit(fed, config, "tampered", app=tampered)
+
+    for site, node in nodes.items():  # each SuperNode says why, naming the offered app and the changed file
+        deadline = time.monotonic() + 120
+        while node.text().count(tampered_hash) == before[site]:
+            assert time.monotonic() < deadline, f"{site} did not name the tampered app:\n{node.text()}"
+            time.sleep(0.5)
+        refusal = next(line for line in node.text().splitlines()[::-1] if tampered_hash in line)
+        assert "is not approved by this site's operator" in refusal, refusal
+        assert "client/app.py" in refusal and "approve-app" in refusal, refusal
+    wait_for(proc, "adapter saved to", timeout=300)  # the server's rounds end with no site taking part
+    assert not marker.exists(), marker.read_text()  # not one line of the tampered app ran at any site
+    assert "could not be verified" in proc.text()  # the coordinator is told each site refused the app
 
 
 def _bundle_copy(fed: Federation, site: str, dest: Path) -> Path:
