@@ -7,7 +7,9 @@ Every process is started in its own session and its whole process group is kille
 SuperLink and SuperNodes each start a SuperExec child, which starts the app processes).
 
 Each site's operator approves the app (this repository's FAB, as ``flwr run`` builds it) before its SuperNode
-starts, as docs/deploy.md says: every run below but the tampered one runs that approved app.
+starts, as docs/deploy.md says: every run below but the tampered one runs that approved app (from a copy of the
+repository made when it was approved: an edit to the working tree while the tests run would make another app,
+which every site refuses).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class Federation:
     port: int
     flwr_home: Path
     database: Path
+    app: Path  # the app every site approved: what flwr run sends
     procs: dict[str, Proc] = field(default_factory=dict)
 
     @property
@@ -139,8 +142,13 @@ class Federation:
         raise AssertionError(f"SuperLink did not listen on {self.port}:\n{proc.text()}")
 
     def start_supernode(self, site: str, *, bundle: Path | None = None, extra: list[str] | None = None) -> Proc:
-        command = supernode_command(bundle or self.sites[site], self.address, runtime_port=free_port())
-        return self.start(f"node-{site}", command + (extra or []))
+        """The documented way, ``privatune site start`` (with ``extra`` flower-supernode arguments: the command
+        it execs, with them)."""
+        site_dir, port = bundle or self.sites[site], free_port()
+        if extra:
+            return self.start(f"node-{site}", supernode_command(site_dir, self.address, runtime_port=port) + extra)
+        cli = ["site", "start", str(site_dir), "--superlink", self.address, "--runtime-port", str(port)]
+        return self.start(f"node-{site}", [sys.executable, "-m", "shared.cli", *cli])
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -197,11 +205,21 @@ def _toml_value(v: object) -> str:
     return repr(v)
 
 
-def submit(fed: Federation, config: dict, name: str, *, app: Path = REPO) -> tuple[Proc, Path]:
-    """``flwr run`` the app (default: this project) with this run config, streaming the ServerApp's log to a file."""
+def copy_app(dest: Path) -> Path:
+    """This project's files (those a FAB may take), copied to ``dest``."""
+    import shutil
+
+    ignore = shutil.ignore_patterns(".git", "__pycache__", ".*_cache", ".flwr", ".venv", "runs")
+    return Path(shutil.copytree(REPO, dest, ignore=ignore))
+
+
+def submit(fed: Federation, config: dict, name: str, *, app: Path | None = None) -> tuple[Proc, Path]:
+    """``flwr run`` the app (default: the approved one) with this run config, streaming the ServerApp's log to a
+    file."""
     path = fed.root / f"{name}.toml"
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-    proc = fed.start(f"run-{name}", [str(BIN / "flwr"), "run", str(app), "--run-config", str(path), "--stream"])
+    command = [str(BIN / "flwr"), "run", str(app or fed.app), "--run-config", str(path), "--stream"]
+    proc = fed.start(f"run-{name}", command)
     return proc, path
 
 
@@ -229,9 +247,10 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     site_dirs = {site: enrolled[site].site_dir for site in SITES}
     for site, site_dir in site_dirs.items():  # at each site: its operator approves the roster in its bundle
         approve_roster(review_roster(site_dir, made.bundle_dirs[site], expected_fingerprint=made.roster_fingerprint))
-    fab = root / "privatune.fab"  # what the coordinator sends each site: this project as flwr run builds it
-    fab.write_bytes(build_app(REPO).content)
-    for site_dir in site_dirs.values():  # at each site: its operator approves that app
+    app = copy_app(root / "privatune")  # the app the coordinator will run, as it stands now
+    fab = root / "privatune.fab"  # what the coordinator sends each site: that app as flwr run builds it
+    fab.write_bytes(build_app(app).content)
+    for site_dir in site_dirs.values():  # at each site: its operator approves it
         approve_app(review_app(site_dir, fab))
     for i, site_dir in enumerate(site_dirs.values()):
         write_csv(site_dir / "data.csv", make_rows(48, seed=10 + i))
@@ -241,7 +260,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     flwr_home = root / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text((made.coordinator_dir / FLWR_CONFIG_FILE).read_text())
-    federation = Federation(root, made.coordinator_dir, site_dirs, port, flwr_home, root / "state.db")
+    federation = Federation(root, made.coordinator_dir, site_dirs, port, flwr_home, root / "state.db", app)
     try:
         federation.start_superlink()
         for site in SITES:
@@ -273,10 +292,7 @@ def _tampered_app(dest: Path, marker: Path) -> Path:
     """This project with one line added to the ClientApp's module (``client/app.py``): as soon as a site imports
     it, it writes to ``marker``: the coordinator's stand-in for "send this site's rows" (it defeats secure
     aggregation, DP and the ledger at once)."""
-    import shutil
-
-    ignore = shutil.ignore_patterns(".git", "__pycache__", ".*_cache", ".flwr", ".venv", "runs")
-    shutil.copytree(REPO, dest, ignore=ignore)
+    copy_app(dest)
     module = dest / "client" / "app.py"
     head, tail = module.read_text().split("from __future__ import annotations\n", 1)
     line = f"open({str(marker)!r}, 'a').write('the rows of this site\\n')\n"
@@ -284,9 +300,7 @@ def _tampered_app(dest: Path, marker: Path) -> Path:
     return dest
 
 
-def test_every_site_refuses_an_app_changed_after_its_approval_before_any_line_of_it_runs(
-    fed, tiny_model_dir, tmp_path
-):
+def test_every_site_refuses_an_app_changed_after_its_approval_before_any_line_of_it_runs(fed, tiny_model_dir, tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
     from shared.identity import sha256_hex
