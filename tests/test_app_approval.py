@@ -35,26 +35,7 @@ from shared.app_approval import (
 )
 from shared.cli import main as cli_main
 from shared.enrolment import init_site
-
-CLIENT = 'def client_fn(rows):\n    """Train on the rows; return the update."""\n    return sum(rows)\n'
-
-
-def write_app(app_dir: Path, *, client: str = CLIENT, extra: dict[str, str] | None = None) -> Path:
-    """A tiny Flower app: pyproject.toml, a ClientApp module, a ServerApp module (and ``extra`` files)."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(
-        '[project]\nname = "tinyapp"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "site-tests"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "tinyapp.server:app"\nclientapp = "tinyapp.client:app"\n\n'
-        "[tool.flwr.app.config]\nnum-server-rounds = 1\n"
-    )
-    (app_dir / "tinyapp").mkdir(exist_ok=True)
-    (app_dir / "tinyapp" / "__init__.py").write_text("")
-    (app_dir / "tinyapp" / "client.py").write_text(client)
-    (app_dir / "tinyapp" / "server.py").write_text("app = None\n")
-    for name, text in (extra or {}).items():
-        (app_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (app_dir / name).write_text(text)
-    return app_dir
+from tests.conftest import CLIENT, write_app
 
 
 @pytest.fixture()

@@ -35,7 +35,7 @@ from shared.provision import (
     supernode_command,
 )
 from shared.site_request import REQUEST_FILE, SiteRequest
-from tests.test_app_approval import write_app
+from tests.conftest import write_app
 
 SITE_PRIVATE_FILES = (NODE_AUTH_KEY, IDENTITY_KEY_FILE)
 
