@@ -214,7 +214,55 @@ def _site_approve_roster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_approve_app(args: argparse.Namespace) -> int:
+    from shared.app_approval import approve_app, review_app
+    from shared.identity import format_fingerprint
+
+    review = review_app(Path(args.site_dir), Path(args.app))
+    app = review.app
+    print(f"app {app.fab_id} {app.version} from {review.source}: {len(app.files)} files")
+    print(
+        f"FAB sha256: {format_fingerprint(app.sha256)} (flwr build names the file with its first 8: {app.sha256[:8]})"
+    )
+    if review.already is not None:
+        print(f"this app is already approved (at {review.already.approved_at}); nothing to do")
+        return 0
+    previous = review.previous
+    if previous is None:
+        print("no app was approved at this site before: every file is new. Review them:")
+        for path, data in sorted(app.files.items()):
+            print(f"  {path} ({len(data)} bytes)")
+    else:
+        print(
+            f"against the app approved at {previous.approved_at} ({previous.fab_id} {previous.version}, "
+            f"FAB sha256 {previous.fab_sha256[:8]}):"
+        )
+        for change in review.changes or ["no file changed (the same files in another archive)"]:
+            print(f"  {change}")
+        diff = review.diff()
+        if diff is None:
+            print("(no copy of the app approved before is kept: no line-by-line diff; files compared by hash)")
+        else:
+            sys.stdout.write("".join(diff))
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ValueError(
+                "approving an app needs its operator: run interactively, or pass --yes once you have reviewed it"
+            )
+        answer = input("Approve this app: let this site run it? Type 'yes': ")
+        if answer.strip().lower() != "yes":
+            print("not approved; nothing changed")
+            return 1
+    approval = approve_app(review)
+    print(
+        f"approved and recorded: {review.site_dir / 'app-approvals.jsonl'} (FAB sha256 {approval.fab_sha256[:8]}); "
+        "a running SuperNode runs it from its next run on"
+    )
+    return 0
+
+
 def _site_check(args: argparse.Namespace) -> int:
+    from shared.app_approval import AppApprovals
     from shared.identity import ROSTER_PIN_FILE, RosterPin, format_fingerprint
     from shared.provision import check_bundle
 
@@ -225,6 +273,10 @@ def _site_check(args: argparse.Namespace) -> int:
         f"roster pinned: {format_fingerprint(pin.fingerprint)} ({len(pin.sites)} sites: {', '.join(pin.sites)}; "
         f"approved {pin.approved_at})"
     )
+    approvals = AppApprovals.load(site_dir, pin.site_id)
+    print(f"apps approved: {len(approvals.approvals)}; the SuperNode runs only these:")
+    for approval in approvals.approvals:
+        print(f"  {approval.fab_sha256[:8]} {approval.fab_id} {approval.version} (approved {approval.approved_at})")
     return 0
 
 
@@ -399,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     prov.set_defaults(func=_provision)
 
     site = sub.add_parser(
-        "site", help="Partner site: make its keys, approve the roster, check its directory, start its SuperNode."
+        "site",
+        help="Partner site: make its keys, approve the roster and the app, check its directory, start its SuperNode.",
     )
     site_sub = site.add_subparsers(dest="site_command", required=True)
     init = site_sub.add_parser(
@@ -419,8 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     approve.add_argument("--yes", action="store_true", help="Approve without asking (you compared the fingerprint).")
     approve.set_defaults(func=_site_approve_roster)
+    approve_app = site_sub.add_parser(
+        "approve-app",
+        help="Show an app (FAB) and what changed since the app approved last, and record this site's approval.",
+    )
+    approve_app.add_argument("--site-dir", required=True, help="This site's directory (from site init).")
+    approve_app.add_argument(
+        "app", help="The app: the .fab the coordinator sent (flwr build), or an app directory (built as flwr run does)."
+    )
+    approve_app.add_argument("--yes", action="store_true", help="Approve without asking (you reviewed it).")
+    approve_app.set_defaults(func=_site_approve_app)
     check = site_sub.add_parser(
-        "check", help="Check the site directory: files, key permissions, node config, approved roster."
+        "check", help="Check the site directory: files, key permissions, node config, approved roster and apps."
     )
     check.add_argument("bundle", help="The site directory.")
     check.set_defaults(func=_site_check)
@@ -433,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     accept.add_argument("--yes", action="store_true", help="Accept without asking (you read what is lost).")
     accept.set_defaults(func=_site_accept_ledger)
     start = site_sub.add_parser(
-        "start", help="Check the site directory, then run flower-supernode for it (Flower phone-home off)."
+        "start",
+        help="Check the site directory, then run its SuperNode: only approved apps run (Flower phone-home off).",
     )
     start.add_argument("bundle", help="The site directory.")
     start.add_argument(

@@ -392,11 +392,12 @@ def provision(
 
 def check_bundle(site_dir: Path) -> Path:
     """Check a site's directory before the SuperNode starts: every file present, private keys 0600, valid keys,
-    a complete node config, a roster this site's operator approved (pinned), this site's own keys in it, and a
-    ledger that agrees with its head record and witness."""
+    a complete node config, a roster this site's operator approved (pinned), this site's own keys in it, a ledger
+    that agrees with its head record and witness, and an app its operator approved (its approvals log verifies)."""
     import tomllib
 
     from client.site_policy import check_node_config
+    from shared.app_approval import APPROVE_APP_COMMAND, AppApprovalError, AppApprovals
     from shared.site import SiteConfigError, site_from_node_config
 
     site_dir = Path(site_dir).expanduser().resolve()
@@ -455,6 +456,15 @@ def check_bundle(site_dir: Path) -> Path:
         raise ProvisionError(f"{config_path}: {e}") from e
     if problem is not None:
         raise ProvisionError(f"{config_path}: the site would refuse every release: {problem}")
+    try:
+        approvals = AppApprovals.load(site_dir, site.site_id)
+    except AppApprovalError as e:
+        raise ProvisionError(f"{site_dir}: {e}") from e
+    if not approvals.approvals:
+        raise ProvisionError(
+            f"no app approved at {site_dir} yet: the SuperNode would refuse every run. Approve the app the "
+            f"coordinator sent (its .fab, or the app directory): {APPROVE_APP_COMMAND} --site-dir {site_dir} <app>"
+        )
     return site_dir
 
 
@@ -492,13 +502,21 @@ def superlink_command(
 
 
 def supernode_command(site_dir: Path, superlink: str, *, runtime_port: int = 9094) -> list[str]:
-    """``flower-supernode`` for a site bundle: TLS verified by the bundle's CA, its node-auth key, its node config.
+    """Flower's SuperNode for a site bundle: TLS verified by the bundle's CA, its node-auth key, its node config,
+    and Flower's app check (``--trusted-entities``) fed by the site's app approvals, so that it runs only the
+    apps its operator approved (``client/supernode.py`` runs ``flower-supernode`` so).
 
     No ``--max-retries``/``--max-wait-time``: the SuperNode retries with backoff for as long as the SuperLink is
     away (a SuperLink restart is survived)."""
+    import sys
+
+    from shared.app_approval import TRUSTED_ENTITIES_FILE
+
     site_dir = check_bundle(site_dir)
     return [
-        "flower-supernode",
+        sys.executable, "-m", "client.supernode",
+        "--site-dir", str(site_dir),
+        "--trusted-entities", str(site_dir / TRUSTED_ENTITIES_FILE),
         "--superlink", superlink,
         "--root-certificates", str(site_dir / CA_CERT),
         "--auth-supernode-private-key", str(site_dir / NODE_AUTH_KEY),

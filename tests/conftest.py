@@ -1,5 +1,5 @@
 """Shared fixtures and their builders: a tiny BERT and a tiny Llama built from configs (no download), tiny labelled
-CSV and prompt/response rows, run configs on them, offline settings."""
+CSV and prompt/response rows, run configs on them, a tiny Flower app directory, offline settings."""
 
 from __future__ import annotations
 
@@ -40,6 +40,25 @@ def make_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def write_csv(path: Path, rows: list[tuple[str, str]], *, header: str = "text,label") -> Path:
     path.write_text(header + "\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows))
     return path
+
+
+# a tiny Flower app (tests of app approval): its ClientApp module
+CLIENT = 'def client_fn(rows):\n    """Train on the rows; return the update."""\n    return sum(rows)\n'
+
+
+def write_app(app_dir: Path, *, client: str = CLIENT) -> Path:
+    """A tiny Flower app: pyproject.toml, a ClientApp module (``client``), a ServerApp module."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(
+        '[project]\nname = "tinyapp"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "site-tests"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "tinyapp.server:app"\nclientapp = "tinyapp.client:app"\n\n'
+        "[tool.flwr.app.config]\nnum-server-rounds = 1\n"
+    )
+    (app_dir / "tinyapp").mkdir(exist_ok=True)
+    (app_dir / "tinyapp" / "__init__.py").write_text("")
+    (app_dir / "tinyapp" / "client.py").write_text(client)
+    (app_dir / "tinyapp" / "server.py").write_text("app = None\n")
+    return app_dir
 
 
 def tiny_llama_config(**overrides: Any):

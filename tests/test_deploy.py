@@ -5,6 +5,11 @@ roster from its bundle; each site has its own node config.
 
 Every process is started in its own session and its whole process group is killed in teardown (Flower's
 SuperLink and SuperNodes each start a SuperExec child, which starts the app processes).
+
+Each site's operator approves the app (this repository's FAB, as ``flwr run`` builds it) before its SuperNode
+starts, as docs/deploy.md says: every run below but the tampered one runs that approved app (from a copy of the
+repository made when it was approved: an edit to the working tree while the tests run would make another app,
+which every site refuses).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from shared.app_approval import approve_app, build_app, review_app
 from shared.enrolment import approve_roster, init_site, review_roster
 from shared.provision import (
     FLWR_CONFIG_FILE,
@@ -100,6 +106,7 @@ class Federation:
     port: int
     flwr_home: Path
     database: Path
+    app: Path  # the app every site approved: what flwr run sends
     procs: dict[str, Proc] = field(default_factory=dict)
 
     @property
@@ -135,8 +142,13 @@ class Federation:
         raise AssertionError(f"SuperLink did not listen on {self.port}:\n{proc.text()}")
 
     def start_supernode(self, site: str, *, bundle: Path | None = None, extra: list[str] | None = None) -> Proc:
-        command = supernode_command(bundle or self.sites[site], self.address, runtime_port=free_port())
-        return self.start(f"node-{site}", command + (extra or []))
+        """The documented way, ``privatune site start`` (with ``extra`` flower-supernode arguments: the command
+        it execs, with them)."""
+        site_dir, port = bundle or self.sites[site], free_port()
+        if extra:
+            return self.start(f"node-{site}", supernode_command(site_dir, self.address, runtime_port=port) + extra)
+        cli = ["site", "start", str(site_dir), "--superlink", self.address, "--runtime-port", str(port)]
+        return self.start(f"node-{site}", [sys.executable, "-m", "shared.cli", *cli])
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -193,11 +205,21 @@ def _toml_value(v: object) -> str:
     return repr(v)
 
 
-def submit(fed: Federation, config: dict, name: str) -> tuple[Proc, Path]:
-    """``flwr run`` the project with this run config, streaming the ServerApp's log to a file."""
+def copy_app(dest: Path) -> Path:
+    """This project's files (those a FAB may take), copied to ``dest``."""
+    import shutil
+
+    ignore = shutil.ignore_patterns(".git", "__pycache__", ".*_cache", ".flwr", ".venv", "runs")
+    return Path(shutil.copytree(REPO, dest, ignore=ignore))
+
+
+def submit(fed: Federation, config: dict, name: str, *, app: Path | None = None) -> tuple[Proc, Path]:
+    """``flwr run`` the app (default: the approved one) with this run config, streaming the ServerApp's log to a
+    file."""
     path = fed.root / f"{name}.toml"
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-    proc = fed.start(f"run-{name}", [str(BIN / "flwr"), "run", str(REPO), "--run-config", str(path), "--stream"])
+    command = [str(BIN / "flwr"), "run", str(app or fed.app), "--run-config", str(path), "--stream"]
+    proc = fed.start(f"run-{name}", command)
     return proc, path
 
 
@@ -225,6 +247,11 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     site_dirs = {site: enrolled[site].site_dir for site in SITES}
     for site, site_dir in site_dirs.items():  # at each site: its operator approves the roster in its bundle
         approve_roster(review_roster(site_dir, made.bundle_dirs[site], expected_fingerprint=made.roster_fingerprint))
+    app = copy_app(root / "privatune")  # the app the coordinator will run, as it stands now
+    fab = root / "privatune.fab"  # what the coordinator sends each site: that app as flwr run builds it
+    fab.write_bytes(build_app(app).content)
+    for site_dir in site_dirs.values():  # at each site: its operator approves it
+        approve_app(review_app(site_dir, fab))
     for i, site_dir in enumerate(site_dirs.values()):
         write_csv(site_dir / "data.csv", make_rows(48, seed=10 + i))
         config = (site_dir / NODE_CONFIG_FILE).read_text().replace("max-epsilon = 8.0", "max-epsilon = 100.0")
@@ -233,7 +260,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     flwr_home = root / "flwr-home"
     flwr_home.mkdir()
     (flwr_home / "config.toml").write_text((made.coordinator_dir / FLWR_CONFIG_FILE).read_text())
-    federation = Federation(root, made.coordinator_dir, site_dirs, port, flwr_home, root / "state.db")
+    federation = Federation(root, made.coordinator_dir, site_dirs, port, flwr_home, root / "state.db", app)
     try:
         federation.start_superlink()
         for site in SITES:
@@ -259,6 +286,45 @@ def test_two_rounds_with_dp_and_secure_aggregation_over_tls(fed, tiny_model_dir)
     assert all(sorted(r["survivors"]) == sorted(SITES) and not r["aborted"] for r in metrics["rounds"])
     assert all(r["secure_aggregation"] for r in metrics["rounds"])
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _tampered_app(dest: Path, marker: Path) -> Path:
+    """This project with one line added to the ClientApp's module (``client/app.py``): as soon as a site imports
+    it, it writes to ``marker``: the coordinator's stand-in for "send this site's rows" (it defeats secure
+    aggregation, DP and the ledger at once)."""
+    copy_app(dest)
+    module = dest / "client" / "app.py"
+    head, tail = module.read_text().split("from __future__ import annotations\n", 1)
+    line = f"open({str(marker)!r}, 'a').write('the rows of this site\\n')\n"
+    module.write_text(f"{head}from __future__ import annotations\n{line}{tail}")
+    return dest
+
+
+def test_every_site_refuses_an_app_changed_after_its_approval_before_any_line_of_it_runs(fed, tiny_model_dir, tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    from shared.identity import sha256_hex
+
+    marker = tmp_path / "exfiltrated.txt"
+    tampered = _tampered_app(tmp_path / "privatune", marker)
+    tampered_hash = sha256_hex(build_fab_from_disk(tampered))
+    nodes = {site: fed.procs[f"node-{site}"] for site in SITES}
+    before = {site: node.text().count(tampered_hash) for site, node in nodes.items()}
+    config = run_config(fed, tiny_model_dir, **{"num-server-rounds": 1, "center-features": False})
+
+    proc, _ = submit(fed, config, "tampered", app=tampered)
+
+    for site, node in nodes.items():  # each SuperNode says why, naming the offered app and the changed file
+        deadline = time.monotonic() + 120
+        while node.text().count(tampered_hash) == before[site]:
+            assert time.monotonic() < deadline, f"{site} did not name the tampered app:\n{node.text()}"
+            time.sleep(0.5)
+        refusal = next(line for line in node.text().splitlines()[::-1] if tampered_hash in line)
+        assert "is not approved by this site's operator" in refusal, refusal
+        assert "client/app.py" in refusal and "approve-app" in refusal, refusal
+    wait_for(proc, "adapter saved to", timeout=300)  # the server's rounds end with no site taking part
+    assert not marker.exists(), marker.read_text()  # not one line of the tampered app ran at any site
+    assert "could not be verified" in proc.text()  # the coordinator is told each site refused the app
 
 
 def _bundle_copy(fed: Federation, site: str, dest: Path) -> Path:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from shared.app_approval import TRUSTED_ENTITIES_FILE, approve_app, review_app
 from shared.cli import main as cli_main
 from shared.enrolment import EnrolmentError, SiteKeys, approve_roster, init_site, review_roster
 from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, ROSTER_PIN_FILE, Roster, RosterPin, load_private_key
@@ -34,6 +35,7 @@ from shared.provision import (
     supernode_command,
 )
 from shared.site_request import REQUEST_FILE, SiteRequest
+from tests.conftest import write_app
 
 SITE_PRIVATE_FILES = (NODE_AUTH_KEY, IDENTITY_KEY_FILE)
 
@@ -65,8 +67,10 @@ def _approve(site: SiteKeys, bundle: Path) -> RosterPin:
 
 
 def _ready(site: SiteKeys, fed: Federation) -> Path:
-    """What a site does before starting: approve its bundle's roster, and put its data where its config says."""
+    """What a site does before starting: approve its bundle's roster and the app, and put its data where its
+    config says."""
     _approve(site, fed.bundle_dirs[site.request.site_id])
+    approve_app(review_app(site.site_dir, write_app(site.site_dir.parent / "app" / "tinyapp")))
     (site.site_dir / "data.csv").write_text('text,label\n"good film",fresh\n')
     return site.site_dir
 
@@ -453,9 +457,20 @@ def test_checked_site_gives_the_supernode_command(fed, sites):
 
     command = supernode_command(site, "link.example.org:9092", runtime_port=9200)
 
-    assert command[:3] == ["flower-supernode", "--superlink", "link.example.org:9092"]
+    assert command[1:3] == ["-m", "client.supernode"]  # flower-supernode, checking the site's app approvals
+    assert command[command.index("--trusted-entities") + 1] == str(site / TRUSTED_ENTITIES_FILE)
+    assert command[command.index("--superlink") + 1] == "link.example.org:9092"
     assert str(site / NODE_AUTH_KEY) in command and str(site / CA_CERT) in command
     assert str(site / NODE_CONFIG_FILE) in command and "--max-retries" not in command
+
+
+def test_site_without_an_approved_app_is_refused(fed, sites):
+    site = sites["hospital-a"]
+    _approve(site, fed.bundle_dirs["hospital-a"])
+    (site.site_dir / "data.csv").write_text('text,label\n"good film",fresh\n')
+
+    with pytest.raises(ProvisionError, match="no app approved at .* yet: the SuperNode would refuse every run"):
+        check_bundle(site.site_dir)
 
 
 def test_site_without_the_node_auth_key_is_refused(fed, sites):
@@ -553,8 +568,15 @@ def test_cli_init_provision_approve_check(tmp_path, capsys):
     approve = ["site", "approve-roster", "--site-dir", str(tmp_path / "a"), bundle]
     assert cli_main([*approve, "--fingerprint", roster_fingerprint, "--yes"]) == 0
     (tmp_path / "a" / "data.csv").write_text("text,label\n")
+    assert cli_main(["site", "check", str(tmp_path / "a")]) == 2
+    assert "no app approved at" in capsys.readouterr().err
+    app = write_app(tmp_path / "app" / "tinyapp")
+    assert cli_main(["site", "approve-app", "--site-dir", str(tmp_path / "a"), str(app), "--yes"]) == 0
+    capsys.readouterr()
     assert cli_main(["site", "check", str(tmp_path / "a")]) == 0
-    assert f"roster pinned: {roster_fingerprint[:4]} " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"roster pinned: {roster_fingerprint[:4]} " in out
+    assert "apps approved: 1; the SuperNode runs only these:" in out and " site-tests/tinyapp 1.0.0 (approved " in out
     assert cli_main(["site", "check", str(tmp_path / "nope")]) == 2
     assert "site directory not found" in capsys.readouterr().err
 
@@ -604,7 +626,8 @@ def test_site_start_execs_the_supernode_with_flowers_phone_home_off(fed, sites, 
     cli_main(["site", "start", str(site)])  # the SuperLink's address from the bundle's connection.toml
 
     ((file, args, env),) = calls
-    assert file == "flower-supernode" and args[args.index("--superlink") + 1] == "link.example.org:9092"
+    assert args[:3] == [file, "-m", "client.supernode"] and "--trusted-entities" in args
+    assert args[args.index("--superlink") + 1] == "link.example.org:9092"
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     assert (
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
