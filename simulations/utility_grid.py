@@ -10,7 +10,7 @@ shows what the head's hyper-parameters do, not what LoRA adds.
 
     python simulations/utility_grid.py --data builtin:rotten-tomatoes --data tweets.csv --data drugs.csv
     python simulations/utility_grid.py --data my.csv --preset default --sites 3,5,10 --rounds 3,10 --rows 500,5000
-    python simulations/utility_grid.py --data my.csv --set fast:learning_rate=3,local_steps=8   # a preset of yours
+    python simulations/utility_grid.py --data my.csv --set fast:learning_rate=3,local_steps=8   # the defaults, changed
 
 It prints, per data set, preset and grid cell, the majority-class accuracy and the mean final and best-round
 accuracy and macro-F1 over ``--seeds``, and the fraction of runs whose final model predicts one class.
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             values["center_features"] = bool(values["center_features"])
         if "batch_size" in values:
             values["batch_size"] = int(values["batch_size"])
-        presets[name] = replace(Preset(), **values)  # type: ignore[arg-type]
+        presets[name] = replace(_defaults(), **values)  # type: ignore[arg-type]  # today's defaults, changed
     chosen = args.preset or sorted(presets)
     labels = args.labels or [""] * len(args.data)
     grid = list(itertools.product(*(tuple(int(v) for v in s.split(",")) for s in (args.sites, args.rounds, args.rows))))
