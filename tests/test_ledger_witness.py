@@ -304,12 +304,15 @@ def test_a_witness_on_storage_that_is_not_mounted_is_an_error_not_a_new_local_di
 
 
 def test_the_site_check_before_start_refuses_a_ledger_deleted_with_its_head(tmp_path):
+    from shared.app_approval import approve_app, review_app
     from shared.enrolment import approve_roster, init_site, review_roster
     from shared.provision import ProvisionError, check_bundle, provision
+    from tests.conftest import write_app
 
     site = init_site(SITE, tmp_path / SITE)  # as `privatune site init`, then the coordinator's bundle, approved
     fed = provision(tmp_path / "fed", [site.request_path], superlink_hosts=["link.example.org"])
     approve_roster(review_roster(site.site_dir, fed.bundle_dirs[SITE]))
+    approve_app(review_app(site.site_dir, write_app(tmp_path / "app" / "tinyapp")))  # and the app (site start)
     (site.site_dir / "data.csv").write_text('text,label\n"good film",fresh\n')
     key = load_private_key(site.site_dir / IDENTITY_KEY_FILE)
     ledger = SiteLedger(
