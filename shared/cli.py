@@ -251,7 +251,9 @@ def _site_approve_roster(args: argparse.Namespace) -> int:
         print("this is the roster already approved; the bundle's other files are installed")
         _print_countersignatures(review.site_dir, pin)
         return 0
-    if review.previous is not None:
+    if review.previous is not None and review.previous.fingerprint == review.fingerprint:
+        print(f"it is the roster approved at {review.previous.approved_at}, without a roll call for every site")
+    elif review.previous is not None:
         print(f"it REPLACES the roster approved at {review.previous.approved_at}:")
         for change in review.changes:
             print(f"  {change}")

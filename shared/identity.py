@@ -260,7 +260,7 @@ class RosterPin:
                 site_id=str(raw["site-id"]),
                 roster=Roster.from_obj(raw["roster"], where=f"roster pin {path}"),
                 approved_at=str(raw["approved-at"]),
-                confirmed=tuple(sorted(str(s) for s in raw.get("confirmed", []))),
+                confirmed=_site_ids(raw.get("confirmed", []), where=f"roster pin {path} 'confirmed'"),
             )
             recorded = raw["fingerprint"]
         except FileNotFoundError as e:
@@ -273,6 +273,12 @@ class RosterPin:
                 f"{pin.fingerprint}: it was altered; approve the roster again"
             )
         return pin
+
+
+def _site_ids(value: object, *, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise IdentityError(f"{where} must be a list of site ids, got {value!r}")
+    return tuple(sorted(value))
 
 
 def _write_atomic(path: Path, text: str) -> None:

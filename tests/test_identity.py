@@ -220,6 +220,16 @@ def test_a_garbled_pin_is_refused(pinned):
         load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0")
 
 
+def test_a_pin_whose_confirmed_sites_are_not_a_list_is_refused(pinned):
+    site_dir, _ = pinned
+    raw = json.loads((site_dir / ROSTER_PIN_FILE).read_text())
+    raw["confirmed"] = "s1,s2"
+    (site_dir / ROSTER_PIN_FILE).write_text(json.dumps(raw))
+
+    with pytest.raises(IdentityError, match="'confirmed' must be a list of site ids, got 's1,s2'"):
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0")
+
+
 # --- the roll call and the countersignatures ----------------------------------------------------------------
 
 

@@ -717,6 +717,20 @@ def test_cli_approval_needs_the_operator(fed, sites, monkeypatch, capsys):
     assert RosterPin.load(site_dir / ROSTER_PIN_FILE).fingerprint == fed.roster_fingerprint
 
 
+def test_cli_a_roster_pinned_before_roll_calls_is_approved_again_at_one(fed, sites, capsys):
+    site_dir = _ready(sites, fed)
+    pin = json.loads((site_dir / ROSTER_PIN_FILE).read_text())
+    del pin["confirmed"]  # as approve-roster wrote it before roll calls
+    (site_dir / ROSTER_PIN_FILE).write_text(json.dumps(pin))
+    approve = ["site", "approve-roster", "--site-dir", str(site_dir), str(fed.bundle_dirs["hospital-a"])]
+
+    with pytest.raises(ProvisionError, match=r"operator did not confirm \['clinic-b'\] at the roll call"):
+        check_bundle(site_dir)
+    assert cli_main([*approve, "--confirmed", "clinic-b", "--yes"]) == 0
+    assert "it is the roster approved at" in capsys.readouterr().out
+    assert check_bundle(site_dir) == site_dir  # the countersignatures it held are kept
+
+
 def test_cli_refuses_a_confirmed_site_that_is_not_in_the_roster(fed, sites, capsys):
     site_dir = sites["hospital-a"].site_dir
     approve = ["site", "approve-roster", "--site-dir", str(site_dir), str(fed.bundle_dirs["hospital-a"])]
