@@ -155,13 +155,31 @@ def _provision(args: argparse.Namespace) -> int:
     from shared.provision import provision
 
     requests = [Path(p) for p in args.site_request]
-    fed = provision(Path(args.out), requests, superlink_hosts=args.superlink_host, port=args.port)
+    countersignatures = [Path(p) for p in args.countersignature or []]
+    fed = provision(
+        Path(args.out),
+        requests,
+        superlink_hosts=args.superlink_host,
+        port=args.port,
+        countersignatures=countersignatures,
+    )
     print(f"coordinator files: {fed.coordinator_dir} (keep ca.key and superlink.key there)")
     print("site requests accepted; compare each fingerprint with that site's operator (phone, e-mail):")
     for site_id, fingerprint in sorted(fed.request_fingerprints.items()):
         print(f"  {site_id}: {format_fingerprint(fingerprint)}")
     print(f"roster fingerprint: {format_fingerprint(fed.roster_fingerprint)}")
     print("  every site approves this roster: privatune site approve-roster --site-dir <its dir> <its bundle>")
+    print("  (its operators hold a roll call among themselves, reading out the roster code each one's tool shows)")
+    for site_id, confirmed in sorted(fed.countersigned.items()):
+        print(f"countersigned by {site_id} (its operator confirmed: {', '.join(confirmed) or 'no other site'})")
+    if fed.awaiting_countersignature:
+        print(
+            f"awaiting the countersignature of: {', '.join(fed.awaiting_countersignature)} (no site uses the roster "
+            "before every other site countersigned it): collect each site's roster-countersignature.json, run "
+            "provision again with --countersignature FILE_OR_DIR, and send every site its bundle again"
+        )
+    else:
+        print("every site countersigned this roster: send every site its bundle again (approve-roster installs them)")
     for site_id, bundle in fed.bundle_dirs.items():
         print(f"bundle for {site_id}: {bundle} (public files only)")
     print(f"register each site: flwr supernode register {fed.coordinator_dir}/node-keys/<site>.pub")
@@ -182,35 +200,92 @@ def _site_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_list(values: list[str] | None) -> set[str]:
+    """Site ids given as repeated and/or comma-separated options."""
+    return {s.strip() for value in values or [] for s in value.split(",") if s.strip()}
+
+
+def _roll_call(review: Any, given: set[str], *, ask: bool) -> set[str]:
+    """The other sites whose operators read out this roster's code: ``given``, and, at a terminal, each one the
+    operator answers yes for."""
+    unknown = sorted(given - set(review.others))
+    if unknown:
+        raise ValueError(f"--confirmed {unknown}: not other sites of this roster ({', '.join(review.others)})")
+    confirmed = set(given)
+    for site in review.others:
+        if ask and site not in confirmed:
+            answer = input(f"Did the operator of {site} read out this same roster code? Type 'yes' or 'no': ")
+            if answer.strip().lower() == "yes":
+                confirmed.add(site)
+    return confirmed
+
+
+def _print_countersignatures(site_dir: Path, pin: Any) -> None:
+    from shared.enrolment import held_countersignatures
+
+    _, missing = held_countersignatures(site_dir, pin)
+    if missing:
+        print(
+            f"this site refuses every round until it holds the countersignature of: {', '.join(missing)} (when the "
+            "coordinator sends the bundle with them, run this command again)"
+        )
+    else:
+        print("every other site countersigned this roster")
+
+
 def _site_approve_roster(args: argparse.Namespace) -> int:
+    from shared.countersignature import COUNTERSIGNATURE_FILE
     from shared.enrolment import approve_roster, review_roster
-    from shared.identity import format_fingerprint
+    from shared.identity import ROSTER_PIN_FILE, format_fingerprint
 
     review = review_roster(Path(args.site_dir), Path(args.roster), expected_fingerprint=args.fingerprint)
     print(f"roster {review.source} for site {review.site_id}: {len(review.roster.keys)} site(s)")
     for line in review.roster.describe():
         print(f"  {line}")
     print(f"roster fingerprint: {format_fingerprint(review.fingerprint)}")
+    print(f"roster code: {review.roster.code()}")
     if review.unchanged:
-        approve_roster(review)  # the same roster: only the bundle's CA certificate and address are (re)installed
+        assert review.previous is not None
+        # the same roster: the bundle's CA certificate, address and countersignatures are (re)installed
+        pin = approve_roster(review, confirmed=review.previous.confirmed)
         print("this is the roster already approved; the bundle's other files are installed")
+        _print_countersignatures(review.site_dir, pin)
         return 0
-    if review.previous is not None:
+    if review.previous is not None and review.previous.fingerprint == review.fingerprint:
+        print(f"it is the roster approved at {review.previous.approved_at}, without a roll call for every site")
+    elif review.previous is not None:
         print(f"it REPLACES the roster approved at {review.previous.approved_at}:")
         for change in review.changes:
             print(f"  {change}")
+    if review.others:
+        print(
+            f"Roll call: on a call with the operators of {', '.join(review.others)} (people you recognise, reached "
+            "by numbers you know, not through the coordinator), each reads out the roster code their own "
+            "approve-roster shows. Confirm a site only if its operator read out this same code."
+        )
+    if not args.yes and not sys.stdin.isatty():
+        raise ValueError(
+            "approving a roster needs its operator: run interactively, or pass --confirmed SITE for every site "
+            "whose operator read out this roster code, and --yes"
+        )
+    confirmed = _roll_call(review, _site_list(args.confirmed), ask=not args.yes)
+    unconfirmed = [s for s in review.others if s not in confirmed]
+    if unconfirmed:
+        print(
+            f"not approved: no operator read out this roster code for {', '.join(unconfirmed)}. A site nobody on "
+            "the call speaks for may be the coordinator's own, and one whose operator read out another code was "
+            "shown another roster: tell the other operators and the coordinator. Nothing changed."
+        )
+        return 1
     if not args.yes:
-        if not sys.stdin.isatty():
-            raise ValueError(
-                "approving a roster needs its operator: run interactively, or pass --yes once you "
-                "have compared the fingerprint with the coordinator"
-            )
         answer = input("Approve this roster for this site? Type 'yes': ")
         if answer.strip().lower() != "yes":
             print("not approved; nothing changed")
             return 1
-    pin = approve_roster(review)
-    print(f"approved and pinned: {review.site_dir / 'roster-pin.json'} ({len(pin.sites)} sites)")
+    pin = approve_roster(review, confirmed=confirmed)
+    print(f"approved and pinned: {review.site_dir / ROSTER_PIN_FILE} ({len(pin.sites)} sites)")
+    print(f"countersigned: send {review.site_dir / COUNTERSIGNATURE_FILE} to the coordinator (it is public)")
+    _print_countersignatures(review.site_dir, pin)
     return 0
 
 
@@ -271,7 +346,7 @@ def _site_check(args: argparse.Namespace) -> int:
     print(f"site directory {site_dir} is complete")
     print(
         f"roster pinned: {format_fingerprint(pin.fingerprint)} ({len(pin.sites)} sites: {', '.join(pin.sites)}; "
-        f"approved {pin.approved_at})"
+        f"approved {pin.approved_at}; confirmed at the roll call and countersigned by every other site)"
     )
     approvals = AppApprovals.load(site_dir, pin.site_id)
     print(f"apps approved: {len(approvals.approvals)}; the SuperNode runs only these:")
@@ -442,6 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="A site's site-request.json (from privatune site init), or a directory of them (repeatable).",
     )
     prov.add_argument(
+        "--countersignature",
+        action="append",
+        metavar="FILE_OR_DIR",
+        help="A site's roster-countersignature.json (from site approve-roster), or a directory of them "
+        "(repeatable): checked, kept, and put into every bundle.",
+    )
+    prov.add_argument(
         "--superlink-host",
         action="append",
         required=True,
@@ -463,14 +545,23 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=_site_init)
     approve = site_sub.add_parser(
         "approve-roster",
-        help="Show the coordinator's roster and its fingerprint, check this site's entry, and pin it.",
+        help="Show the coordinator's roster and its code, check this site's entry, hold the roll call with the "
+        "other sites' operators, then pin and countersign it (run again on a bundle with the countersignatures).",
     )
     approve.add_argument("--site-dir", required=True, help="This site's directory (from site init).")
     approve.add_argument("roster", help="The coordinator's bundle directory for this site, or a roster.json.")
     approve.add_argument(
         "--fingerprint", default=None, help="The roster fingerprint the coordinator told you; refused if different."
     )
-    approve.add_argument("--yes", action="store_true", help="Approve without asking (you compared the fingerprint).")
+    approve.add_argument(
+        "--confirmed",
+        action="append",
+        metavar="SITE[,SITE...]",
+        help="A site whose operator read out this same roster code to you (repeatable); every other site must be.",
+    )
+    approve.add_argument(
+        "--yes", action="store_true", help="Approve without asking (every other site given in --confirmed)."
+    )
     approve.set_defaults(func=_site_approve_roster)
     approve_app = site_sub.add_parser(
         "approve-app",

@@ -9,16 +9,22 @@
 
 and prints the request's fingerprint for the two operators to compare by phone or e-mail. No private key ever
 leaves ``DIR``. ``privatune site approve-roster --site-dir DIR BUNDLE`` shows the coordinator's roster (its
-fingerprint, every site and key, what changed since the roster approved before), checks that this site's own
-entry holds this site's own keys, and, once the operator agrees, installs the roster (and the bundle's CA
-certificate and connection file) and pins its fingerprint (:func:`shared.identity.pin_roster`). From then on
-the site's client refuses any other roster (:func:`shared.identity.load_site_roster`).
+fingerprint, its roster code, every site and key, what changed since the roster approved before) and checks
+that this site's own entry holds this site's own keys. Its operator then holds the roll call: the operators of
+the other sites read out their roster codes, and the operator confirms each site whose operator read the same
+code. Only with every other site confirmed is the roster approved: installed (with the bundle's CA certificate
+and connection file), pinned with the confirmations (:func:`shared.identity.pin_roster`) and countersigned
+(``roster-countersignature.json``, for the coordinator; ``shared/countersignature.py``). From then on the
+site's client refuses any other roster, and this one until every other site in it countersigned it
+(:func:`shared.identity.load_site_roster`); approving the same roster again installs the countersignatures the
+coordinator collected in the bundle.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +32,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from shared.countersignature import (
+    COUNTERSIGNATURE_FILE,
+    COUNTERSIGNATURES_FILE,
+    Countersignature,
+    CountersignatureError,
+    load_countersignatures,
+    verified_countersignatures,
+    write_countersignature,
+    write_countersignatures,
+)
 from shared.identity import (
     IDENTITY_KEY_FILE,
     ROSTER_FILE,
@@ -138,14 +154,25 @@ class RosterReview:
     bundle_dir: Path | None  # the coordinator's bundle it came in, if given as a directory
     previous: RosterPin | None
     changes: list[str]  # against the roster approved before (kept in the pin); empty: first approval, or identical
+    countersignatures: dict[str, Countersignature]  # the bundle's, of this roster, each verified under its keys
 
     @property
     def fingerprint(self) -> str:
         return self.roster.fingerprint()
 
     @property
+    def others(self) -> tuple[str, ...]:
+        """The sites of the roster other than this one: each must be confirmed at the roll call."""
+        return self.roster.others(self.site_id)
+
+    @property
     def unchanged(self) -> bool:
-        return self.previous is not None and self.previous.fingerprint == self.fingerprint
+        """The roster is the one approved before, with every other site confirmed then."""
+        return (
+            self.previous is not None
+            and self.previous.fingerprint == self.fingerprint
+            and not self.previous.unconfirmed
+        )
 
 
 def _changes(before: Roster, after: Roster) -> list[str]:
@@ -195,14 +222,42 @@ def review_roster(site_dir: Path, source: Path, *, expected_fingerprint: str | N
         )
     previous = RosterPin.load(site_dir / ROSTER_PIN_FILE) if (site_dir / ROSTER_PIN_FILE).is_file() else None
     changes = _changes(previous.roster, roster) if previous is not None else []
-    return RosterReview(site_dir, request.site_id, roster, roster_path, bundle_dir, previous, changes)
+    countersignatures: dict[str, Countersignature] = {}
+    if bundle_dir is not None:
+        try:
+            countersignatures = verified_countersignatures(
+                load_countersignatures(bundle_dir / COUNTERSIGNATURES_FILE),
+                roster_fingerprint=roster.fingerprint(),
+                keys=roster.keys,
+            )
+        except CountersignatureError as e:
+            raise EnrolmentError(
+                f"{bundle_dir / COUNTERSIGNATURES_FILE}: {e}: do not approve it; ask the coordinator"
+            ) from e
+    return RosterReview(
+        site_dir, request.site_id, roster, roster_path, bundle_dir, previous, changes, countersignatures
+    )
 
 
-def approve_roster(review: RosterReview) -> RosterPin:
-    """Install the reviewed roster (and, from a bundle, its CA certificate and connection file) and pin it.
+def approve_roster(review: RosterReview, *, confirmed: Iterable[str]) -> RosterPin:
+    """Install the reviewed roster (and, from a bundle, its CA certificate and connection file), pin it with the
+    sites its operator ``confirmed`` at the roll call, countersign it, and keep every countersignature of it.
 
-    The roster is written before the pin: a crash in between leaves a roster that does not match the pin, which
-    the site refuses, never a pin of a roster it does not hold."""
+    Refused unless every other site of the roster is confirmed: a site nobody read the roster code for may be the
+    coordinator's own, and one whose operator read another code was shown another roster. The roster is written
+    before the pin: a crash in between leaves a roster that does not match the pin, which the site refuses,
+    never a pin of a roster it does not hold."""
+    confirmed = tuple(sorted(set(confirmed)))
+    unknown = sorted(set(confirmed) - set(review.others))
+    if unknown:
+        raise EnrolmentError(f"confirmed site(s) {unknown} are not other sites of the roster: {list(review.others)}")
+    unconfirmed = [s for s in review.others if s not in confirmed]
+    if unconfirmed:
+        raise EnrolmentError(
+            f"roster {review.source} not approved: no operator read out its roster code for {unconfirmed}. A site "
+            "nobody on the call speaks for may be the coordinator's own, and one whose operator read another code "
+            "was shown another roster: tell the other operators and the coordinator, and do not approve it"
+        )
     site_dir = review.site_dir
     if review.bundle_dir is not None:
         for name in (CA_CERT, CONNECTION_FILE):
@@ -211,4 +266,33 @@ def approve_roster(review: RosterReview) -> RosterPin:
                 shutil.copyfile(review.bundle_dir / name, tmp)
                 os.replace(tmp, site_dir / name)
     _write_public(site_dir / ROSTER_FILE, review.roster.to_json().encode())
-    return pin_roster(site_dir, review.site_id, review.roster)
+    own = Countersignature.make(
+        site_id=review.site_id,
+        roster_fingerprint=review.fingerprint,
+        confirmed=confirmed,
+        key=load_private_key(site_dir / IDENTITY_KEY_FILE),
+    )
+    write_countersignature(site_dir / COUNTERSIGNATURE_FILE, own)
+    try:  # those this site holds already, of this roster (those of an earlier roster are dropped with it)
+        kept = verified_countersignatures(
+            load_countersignatures(site_dir / COUNTERSIGNATURES_FILE),
+            roster_fingerprint=review.fingerprint,
+            keys=review.roster.keys,
+        )
+    except CountersignatureError as e:
+        raise EnrolmentError(f"{site_dir / COUNTERSIGNATURES_FILE}: {e}") from e
+    write_countersignatures(
+        site_dir / COUNTERSIGNATURES_FILE, {**kept, **review.countersignatures, review.site_id: own}.values()
+    )
+    return pin_roster(site_dir, review.site_id, review.roster, confirmed=confirmed)
+
+
+def held_countersignatures(site_dir: Path, pin: RosterPin) -> tuple[list[str], list[str]]:
+    """The other sites of the pinned roster that countersigned it (valid, held in ``site_dir``), and those not."""
+    held = verified_countersignatures(
+        load_countersignatures(Path(site_dir) / COUNTERSIGNATURES_FILE),
+        roster_fingerprint=pin.fingerprint,
+        keys=pin.roster.keys,
+    )
+    others = pin.roster.others(pin.site_id)
+    return [s for s in others if s in held], [s for s in others if s not in held]

@@ -4,9 +4,12 @@ A site's identity key signs its secure-aggregation public keys and its ledger en
 id to its identity public key (and, in a deployment, to the public key its SuperNode authenticates with). A
 site makes its own keys (``privatune site init``, see ``shared/enrolment.py``); the coordinator only collects
 public keys into the roster. A site uses a roster only after its operator approved it: the approval stores the
-roster's fingerprint (SHA-256 of its canonical JSON) in the site's directory, and :func:`load_site_roster`,
-the one way a site loads its roster, refuses a roster whose fingerprint is not that pin. In simulation one
-party plays every role, and :func:`provision_simulation` pins every simulated site's roster itself.
+roster's fingerprint (SHA-256 of its canonical JSON) in the site's directory, with the other sites whose
+operators read out the same roster code (:meth:`Roster.code`) at the roll call, and :func:`load_site_roster`,
+the one way a site loads its roster, refuses a roster whose fingerprint is not that pin, one with a site its
+operator did not confirm, and one that any other site in it has not countersigned (``shared/countersignature.py``).
+In simulation one party plays every role, and :func:`provision_simulation` approves and countersigns every
+simulated site's roster itself.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared.countersignature import (
+    COUNTERSIGNATURES_FILE,
+    NOT_RECEIVED,
+    Countersignature,
+    CountersignatureError,
+    load_countersignatures,
+    missing_countersignatures,
+    write_countersignatures,
+)
+
 if TYPE_CHECKING:
     from shared.site import Site
 
@@ -33,6 +46,12 @@ ROSTER_PIN_FILE = "roster-pin.json"
 ROSTER_IDENTITY = "identity"
 ROSTER_NODE_AUTH = "node-auth"
 APPROVE_COMMAND = "privatune site approve-roster"
+# The roster code: 30 decimal digits (about 2^100) of a memory-hard hash (scrypt, 16 MiB) of the fingerprint.
+# A coordinator that shows two sites two rosters with one code must find a collision of it: about 2^50 scrypt
+# evaluations, since it fixes both rosters before anyone compares.
+ROSTER_CODE_SALT = b"privatune roster code v1"
+ROSTER_CODE_DIGITS = 30
+ROSTER_CODE_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 
 
 class IdentityError(ValueError):
@@ -146,6 +165,18 @@ class Roster:
         """SHA-256 (hex) of the roster's canonical JSON: equal exactly when every site and key is equal."""
         return sha256_hex(canonical_json(self.to_obj()))
 
+    def code(self) -> str:
+        """The roster code the sites' operators read out to each other: six groups of five digits, derived from
+        the fingerprint by scrypt (:data:`ROSTER_CODE_SCRYPT`), so that two rosters with one code are too costly
+        to find. Operators who each read the same code hold the same roster."""
+        raw = hashlib.scrypt(bytes.fromhex(self.fingerprint()), salt=ROSTER_CODE_SALT, dklen=16, **ROSTER_CODE_SCRYPT)
+        digits = str(int.from_bytes(raw, "big") % 10**ROSTER_CODE_DIGITS).zfill(ROSTER_CODE_DIGITS)
+        return " ".join(digits[i : i + 5] for i in range(0, ROSTER_CODE_DIGITS, 5))
+
+    def others(self, site_id: str) -> tuple[str, ...]:
+        """Every site of the roster but ``site_id``, sorted."""
+        return tuple(sorted(set(self.keys) - {site_id}))
+
     def describe(self) -> list[str]:
         """One line per site, with its keys, for an operator to read before approving."""
         lines = []
@@ -190,11 +221,18 @@ class Roster:
 
 @dataclass(frozen=True)
 class RosterPin:
-    """What a site's operator approved: the roster itself and its fingerprint, for this site, at this time."""
+    """What a site's operator approved: the roster itself and its fingerprint, for this site, at this time, and
+    the other sites whose operators read out the same roster code (the roll call)."""
 
     site_id: str
     roster: Roster
     approved_at: str
+    confirmed: tuple[str, ...] = ()  # sorted; a pin written before roll calls existed has none
+
+    @property
+    def unconfirmed(self) -> tuple[str, ...]:
+        """The other sites of the roster that its operator did not confirm."""
+        return tuple(s for s in self.roster.others(self.site_id) if s not in self.confirmed)
 
     @property
     def fingerprint(self) -> str:
@@ -209,6 +247,7 @@ class RosterPin:
             "site-id": self.site_id,
             "fingerprint": self.fingerprint,
             "approved-at": self.approved_at,
+            "confirmed": list(self.confirmed),
             "roster": self.roster.to_obj(),
         }
         return json.dumps(obj, indent=2) + "\n"
@@ -221,11 +260,12 @@ class RosterPin:
                 site_id=str(raw["site-id"]),
                 roster=Roster.from_obj(raw["roster"], where=f"roster pin {path}"),
                 approved_at=str(raw["approved-at"]),
+                confirmed=_site_ids(raw.get("confirmed", []), where=f"roster pin {path} 'confirmed'"),
             )
             recorded = raw["fingerprint"]
         except FileNotFoundError as e:
             raise IdentityError(f"roster pin not found: {path}") from e
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise IdentityError(f"roster pin {path} is malformed ({e!r}); approve the roster again") from e
         if recorded != pin.fingerprint:
             raise IdentityError(
@@ -235,6 +275,12 @@ class RosterPin:
         return pin
 
 
+def _site_ids(value: object, *, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise IdentityError(f"{where} must be a list of site ids, got {value!r}")
+    return tuple(sorted(value))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -242,13 +288,18 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def pin_roster(site_dir: Path, site_id: str, roster: Roster) -> RosterPin:
-    """Record ``roster`` (and its fingerprint) as the one this site uses: its operator approved it, or, in a
-    simulation, the party playing every role made it."""
+def pin_roster(site_dir: Path, site_id: str, roster: Roster, *, confirmed: tuple[str, ...] = ()) -> RosterPin:
+    """Record ``roster`` (and its fingerprint) as the one this site uses: its operator approved it, having heard
+    the same roster code from the operators of ``confirmed``, or, in a simulation, the party playing every role
+    made it."""
+    unknown = sorted(set(confirmed) - set(roster.others(site_id)))
+    if unknown:
+        raise IdentityError(f"confirmed site(s) {unknown} are not other sites of the roster {roster.others(site_id)}")
     pin = RosterPin(
         site_id=site_id,
         roster=roster,
         approved_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        confirmed=tuple(sorted(confirmed)),
     )
     _write_atomic(Path(site_dir) / ROSTER_PIN_FILE, pin.to_json())
     return pin
@@ -256,6 +307,10 @@ def pin_roster(site_dir: Path, site_id: str, roster: Roster) -> RosterPin:
 
 def load_pinned_roster(roster_path: Path, *, site_dir: Path, site_id: str) -> Roster:
     """The roster at ``roster_path``, if it is the one site ``site_id`` approved (pin in ``site_dir``)."""
+    return _load_pinned(roster_path, site_dir=site_dir, site_id=site_id)[0]
+
+
+def _load_pinned(roster_path: Path, *, site_dir: Path, site_id: str) -> tuple[Roster, RosterPin]:
     roster_path, site_dir = Path(roster_path), Path(site_dir)
     pin_path = site_dir / ROSTER_PIN_FILE
     approve = f"{APPROVE_COMMAND} --site-dir {site_dir} {roster_path}"
@@ -275,12 +330,46 @@ def load_pinned_roster(roster_path: Path, *, site_dir: Path, site_id: str) -> Ro
             f"({pin_path}, {pin.approved_at}): the roster changed and is refused until the site's operator checks "
             f"it and runs: {approve}"
         )
-    return roster
+    return roster, pin
+
+
+def check_endorsed(roster: Roster, pin: RosterPin, *, site_dir: Path) -> None:
+    """The pinned ``roster`` was confirmed at the roll call for every other site in it, and each of them
+    countersigned it (``roster-countersignatures.json`` in ``site_dir``, checked under this roster's keys)."""
+    approve = f"{APPROVE_COMMAND} --site-dir {site_dir} <the coordinator's bundle>"
+    fingerprint = roster.fingerprint()
+    if pin.unconfirmed:
+        raise IdentityError(
+            f"site {pin.site_id!r}'s operator did not confirm {list(pin.unconfirmed)} at the roll call of roster "
+            f"{fingerprint} (their operators reading out the same roster code): run {approve} and compare the "
+            "code with them"
+        )
+    try:
+        missing = missing_countersignatures(
+            load_countersignatures(Path(site_dir) / COUNTERSIGNATURES_FILE),
+            roster_fingerprint=fingerprint,
+            keys=roster.keys,
+            required=roster.others(pin.site_id),
+        )
+    except CountersignatureError as e:
+        raise IdentityError(str(e)) from e
+    if missing:
+        reasons = "".join(f"; {s}: {why}" for s, why in missing.items() if why != NOT_RECEIVED)
+        raise IdentityError(
+            f"roster {fingerprint} lacks the countersignature of {', '.join(missing)}{reasons}: site "
+            f"{pin.site_id!r} uses a roster only once every other site in it approved the same one. A site that "
+            "countersigned another roster was shown another roster by the coordinator; one that has not "
+            f"countersigned may not have approved it yet: get the bundle with every site's countersignature from "
+            f"the coordinator and run {approve}"
+        )
 
 
 def load_site_roster(site: Site) -> Roster:
-    """The one way a site loads its roster: the file its config names, refused unless its operator approved it."""
-    return load_pinned_roster(site.roster_path, site_dir=site.site_dir, site_id=site.site_id)
+    """The one way a site loads its roster: the file its config names, refused unless its operator approved it
+    after confirming every other site in it at the roll call, and every other site countersigned it."""
+    roster, pin = _load_pinned(site.roster_path, site_dir=site.site_dir, site_id=site.site_id)
+    check_endorsed(roster, pin, site_dir=site.site_dir)
+    return roster
 
 
 def site_id_for_partition(partition_id: int) -> str:
@@ -295,24 +384,32 @@ def provision_simulation(sim_dir: Path, num_sites: int) -> Roster:
     Idempotent: existing keys are kept, so a restarted simulation keeps its sites' identities and ledgers.
     The roster never shrinks: a site that has a key under ``sim_dir`` stays in it when a later run has fewer
     sites, so the attestations of earlier runs still verify. Here one party plays every role, so it also
-    approves the roster for every site. In a deployment each site makes its own keys (``privatune site init``)
-    and approves the roster itself (``privatune site approve-roster``).
+    approves (confirming every other site) and countersigns the roster for every site. In a deployment each
+    site makes its own keys (``privatune site init``) and approves and countersigns the roster itself
+    (``privatune site approve-roster``).
     """
     sim_dir = Path(sim_dir)
-    keys: dict[str, Ed25519PublicKey] = {}
+    private: dict[str, Ed25519PrivateKey] = {}
     for i in range(num_sites):
         site = site_id_for_partition(i)
         key_path = sim_dir / "sites" / site / IDENTITY_KEY_FILE
         if key_path.exists():
-            private = load_private_key(key_path)
+            private[site] = load_private_key(key_path)
         else:
-            private = Ed25519PrivateKey.generate()
-            write_private_key(key_path, private)
-        keys[site] = private.public_key()
+            private[site] = Ed25519PrivateKey.generate()
+            write_private_key(key_path, private[site])
     for key_path in sorted((sim_dir / "sites").glob(f"*/{IDENTITY_KEY_FILE}")):
-        keys.setdefault(key_path.parent.name, load_private_key(key_path).public_key())
-    roster = Roster(keys)
+        if key_path.parent.name not in private:
+            private[key_path.parent.name] = load_private_key(key_path)
+    roster = Roster({site: key.public_key() for site, key in private.items()})
     _write_atomic(sim_dir / ROSTER_FILE, roster.to_json())
-    for site in keys:
-        pin_roster(sim_dir / "sites" / site, site, roster)
+    countersignatures = [
+        Countersignature.make(
+            site_id=site, roster_fingerprint=roster.fingerprint(), confirmed=roster.others(site), key=key
+        )
+        for site, key in private.items()
+    ]
+    for site in private:
+        write_countersignatures(sim_dir / "sites" / site / COUNTERSIGNATURES_FILE, countersignatures)
+        pin_roster(sim_dir / "sites" / site, site, roster, confirmed=roster.others(site))
     return roster

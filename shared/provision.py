@@ -9,13 +9,17 @@ only a signed request with its public keys (``shared/site_request.py``). Then
                        requests/<site>.json   (the accepted requests, re-verified on every run)
                        node-keys/<site>.pub   (what the coordinator registers with ``flwr supernode register``)
                        flwr-config.toml       (a Flower CLI connection to the SuperLink, TLS-verified by ca.pem)
-    DIR/bundles/<site>/ roster.json ca.pem connection.toml   (public files only: what the site needs from us)
+                       countersignatures/<site>.json   (each site's countersignature of the roster it approved)
+    DIR/bundles/<site>/ roster.json ca.pem connection.toml roster-countersignatures.json   (public files only)
 
 The coordinator never makes, sees or holds a site's private key; its own two private keys (CA, SuperLink TLS)
 are created with mode 0600 and never copied. A site uses the roster only after its operator approved it
 (``privatune site approve-roster``), so a roster the coordinator changes later (a site added, a key swapped) is
 refused by every site until that site's operator approves it again. Re-running with more requests keeps every
-existing key, certificate and accepted request, and rewrites the roster and every bundle.
+existing key, certificate and accepted request, and rewrites the roster and every bundle. Each site
+countersigns the roster it approved; re-running with ``--countersignature`` collects those countersignatures
+and puts every one of the current roster into each bundle, for the sites to install (a site uses its roster
+only once every other site countersigned it; ``shared/countersignature.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import ipaddress
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -33,6 +37,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.countersignature import (
+    COUNTERSIGNATURES_FILE,
+    Countersignature,
+    CountersignatureError,
+    verified_countersignatures,
+    write_countersignature,
+    write_countersignatures,
+)
 from shared.identity import (
     ROSTER_FILE,
     IdentityError,
@@ -53,6 +65,7 @@ NODE_CONFIG_FILE = "node-config.toml"
 FLWR_CONFIG_FILE = "flwr-config.toml"
 NODE_KEYS_DIR = "node-keys"
 REQUESTS_DIR = "requests"
+COUNTERSIGNATURES_DIR = "countersignatures"
 BUNDLES_DIR = "bundles"
 CONNECTION_FILE = "connection.toml"
 DEFAULT_PORT = 9092
@@ -72,6 +85,12 @@ class Federation:
     superlink_address: str
     roster_fingerprint: str
     request_fingerprints: dict[str, str]  # site id -> its request's fingerprint
+    countersigned: dict[str, tuple[str, ...]] = field(default_factory=dict)  # site -> whom it confirmed (this roster)
+
+    @property
+    def awaiting_countersignature(self) -> list[str]:
+        """The sites that have not countersigned the current roster (none of them can use it yet)."""
+        return sorted(set(self.request_fingerprints) - set(self.countersigned))
 
 
 def _write_new_private(path: Path, data: bytes) -> None:
@@ -256,15 +275,15 @@ def _load_ca(coord: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
     return key, cert
 
 
-def _request_paths(sources: Sequence[Path]) -> list[Path]:
-    """Request files: each source is one, or a directory whose ``*.json`` files all are."""
+def _request_paths(sources: Sequence[Path], *, what: str = "site request") -> list[Path]:
+    """Request (or countersignature) files: each source is one, or a directory whose ``*.json`` files all are."""
     paths: list[Path] = []
     for source in sources:
         source = Path(source).expanduser()
         if source.is_dir():
             found = sorted(source.glob("*.json"))
             if not found:
-                raise ProvisionError(f"no site request (*.json) in directory {source}")
+                raise ProvisionError(f"no {what} (*.json) in directory {source}")
             paths.extend(found)
         else:
             paths.append(source)
@@ -336,6 +355,43 @@ def merge_requests(coord: Path, sources: Sequence[Path]) -> tuple[dict[str, Site
     return sites, new
 
 
+def given_countersignatures(sources: Sequence[Path], roster: Roster) -> dict[str, Countersignature]:
+    """The sites' countersignatures handed to ``provision``, each checked: of a site in ``roster``, of this very
+    roster, and signed by that site's identity key; one per site. Nothing is written."""
+    fingerprint = roster.fingerprint()
+    out: dict[str, Countersignature] = {}
+    where: dict[str, Path] = {}
+    for path in _request_paths(sources, what="countersignature"):
+        try:
+            countersignature = Countersignature.load(path)
+            site_id = countersignature.site_id
+            if site_id not in roster.keys:
+                raise ProvisionError(f"countersignature {path} is of site {site_id!r}, which is not in the roster")
+            if countersignature.roster_fingerprint != fingerprint:
+                raise ProvisionError(
+                    f"countersignature {path} of site {site_id!r} is of roster {countersignature.roster_fingerprint}, "
+                    f"not the current roster {fingerprint}: that site approved another roster; send it its bundle "
+                    "of the current one"
+                )
+            countersignature.verify(roster.keys[site_id])
+        except CountersignatureError as e:
+            raise ProvisionError(str(e)) from e
+        if site_id in out:
+            raise ProvisionError(f"two countersignatures of site {site_id!r}: {where[site_id]} and {path}")
+        out[site_id], where[site_id] = countersignature, path
+    return out
+
+
+def _collected_countersignatures(coord: Path, roster: Roster) -> dict[str, Countersignature]:
+    """The countersignatures of the current roster collected so far (those of earlier rosters are kept on disk
+    but left out)."""
+    try:
+        stored = [Countersignature.load(p) for p in sorted((coord / COUNTERSIGNATURES_DIR).glob("*.json"))]
+        return verified_countersignatures(stored, roster_fingerprint=roster.fingerprint(), keys=roster.keys)
+    except CountersignatureError as e:
+        raise ProvisionError(f"{coord / COUNTERSIGNATURES_DIR}: {e}") from e
+
+
 def roster_of(requests: dict[str, SiteRequest]) -> Roster:
     return Roster(
         {s: public_key_from_hex(r.identity_public_key) for s, r in requests.items()},
@@ -349,9 +405,15 @@ def connection_config(superlink_address: str) -> str:
 
 
 def provision(
-    out: Path, requests: Sequence[Path], *, superlink_hosts: list[str], port: int = DEFAULT_PORT
+    out: Path,
+    requests: Sequence[Path],
+    *,
+    superlink_hosts: list[str],
+    port: int = DEFAULT_PORT,
+    countersignatures: Sequence[Path] = (),
 ) -> Federation:
-    """Create (or extend) the coordinator's files and one bundle per site under ``out``, from the sites' requests.
+    """Create (or extend) the coordinator's files and one bundle per site under ``out``, from the sites' requests,
+    and collect the sites' ``countersignatures`` of the roster into every bundle.
 
     No site private key is made or seen here. Idempotent: a request already accepted is a no-op."""
     if not 0 < port < 65536:
@@ -361,6 +423,8 @@ def provision(
     out = Path(out).expanduser().resolve()
     coord = out / "coordinator"
     sites, _ = merge_requests(coord, requests)  # every check before anything is written
+    roster = roster_of(sites)
+    given = given_countersignatures(countersignatures, roster)
 
     if (coord / CA_KEY).exists():
         ca_key, ca_cert = _load_ca(coord)
@@ -375,19 +439,29 @@ def provision(
     address = f"{superlink_hosts[0]}:{port}"
     _write_public(coord / FLWR_CONFIG_FILE, flwr_connection_config(address, coord / CA_CERT).encode())
 
-    roster = roster_of(sites)
     for site_id, request in sites.items():
         _write_public(coord / REQUESTS_DIR / f"{site_id}.json", request.to_json().encode())
         _write_public(coord / NODE_KEYS_DIR / f"{site_id}.pub", (request.node_auth_public_key + "\n").encode())
     _write_public(coord / ROSTER_FILE, roster.to_json().encode())
+    for site_id, countersignature in given.items():
+        write_countersignature(coord / COUNTERSIGNATURES_DIR / f"{site_id}.json", countersignature)
+    collected = _collected_countersignatures(coord, roster)
     bundles = {}
     for site_id in sorted(sites):
         bundle = out / BUNDLES_DIR / site_id
         _write_public(bundle / ROSTER_FILE, roster.to_json().encode())
         _write_public(bundle / CA_CERT, (coord / CA_CERT).read_bytes())
         _write_public(bundle / CONNECTION_FILE, connection_config(address).encode())
+        write_countersignatures(bundle / COUNTERSIGNATURES_FILE, collected.values())
         bundles[site_id] = bundle
-    return Federation(coord, bundles, address, roster.fingerprint(), {s: r.fingerprint() for s, r in sites.items()})
+    return Federation(
+        coord,
+        bundles,
+        address,
+        roster.fingerprint(),
+        {s: r.fingerprint() for s, r in sites.items()},
+        {s: c.confirmed for s, c in collected.items()},
+    )
 
 
 def check_bundle(site_dir: Path) -> Path:

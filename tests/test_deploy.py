@@ -1,7 +1,8 @@
 """Flower's deployment engine on loopback with real TLS and SuperNode authentication: one SuperLink and three
 SuperNodes as separate processes. Enrolled as in a real deployment: each site makes its own keys
-(``site init``), the coordinator provisions from the sites' requests only, each site approves (pins) the
-roster from its bundle; each site has its own node config.
+(``site init``), the coordinator provisions from the sites' requests only, each site approves (pins and
+countersigns) the roster from its bundle after the roll call, the coordinator hands every countersignature back
+in the bundles and each site installs them; each site has its own node config.
 
 Every process is started in its own session and its whole process group is killed in teardown (Flower's
 SuperLink and SuperNodes each start a SuperExec child, which starts the app processes).
@@ -29,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from shared.app_approval import approve_app, build_app, review_app
+from shared.countersignature import COUNTERSIGNATURE_FILE
 from shared.enrolment import approve_roster, init_site, review_roster
 from shared.provision import (
     FLWR_CONFIG_FILE,
@@ -245,8 +247,16 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     requests = [enrolled[site].request_path for site in SITES]  # all the coordinator gets: public keys
     made = provision(root / "fed", requests, superlink_hosts=["127.0.0.1"], port=port)
     site_dirs = {site: enrolled[site].site_dir for site in SITES}
-    for site, site_dir in site_dirs.items():  # at each site: its operator approves the roster in its bundle
-        approve_roster(review_roster(site_dir, made.bundle_dirs[site], expected_fingerprint=made.roster_fingerprint))
+    for site, site_dir in site_dirs.items():  # at each site: its operator approves the roster in its bundle,
+        review = review_roster(site_dir, made.bundle_dirs[site])  # every other operator having read the same code
+        approve_roster(review, confirmed=review.others)
+    countersignatures = [site_dir / COUNTERSIGNATURE_FILE for site_dir in site_dirs.values()]
+    made = provision(
+        root / "fed", requests, superlink_hosts=["127.0.0.1"], port=port, countersignatures=countersignatures
+    )
+    for site, site_dir in site_dirs.items():  # the same roster again: installs every site's countersignature
+        review = review_roster(site_dir, made.bundle_dirs[site], expected_fingerprint=made.roster_fingerprint)
+        approve_roster(review, confirmed=review.others)
     app = copy_app(root / "privatune")  # the app the coordinator will run, as it stands now
     fab = root / "privatune.fab"  # what the coordinator sends each site: that app as flwr run builds it
     fab.write_bytes(build_app(app).content)

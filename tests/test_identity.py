@@ -4,6 +4,7 @@ and the pin that makes a site refuse any roster its operator did not approve."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from shared.countersignature import COUNTERSIGNATURES_FILE, Countersignature, write_countersignatures
 from shared.identity import (
     IDENTITY_KEY_FILE,
     ROSTER_FILE,
@@ -77,6 +79,18 @@ def test_a_simulated_roster_changed_behind_the_simulations_back_is_refused(tmp_p
 
 
 # --- the roster's fingerprint -------------------------------------------------------------------------------
+
+
+def test_the_roster_code_is_six_groups_of_five_digits_that_change_with_any_key(tmp_path):
+    roster, _ = _roster(3)
+    (tmp_path / "compact.json").write_text(json.dumps(dict(reversed(roster.to_obj().items()))))
+
+    code = roster.code()
+
+    assert re.fullmatch(r"\d{5}( \d{5}){5}", code)
+    assert Roster.load(tmp_path / "compact.json").code() == code
+    assert Roster({**roster.keys, "s1": Ed25519PrivateKey.generate().public_key()}).code() != code
+    assert Roster({**roster.keys, "s9": Ed25519PrivateKey.generate().public_key()}).code() != code
 
 
 def test_the_fingerprint_ignores_layout_and_changes_with_any_key(tmp_path):
@@ -204,6 +218,80 @@ def test_a_garbled_pin_is_refused(pinned):
 
     with pytest.raises(IdentityError, match="roster pin .* is malformed"):
         load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0")
+
+
+def test_a_pin_whose_confirmed_sites_are_not_a_list_is_refused(pinned):
+    site_dir, _ = pinned
+    raw = json.loads((site_dir / ROSTER_PIN_FILE).read_text())
+    raw["confirmed"] = "s1,s2"
+    (site_dir / ROSTER_PIN_FILE).write_text(json.dumps(raw))
+
+    with pytest.raises(IdentityError, match="'confirmed' must be a list of site ids, got 's1,s2'"):
+        load_pinned_roster(site_dir / ROSTER_FILE, site_dir=site_dir, site_id="s0")
+
+
+# --- the roll call and the countersignatures ----------------------------------------------------------------
+
+
+def _deployed(site_dir: Path, site_id: str = "s0"):  # type: ignore[no-untyped-def]
+    node_config = {
+        "site-id": site_id,
+        "site-dir": str(site_dir),
+        "data-path": str(site_dir / "d.csv"),
+        "delta": 1e-5,
+        "accountant": "prv",
+        "labels": "neg,pos",
+    }
+    return site_from_node_config(node_config, sim_dir=site_dir)
+
+
+def test_a_pin_without_a_roll_call_is_refused_naming_the_unconfirmed_sites(pinned):
+    site_dir, _ = pinned  # pinned as before roll calls existed: no site confirmed
+
+    with pytest.raises(IdentityError, match=r"operator did not confirm \['s1', 's2'\] at the roll call"):
+        load_site_roster(_deployed(site_dir))
+
+
+def test_a_pin_confirming_a_site_not_in_the_roster_is_refused(tmp_path):
+    roster, _ = _roster(2)
+
+    with pytest.raises(IdentityError, match=r"confirmed site\(s\) \['s7'\] are not other sites of the roster"):
+        pin_roster(tmp_path, "s0", roster, confirmed=("s1", "s7"))
+
+
+def test_a_roster_whose_partner_countersigned_another_roster_is_refused(tmp_path):
+    roster, keys = _roster(3)
+    (tmp_path / ROSTER_FILE).write_text(roster.to_json())
+    pin_roster(tmp_path, "s0", roster, confirmed=("s1", "s2"))
+    shown_to_s2 = Roster({**roster.keys, "s9": Ed25519PrivateKey.generate().public_key()}).fingerprint()
+    write_countersignatures(
+        tmp_path / COUNTERSIGNATURES_FILE,
+        [
+            Countersignature.make(site_id="s1", roster_fingerprint=roster.fingerprint(), confirmed=(), key=keys["s1"]),
+            Countersignature.make(site_id="s2", roster_fingerprint=shown_to_s2, confirmed=(), key=keys["s2"]),
+        ],
+    )
+
+    with pytest.raises(IdentityError) as e:
+        load_site_roster(_deployed(tmp_path))
+    assert f"lacks the countersignature of s2; s2: it countersigned another roster, fingerprint {shown_to_s2}" in str(
+        e.value
+    )
+
+
+def test_a_roster_confirmed_and_countersigned_by_every_other_site_loads(tmp_path):
+    roster, keys = _roster(3)
+    (tmp_path / ROSTER_FILE).write_text(roster.to_json())
+    pin_roster(tmp_path, "s0", roster, confirmed=("s1", "s2"))
+    write_countersignatures(
+        tmp_path / COUNTERSIGNATURES_FILE,
+        [
+            Countersignature.make(site_id=s, roster_fingerprint=roster.fingerprint(), confirmed=(), key=keys[s])
+            for s in keys
+        ],
+    )
+
+    assert load_site_roster(_deployed(tmp_path)).fingerprint() == roster.fingerprint()
 
 
 # --- the site's client --------------------------------------------------------------------------------------

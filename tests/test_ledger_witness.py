@@ -311,7 +311,8 @@ def test_the_site_check_before_start_refuses_a_ledger_deleted_with_its_head(tmp_
 
     site = init_site(SITE, tmp_path / SITE)  # as `privatune site init`, then the coordinator's bundle, approved
     fed = provision(tmp_path / "fed", [site.request_path], superlink_hosts=["link.example.org"])
-    approve_roster(review_roster(site.site_dir, fed.bundle_dirs[SITE]))
+    review = review_roster(site.site_dir, fed.bundle_dirs[SITE])
+    approve_roster(review, confirmed=review.others)  # the only site: no one else to confirm or countersign
     approve_app(review_app(site.site_dir, write_app(tmp_path / "app" / "tinyapp")))  # and the app (site start)
     (site.site_dir / "data.csv").write_text('text,label\n"good film",fresh\n')
     key = load_private_key(site.site_dir / IDENTITY_KEY_FILE)

@@ -16,6 +16,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.app_approval import TRUSTED_ENTITIES_FILE, approve_app, review_app
 from shared.cli import main as cli_main
+from shared.countersignature import (
+    COUNTERSIGNATURE_FILE,
+    COUNTERSIGNATURES_FILE,
+    Countersignature,
+    load_countersignatures,
+    write_countersignature,
+    write_countersignatures,
+)
 from shared.enrolment import EnrolmentError, SiteKeys, approve_roster, init_site, review_roster
 from shared.identity import IDENTITY_KEY_FILE, ROSTER_FILE, ROSTER_PIN_FILE, Roster, RosterPin, load_private_key
 from shared.provision import (
@@ -63,13 +71,27 @@ def fed(tmp_path: Path, sites: dict[str, SiteKeys]) -> Federation:
 
 
 def _approve(site: SiteKeys, bundle: Path) -> RosterPin:
-    return approve_roster(review_roster(site.site_dir, bundle))
+    """The site's operator approves, every other site's operator having read out the same roster code."""
+    review = review_roster(site.site_dir, bundle)
+    return approve_roster(review, confirmed=review.others)
 
 
-def _ready(site: SiteKeys, fed: Federation) -> Path:
-    """What a site does before starting: approve its bundle's roster and the app, and put its data where its
-    config says."""
-    _approve(site, fed.bundle_dirs[site.request.site_id])
+def _collect(sites: dict[str, SiteKeys], fed: Federation) -> Federation:
+    """The coordinator runs provision again with every site's countersignature."""
+    countersignatures = [s.site_dir / COUNTERSIGNATURE_FILE for s in sites.values()]
+    return provision(
+        fed.coordinator_dir.parent, [], superlink_hosts=["link.example.org"], countersignatures=countersignatures
+    )
+
+
+def _ready(sites: dict[str, SiteKeys], fed: Federation) -> Path:
+    """What hospital-a does before starting: every site approves the roster, the coordinator collects their
+    countersignatures into the bundles, hospital-a installs its bundle's and approves the app; and its data where
+    its config says."""
+    for site in sites.values():
+        _approve(site, fed.bundle_dirs[site.request.site_id])
+    site = sites["hospital-a"]
+    _approve(site, _collect(sites, fed).bundle_dirs["hospital-a"])
     approve_app(review_app(site.site_dir, write_app(site.site_dir.parent / "app" / "tinyapp")))
     (site.site_dir / "data.csv").write_text('text,label\n"good film",fresh\n')
     return site.site_dir
@@ -161,7 +183,9 @@ def test_coordinator_files_hold_no_private_key_of_any_site(fed, sites, tmp_path)
 def test_coordinator_private_keys_are_0600_and_bundles_are_public_files_only(fed):
     assert _mode(fed.coordinator_dir / CA_KEY) == _mode(fed.coordinator_dir / SUPERLINK_KEY) == 0o600
     for bundle in fed.bundle_dirs.values():
-        assert sorted(p.name for p in bundle.iterdir()) == sorted([CA_CERT, CONNECTION_FILE, ROSTER_FILE])
+        assert sorted(p.name for p in bundle.iterdir()) == sorted(
+            [CA_CERT, CONNECTION_FILE, ROSTER_FILE, COUNTERSIGNATURES_FILE]
+        )
 
 
 def test_superlink_certificate_is_signed_by_the_ca_for_its_hosts_and_loopback(fed):
@@ -378,14 +402,14 @@ def test_an_unapproved_roster_is_refused_by_the_site_check(fed, sites):
 
 
 def test_an_approved_roster_passes_the_site_check(fed, sites):
-    site_dir = _ready(sites["hospital-a"], fed)
+    site_dir = _ready(sites, fed)
 
     assert check_bundle(site_dir) == site_dir
     assert RosterPin.load(site_dir / ROSTER_PIN_FILE).fingerprint == fed.roster_fingerprint
 
 
 def test_a_roster_with_an_added_identity_is_refused_until_approved(fed, sites, tmp_path):
-    site_dir = _ready(sites["hospital-a"], fed)
+    site_dir = _ready(sites, fed)
     intruder = init_site("coordinator-own", tmp_path / "intruder")  # the coordinator enrols a site of its own
     grown = provision(tmp_path / "fed", [intruder.request_path], superlink_hosts=["link.example.org"])
     (site_dir / ROSTER_FILE).write_bytes((grown.bundle_dirs["hospital-a"] / ROSTER_FILE).read_bytes())
@@ -398,12 +422,13 @@ def test_a_roster_with_an_added_identity_is_refused_until_approved(fed, sites, t
 
     review = review_roster(site_dir, grown.bundle_dirs["hospital-a"])
     assert review.changes == ["ADDED coordinator-own"]
-    approve_roster(review)
-    assert check_bundle(site_dir) == site_dir
+    approve_roster(review, confirmed=review.others)  # its operator confirmed the new site too
+    with pytest.raises(ProvisionError, match="lacks the countersignature of clinic-b, coordinator-own: "):
+        check_bundle(site_dir)  # until the others approved the grown roster too
 
 
 def test_a_roster_with_another_sites_key_swapped_is_refused_until_approved(fed, sites):
-    site_dir = _ready(sites["hospital-a"], fed)
+    site_dir = _ready(sites, fed)
     roster = Roster.load(site_dir / ROSTER_FILE)
     swapped = Roster({**roster.keys, "clinic-b": Ed25519PrivateKey.generate().public_key()}, roster.node_auth)
     (site_dir / ROSTER_FILE).write_text(swapped.to_json())
@@ -449,11 +474,105 @@ def test_approval_installs_the_bundles_ca_and_connection(fed, sites):
     assert pin.site_id == "hospital-a" and pin.sites == ("clinic-b", "hospital-a")
 
 
+# --- the roll call and the countersignatures ----------------------------------------------------------------
+
+
+def test_a_roster_with_a_site_nobody_confirmed_is_not_approved_and_nothing_is_written(fed, sites, tmp_path):
+    site_dir = sites["hospital-a"].site_dir
+    review = review_roster(site_dir, fed.bundle_dirs["hospital-a"])
+
+    with pytest.raises(EnrolmentError, match=r"not approved: no operator read out its roster code for \['clinic-b'\]"):
+        approve_roster(review, confirmed=())
+    with pytest.raises(EnrolmentError, match=r"confirmed site\(s\) \['lab-z'\] are not other sites of the roster"):
+        approve_roster(review, confirmed=("clinic-b", "lab-z"))
+    assert not [p for p in (ROSTER_PIN_FILE, ROSTER_FILE, COUNTERSIGNATURE_FILE) if (site_dir / p).exists()]
+
+
+def test_approval_countersigns_the_roster_with_whom_the_operator_confirmed(fed, sites):
+    site = sites["hospital-a"]
+
+    _approve(site, fed.bundle_dirs["hospital-a"])
+
+    own = Countersignature.load(site.site_dir / COUNTERSIGNATURE_FILE)
+    assert (own.site_id, own.roster_fingerprint, own.confirmed) == ("hospital-a", fed.roster_fingerprint, ("clinic-b",))
+    own.verify(load_private_key(site.site_dir / IDENTITY_KEY_FILE).public_key())
+    assert RosterPin.load(site.site_dir / ROSTER_PIN_FILE).confirmed == ("clinic-b",)
+
+
+def test_provision_hands_every_countersignature_of_the_roster_to_every_bundle(fed, sites):
+    for site in sites.values():
+        _approve(site, fed.bundle_dirs[site.request.site_id])
+
+    collected = _collect(sites, fed)
+
+    assert collected.countersigned == {"hospital-a": ("clinic-b",), "clinic-b": ("hospital-a",)}
+    assert collected.awaiting_countersignature == []
+    for bundle in collected.bundle_dirs.values():
+        assert {c.site_id for c in load_countersignatures(bundle / COUNTERSIGNATURES_FILE)} == set(sites)
+
+
+def test_a_site_refuses_to_start_until_every_other_site_countersigned(fed, sites):
+    site = sites["hospital-a"]
+    _approve(site, fed.bundle_dirs["hospital-a"])
+    (site.site_dir / "data.csv").write_text("text,label\n")
+
+    with pytest.raises(ProvisionError, match="lacks the countersignature of clinic-b: site 'hospital-a' uses a roster"):
+        check_bundle(site.site_dir)
+    _approve(sites["clinic-b"], fed.bundle_dirs["clinic-b"])
+    _approve(site, _collect(sites, fed).bundle_dirs["hospital-a"])  # the same roster: installs the countersignatures
+    approve_app(review_app(site.site_dir, write_app(site.site_dir.parent / "app" / "tinyapp")))
+    assert check_bundle(site.site_dir) == site.site_dir
+
+
+def test_countersignatures_of_an_earlier_roster_are_left_out_when_a_site_joins(fed, sites, tmp_path):
+    for site in sites.values():
+        _approve(site, fed.bundle_dirs[site.request.site_id])
+    _collect(sites, fed)
+    lab = init_site("lab-c", tmp_path / "sites" / "lab-c")
+
+    grown = provision(tmp_path / "fed", [lab.request_path], superlink_hosts=["link.example.org"])
+
+    assert grown.countersigned == {} and grown.awaiting_countersignature == ["clinic-b", "hospital-a", "lab-c"]
+    assert load_countersignatures(grown.bundle_dirs["lab-c"] / COUNTERSIGNATURES_FILE) == []
+
+
+def test_provision_refuses_a_countersignature_of_another_roster(fed, sites, tmp_path):
+    _approve(sites["hospital-a"], fed.bundle_dirs["hospital-a"])
+    lab = init_site("lab-c", tmp_path / "sites" / "lab-c")
+    countersignature = sites["hospital-a"].site_dir / COUNTERSIGNATURE_FILE
+
+    with pytest.raises(ProvisionError, match=r"site 'hospital-a' is of roster [0-9a-f]{64}, not the current roster"):
+        provision(tmp_path / "fed", [lab.request_path], superlink_hosts=["h"], countersignatures=[countersignature])
+    assert not (tmp_path / "fed" / "coordinator" / "requests" / "lab-c.json").exists()  # nothing written
+
+
+def test_provision_refuses_a_countersignature_the_site_did_not_sign(fed, sites, tmp_path):
+    roster = Roster.load(fed.coordinator_dir / ROSTER_FILE)
+    forged = Countersignature.make(
+        site_id="clinic-b", roster_fingerprint=roster.fingerprint(), confirmed=(), key=Ed25519PrivateKey.generate()
+    )
+    write_countersignature(tmp_path / "forged.json", forged)
+
+    with pytest.raises(ProvisionError, match="of site 'clinic-b' does not verify under that site's key"):
+        provision(tmp_path / "fed", [], superlink_hosts=["h"], countersignatures=[tmp_path / "forged.json"])
+
+
+def test_a_bundle_with_a_forged_countersignature_is_not_approved(fed, sites):
+    bundle = fed.bundle_dirs["hospital-a"]
+    forged = Countersignature.make(
+        site_id="clinic-b", roster_fingerprint=fed.roster_fingerprint, confirmed=(), key=Ed25519PrivateKey.generate()
+    )
+    write_countersignatures(bundle / COUNTERSIGNATURES_FILE, [forged])
+
+    with pytest.raises(EnrolmentError, match="of site 'clinic-b' does not verify.*do not approve it"):
+        review_roster(sites["hospital-a"].site_dir, bundle)
+
+
 # --- the site check and the SuperNode command ---------------------------------------------------------------
 
 
 def test_checked_site_gives_the_supernode_command(fed, sites):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
 
     command = supernode_command(site, "link.example.org:9092", runtime_port=9200)
 
@@ -465,8 +584,10 @@ def test_checked_site_gives_the_supernode_command(fed, sites):
 
 
 def test_site_without_an_approved_app_is_refused(fed, sites):
+    for other in sites.values():  # a roster every site approved and countersigned: only the app is missing
+        _approve(other, fed.bundle_dirs[other.request.site_id])
     site = sites["hospital-a"]
-    _approve(site, fed.bundle_dirs["hospital-a"])
+    _approve(site, _collect(sites, fed).bundle_dirs["hospital-a"])
     (site.site_dir / "data.csv").write_text('text,label\n"good film",fresh\n')
 
     with pytest.raises(ProvisionError, match="no app approved at .* yet: the SuperNode would refuse every run"):
@@ -474,7 +595,7 @@ def test_site_without_an_approved_app_is_refused(fed, sites):
 
 
 def test_site_without_the_node_auth_key_is_refused(fed, sites):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     (site / NODE_AUTH_KEY).unlink()
 
     with pytest.raises(ProvisionError, match="node authentication key not found: .*node_auth_key"):
@@ -482,7 +603,7 @@ def test_site_without_the_node_auth_key_is_refused(fed, sites):
 
 
 def test_site_with_a_group_readable_private_key_is_refused(fed, sites):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     (site / IDENTITY_KEY_FILE).chmod(0o640)
 
     with pytest.raises(ProvisionError, match="identity key .* has mode 0640; it must be 0600"):
@@ -490,7 +611,7 @@ def test_site_with_a_group_readable_private_key_is_refused(fed, sites):
 
 
 def test_site_with_a_garbled_node_auth_key_is_refused(fed, sites):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     (site / NODE_AUTH_KEY).write_bytes(b"not a key")
 
     with pytest.raises(ProvisionError, match="is not an OpenSSH private key"):
@@ -498,7 +619,7 @@ def test_site_with_a_garbled_node_auth_key_is_refused(fed, sites):
 
 
 def test_site_whose_node_auth_key_is_not_the_rosters_is_refused(fed, sites):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     (site / NODE_AUTH_KEY).write_bytes(make_node_auth_key()[0])
 
     with pytest.raises(ProvisionError, match="roster's node-auth key for site 'hospital-a' is not this site's own"):
@@ -506,14 +627,15 @@ def test_site_whose_node_auth_key_is_not_the_rosters_is_refused(fed, sites):
 
 
 def test_site_whose_data_file_is_missing_is_refused(fed, sites):
-    _approve(sites["hospital-a"], fed.bundle_dirs["hospital-a"])
+    site = _ready(sites, fed)
+    (site / "data.csv").unlink()
 
     with pytest.raises(ProvisionError, match="data-path .*data.csv does not exist"):
-        check_bundle(sites["hospital-a"].site_dir)
+        check_bundle(site)
 
 
 def test_node_config_with_an_unknown_key_is_refused(fed, sites):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     with open(site / NODE_CONFIG_FILE, "a") as f:
         f.write("max-epsilom = 3.0\n")
 
@@ -522,7 +644,7 @@ def test_node_config_with_an_unknown_key_is_refused(fed, sites):
 
 
 def test_node_config_that_is_not_toml_is_refused(fed, sites):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     (site / NODE_CONFIG_FILE).write_text("site-id = \n")
 
     with pytest.raises(ProvisionError, match="node-config.toml is not valid TOML"):
@@ -530,7 +652,7 @@ def test_node_config_that_is_not_toml_is_refused(fed, sites):
 
 
 def test_node_config_with_a_negative_budget_is_refused(fed, sites):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     text = (site / NODE_CONFIG_FILE).read_text().replace("max-epsilon = 8.0", "max-epsilon = -1.0")
     (site / NODE_CONFIG_FILE).write_text(text)
 
@@ -564,10 +686,31 @@ def test_cli_init_provision_approve_check(tmp_path, capsys):
         and f"roster fingerprint: {roster_fingerprint[:4]} " in provision_out
     )
 
-    bundle = str(tmp_path / "f" / "bundles" / "a")
-    approve = ["site", "approve-roster", "--site-dir", str(tmp_path / "a"), bundle]
-    assert cli_main([*approve, "--fingerprint", roster_fingerprint, "--yes"]) == 0
+    approve = ["site", "approve-roster", "--site-dir", str(tmp_path / "a"), str(tmp_path / "f" / "bundles" / "a")]
+    assert cli_main([*approve, "--fingerprint", roster_fingerprint, "--yes"]) == 1  # b's operator read nothing
+    assert "not approved: no operator read out this roster code for b." in capsys.readouterr().out
+    for site, other in (("a", "b"), ("b", "a")):  # the roll call: each heard the other read out the same code
+        bundle = str(tmp_path / "f" / "bundles" / site)
+        assert (
+            cli_main(
+                ["site", "approve-roster", "--site-dir", str(tmp_path / site), bundle, "--confirmed", other, "--yes"]
+            )
+            == 0
+        )
+    approve_out = capsys.readouterr().out
+    code = Roster.load(tmp_path / "f" / "coordinator" / ROSTER_FILE).code()
+    assert approve_out.count(f"roster code: {code}\n") == 2
+    assert "this site refuses every round until it holds the countersignature of: b " in approve_out
     (tmp_path / "a" / "data.csv").write_text("text,label\n")
+    assert cli_main(["site", "check", str(tmp_path / "a")]) == 2
+    assert "lacks the countersignature of b: " in capsys.readouterr().err
+
+    countersignatures = [f"--countersignature={tmp_path / s / COUNTERSIGNATURE_FILE}" for s in ("a", "b")]
+    provision = ["provision", "--out", str(tmp_path / "f"), *requests, "--superlink-host", "127.0.0.1"]
+    assert cli_main([*provision, *countersignatures]) == 0
+    assert "countersigned by a (its operator confirmed: b)" in capsys.readouterr().out
+    assert cli_main(approve) == 0  # the same roster: installs the bundle's countersignatures, asks nothing
+    assert "every other site countersigned this roster" in capsys.readouterr().out
     assert cli_main(["site", "check", str(tmp_path / "a")]) == 2
     assert "no app approved at" in capsys.readouterr().err
     app = write_app(tmp_path / "app" / "tinyapp")
@@ -599,6 +742,29 @@ def test_cli_approval_needs_the_operator(fed, sites, monkeypatch, capsys):
     assert RosterPin.load(site_dir / ROSTER_PIN_FILE).fingerprint == fed.roster_fingerprint
 
 
+def test_cli_a_roster_pinned_before_roll_calls_is_approved_again_at_one(fed, sites, capsys):
+    site_dir = _ready(sites, fed)
+    pin = json.loads((site_dir / ROSTER_PIN_FILE).read_text())
+    del pin["confirmed"]  # as approve-roster wrote it before roll calls
+    (site_dir / ROSTER_PIN_FILE).write_text(json.dumps(pin))
+    approve = ["site", "approve-roster", "--site-dir", str(site_dir), str(fed.bundle_dirs["hospital-a"])]
+
+    with pytest.raises(ProvisionError, match=r"operator did not confirm \['clinic-b'\] at the roll call"):
+        check_bundle(site_dir)
+    assert cli_main([*approve, "--confirmed", "clinic-b", "--yes"]) == 0
+    assert "it is the roster approved at" in capsys.readouterr().out
+    assert check_bundle(site_dir) == site_dir  # the countersignatures it held are kept
+
+
+def test_cli_refuses_a_confirmed_site_that_is_not_in_the_roster(fed, sites, capsys):
+    site_dir = sites["hospital-a"].site_dir
+    approve = ["site", "approve-roster", "--site-dir", str(site_dir), str(fed.bundle_dirs["hospital-a"])]
+
+    assert cli_main([*approve, "--confirmed", "clinic-b,lab-z", "--yes"]) == 2
+    assert "--confirmed ['lab-z']: not other sites of this roster (clinic-b)" in capsys.readouterr().err
+    assert not (site_dir / ROSTER_PIN_FILE).exists()
+
+
 def test_cli_approving_the_approved_roster_again_asks_nothing(fed, sites, monkeypatch, capsys):
     site_dir = sites["hospital-a"].site_dir
     _approve(sites["hospital-a"], fed.bundle_dirs["hospital-a"])
@@ -619,7 +785,7 @@ def test_cli_provision_refuses_a_forged_request(sites, tmp_path, capsys):
 
 
 def test_site_start_execs_the_supernode_with_flowers_phone_home_off(fed, sites, monkeypatch):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     calls = []
     monkeypatch.setattr("os.execvpe", lambda file, args, env: calls.append((file, args, env)))
 
@@ -636,7 +802,7 @@ def test_site_start_execs_the_supernode_with_flowers_phone_home_off(fed, sites, 
 
 
 def test_site_start_refuses_a_site_with_an_open_key(fed, sites, monkeypatch, capsys):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     (site / NODE_AUTH_KEY).chmod(0o644)
     monkeypatch.setattr("os.execvpe", lambda *a: pytest.fail("must not start"))
 
@@ -645,7 +811,7 @@ def test_site_start_refuses_a_site_with_an_open_key(fed, sites, monkeypatch, cap
 
 
 def test_site_start_refuses_a_changed_roster(fed, sites, monkeypatch, capsys):
-    site = _ready(sites["hospital-a"], fed)
+    site = _ready(sites, fed)
     roster = Roster.load(site / ROSTER_FILE)
     (site / ROSTER_FILE).write_text(Roster({**roster.keys, "x": Ed25519PrivateKey.generate().public_key()}).to_json())
     monkeypatch.setattr("os.execvpe", lambda *a: pytest.fail("must not start"))
