@@ -66,7 +66,7 @@ def cell(path: Path, labels: str, *, sites: int, rounds: int, overrides: dict[st
     config = {"data-path": str(path), "num-server-rounds": rounds, "output-dir": str(out), **overrides}
     if labels:
         config["labels"] = labels
-    run_dir = run_simulation(config, num_clients=sites)
+    run_dir = run_simulation(config, num_clients=sites, estimate_time=True)  # the preflight logs its estimate
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = RunConfig.from_flower(metrics["config"])
     final = metrics["rounds"][-1]
