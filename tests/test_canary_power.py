@@ -159,7 +159,7 @@ def test_a_run_without_noise_that_claims_epsilon_8_is_flagged(tiny_config, tmp_p
 
     assert section["claimed_epsilon"] == pytest.approx(8.0, abs=0.05)
     assert [f.kind for f in findings] == ["canary"]
-    assert "exceeds the claimed epsilon 8.0" in findings[0].message
+    assert f"exceeds the claimed epsilon {section['claimed_epsilon']:.3f}" in findings[0].message
     assert section["epsilon_lower"] > section["claimed_epsilon"]
 
 
@@ -190,3 +190,43 @@ def test_the_report_states_the_largest_epsilon_the_audit_can_refute(tmp_path):
     page = _canary_html(section)
 
     assert f"can refute a claim of epsilon up to {section['epsilon_detectable']:.3f}" in page
+
+
+def test_the_audit_command_prints_the_bound_its_reach_and_the_refutation(tmp_path, capsys):
+    from shared.audit.cli import audit_main
+
+    sites = _ledgers(tmp_path / "federation")
+    run_dir = tmp_path / "run-7"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"run_id": RUN, "config": {"canaries": CANARIES}}))
+    included = np.random.default_rng(0).random(CANARIES) < 0.5
+    (run_dir / "canary_scores.json").write_text(
+        json.dumps(
+            {
+                "kind": "gradient",
+                "canaries": [
+                    {"index": i, "site": f"site-{i % SITES}", "included": bool(b), "score": float(b)}
+                    for i, b in enumerate(included)
+                ],
+            }
+        )
+    )
+
+    code = audit_main(
+        [
+            "--sim-dir",
+            str(tmp_path / "federation"),
+            "--run-dir",
+            str(run_dir),
+            "--out",
+            str(tmp_path),
+            "--no-cross-check",
+        ]
+    )
+    out, err = capsys.readouterr()
+
+    assert code == 1 and sites  # the run has no run ledger either: that is an error of its own
+    line = next(line for line in out.splitlines() if line.startswith("run 7: canary audit"))
+    assert "(gradient canaries, 4000) | empirical epsilon >= " in line and "against the claimed 8.001" in line
+    assert "it can refute a claim of at most 9." in line
+    assert "ERROR run 7 canaries [canary]: empirical lower bound epsilon >= " in err

@@ -90,7 +90,7 @@ def test_without_noise_a_claim_of_epsilon_8_is_refuted_where_the_epsilon_delta_b
     assert epsilon_detectable(4000, delta=DELTA) < 6.0  # Steinke et al.'s bound, every guess right
 
 
-def test_half_the_claimed_noise_is_refuted():
+def test_a_quarter_of_the_claimed_noise_is_refuted():
     included = np.random.default_rng(4).random(4000) < 0.5
     events = {s: [EVENT] for s in SITES}
 
