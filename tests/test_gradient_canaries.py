@@ -175,36 +175,52 @@ def test_gradient_canaries_need_dp(tiny_config):
         _round(tiny_config, np.ones(4, dtype=bool), dp=False, noise_multiplier=0.0)
 
 
-def test_the_client_records_its_canaries_at_the_site_and_nothing_more_leaves(tiny_config):
+@pytest.mark.slow  # two sites' rounds through the ClientApp (their PRV ledgers) and the audit
+def test_sites_record_their_canaries_and_the_server_scores_them_all_for_the_audit(tiny_config, tmp_path):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     import client.app as client_app
+    from server.app import start_canaries
     from shared import constants as C
+    from shared.audit.cli import canary_section
+    from shared.audit.verify import audit_site_ledger
     from shared.identity import provision_simulation
     from shared.model import build_model, get_trainable
     from shared.records import record_from_arrays
 
     cfg = replace(tiny_config, canaries=300, noise_multiplier=1.0, target_epsilon=0.0, local_steps=2)
-    provision_simulation(cfg.simulation_dir(77), 2)
+    roster = provision_simulation(cfg.simulation_dir(77), 2)
+    scorer = start_canaries(cfg, None, build_model(cfg, 2), None, num_sites=2, run_id="77")
     content = RecordDict(
         {
             C.GLOBAL_RECORD: record_from_arrays(get_trainable(build_model(cfg, 2))),
             C.TRAIN_CONFIG_RECORD: ConfigRecord({C.KEY_SERVER_ROUND: 1, C.KEY_RUN_ID: "77"}),
         }
     )
-    context = Context(
-        run_id=77,
-        node_id=101,
-        node_config={"partition-id": 1, "num-partitions": 2},
-        state=RecordDict(),
-        run_config=cfg.to_flower(),
-    )
+    for partition in (0, 1):
+        context = Context(
+            run_id=77,
+            node_id=100 + partition,
+            node_config={"partition-id": partition, "num-partitions": 2},
+            state=RecordDict(),
+            run_config=cfg.to_flower(),
+        )
+        reply = client_app.app(Message(content, dst_node_id=100 + partition, message_type="train"), context)
+        assert not reply.has_error(), reply.error
+        # the coordinates stay at the site: the reply carries what it did without canaries
+        assert set(reply.content) == {C.METRICS_RECORD, C.DP_EVENT_RECORD, C.ATTESTATION_RECORD, C.UPDATE_RECORD}
 
-    reply = client_app.app(Message(content, dst_node_id=101, message_type="train"), context)
+    path = scorer.finish(None, tmp_path, run_id="77", seed=cfg.seed, delta=cfg.delta)
+    scores = json.loads(path.read_text())
+    sites = {
+        s: audit_site_ledger(
+            cfg.simulation_dir(77) / "sites" / s / "privacy_ledger.jsonl", site_id=s, public_key=roster.public_key(s)
+        )
+        for s in ("site-0", "site-1")
+    }
+    section, findings = canary_section(scores, run_id="77", sites=sites, confidence=0.95, where=path)
 
-    assert not reply.has_error(), reply.error
-    assert set(reply.content) == {C.METRICS_RECORD, C.DP_EVENT_RECORD, C.ATTESTATION_RECORD, C.UPDATE_RECORD}
-    rounds = read_site_rounds(site_canary_path(cfg.simulation_dir(77) / "sites" / "site-1", "77"))
-    assert list(rounds) == [1] and rounds[1].shape == (
-        len(make_gradient_canaries(300, num_sites=2, seed=cfg.seed).at(1)),
-    )
+    assert len(scores["canaries"]) == 300 and scores["kind"] == "gradient"
+    assert all(c["score"] != 0.0 for c in scores["canaries"])  # every site trained: noise on every coordinate
+    assert findings == [] and section["kind"] == "gradient" and not section["refuted"]
+    assert section["claimed_from"] == "the DP events of run 77 in the site ledgers"
