@@ -246,8 +246,17 @@ def _train(msg: Message, context: Context) -> Message:
     purpose = PURPOSE_FEATURE_MEAN if kind == C.TASK_FEATURE_MEAN else PURPOSE_TRAIN
 
     rows = site_training_rows(cfg, site, task)
-    if cfg.canaries and task.canary_audit is not None:
+    if cfg.canaries and cfg.canary_kind == "text" and task.canary_audit is not None:
         rows = task.canary_audit.add_site_canaries(rows, cfg, site)
+    canaries = None  # gradient canaries: which of this site's are inserted (shared/gradient_canaries.py)
+    if cfg.canaries and cfg.canary_kind == "gradient" and kind == C.TASK_TRAIN:
+        from shared.audit.canary import CanaryError
+        from shared.gradient_canaries import site_canaries
+
+        try:
+            canaries = site_canaries(cfg.canaries, seed=cfg.seed, site=site)
+        except CanaryError as e:
+            return _decline(msg, str(e))
     ledger = _open_ledger(site)
     fingerprint = _fingerprint(site, rows)
     if ledger.find(run_id=run_id, server_round=server_round, purpose=purpose) is not None:
@@ -321,6 +330,7 @@ def _train(msg: Message, context: Context) -> Message:
             micro_batch_size=cfg.micro_batch_size,
             autocast=cfg.autocast,
             loss_fn=task.loss,
+            canaries=canaries,
         )
         expected = (
             planned if guarantees is None else opacus_event(sample_rate=sample_rate, max_grad_norm=cfg.max_grad_norm)
@@ -337,7 +347,7 @@ def _train(msg: Message, context: Context) -> Message:
     # Under DP nothing about the rows leaves the site outside the accounted mechanism: no loss, no update norm. A
     # non-private round (epsilon = inf already) may report its train loss.
     loss_metric = {C.METRIC_TRAIN_LOSS: loss} if not cfg.dp and loss is not None and math.isfinite(loss) else {}
-    return _accounted_reply(
+    reply = _accounted_reply(
         msg,
         ledger,
         site,
@@ -348,14 +358,19 @@ def _train(msg: Message, context: Context) -> Message:
         metrics=loss_metric,
         records={C.UPDATE_RECORD: ArrayRecord({C.UPDATE_ARRAY: Array(update.astype(np.float32))})},
     )
+    if canaries is not None and result.canary_update is not None:  # kept at the site, for the simulation's audit
+        from shared.gradient_canaries import record_site_round
+
+        record_site_round(site.site_dir, run_id=run_id, server_round=server_round, values=result.canary_update)
+    return reply
 
 
 def _missing_capability(cfg: RunConfig, task: Task) -> str | None:
     """Why the site cannot run what the run config asks of this task (None: it can)."""
     if cfg.center_features and task.centering is None:
         return f"run config center-features = true, but task {task.name!r} has no feature centering"
-    if cfg.canaries and task.canary_audit is None:
-        return f"run config canaries = {cfg.canaries}, but task {task.name!r} has no canary audit"
+    if cfg.canaries and cfg.canary_kind == "text" and task.canary_audit is None:
+        return f"run config canaries = {cfg.canaries}, but task {task.name!r} has no text canaries"
     return None
 
 

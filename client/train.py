@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.canary_rows import CanaryRows
 from client.dp_random import DpEngine, random_source
 from shared.batching import micro_batches
 from shared.centering import ANSWER_SCALE, sensitivity
@@ -43,6 +44,7 @@ class TrainResult:
     steps: int
     empty_batches: int  # Poisson batches that drew no row (still noisy, accounted steps)
     event: DpEvent | None  # None when DP is off
+    canary_update: np.ndarray | None = None  # canary mode: the change of the site's canaries' audit coordinates
 
 
 def _batches(loader: DataLoader) -> Iterator[Encoded]:
@@ -124,6 +126,7 @@ def logical_step(
     dp: bool,
     device: str,
     autocast: str,
+    canaries: CanaryRows | None = None,
 ) -> float | None:
     """One optimizer step on a logical batch, taken in micro-batches; returns the batch's mean loss (None if empty).
 
@@ -132,14 +135,19 @@ def logical_step(
     freed); the last one adds the noise once, divides by the expected batch size and steps. Since each row's
     gradient is clipped on its own, the step equals the step on the whole batch while memory holds one
     micro-batch. Without DP each micro-batch's mean loss is weighted by its share of the rows, so the accumulated
-    gradient is the whole batch's mean-loss gradient.
+    gradient is the whole batch's mean-loss gradient. Canary mode's drawn canaries (``canaries``) are one more
+    skipped micro-step, first (:mod:`client.canary_rows`).
     """
     optimizer.zero_grad(set_to_none=True)
+    if canaries is not None:
+        canaries.insert(optimizer, params)
     pieces = micro_batches(batch, micro_batch_size)
     if not pieces:
         # An empty Poisson batch is still a DP step (noise only): zero per-sample gradients for it.
         for p in params if dp else []:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+        if canaries is not None:
+            canaries.no_rows(0)
         optimizer.step()
         return None
     loss_sum = 0.0
@@ -152,6 +160,8 @@ def logical_step(
         if dp:
             _backward(loss)  # the micro-batch's mean: Opacus's per-sample gradients are each row's own
             _per_sample_grads_in_param_dtype(params)
+            if canaries is not None:
+                canaries.no_rows(len(piece))
             optimizer.signal_skip_step(do_skip=not last)  # type: ignore[attr-defined]
             optimizer.step()
             if not last:
@@ -209,6 +219,7 @@ def train_round(
     loss_fn: LossFn | None = None,
     micro_batch_size: int = 0,
     autocast: str = "off",
+    canaries: np.ndarray | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on ``data``; with ``dp`` they are DP-SGD steps under Opacus.
 
@@ -225,9 +236,15 @@ def train_round(
     the forward pass under ``torch.autocast`` in bfloat16 (``"auto"``: where the device does bf16 natively,
     :func:`resolve_autocast`); the adapter weights, their gradients, the clipping,
     the noise and the optimizer stay in float32.
+
+    ``canaries`` (canary mode, DP only): which of the site's gradient canaries are inserted
+    (:mod:`shared.gradient_canaries`); each is drawn into every step with the step's sample rate, and
+    ``canary_update`` is the change of their audit coordinates.
     """
     if len(data) == 0:
         raise ValueError("cannot train on 0 rows")
+    if canaries is not None and not dp:
+        raise ValueError("gradient canaries audit DP-SGD: they need dp = true")
     if micro_batch_size < 0:
         raise ValueError(f"micro_batch_size must be >= 0, got {micro_batch_size}")
     autocast = resolve_autocast(autocast, device)  # an unknown mode fails before any work
@@ -248,6 +265,7 @@ def train_round(
     )
     engine_module: nn.Module = model
     event: DpEvent | None = None
+    rows: CanaryRows | None = None
     if dp:
         # Poisson batches and noise from the OS's CSPRNG, or (reproducible-noise) from a generator seeded by seed + 1
         engine = DpEngine(accountant="prv", source=random_source(seed + 1 if reproducible else None))
@@ -261,6 +279,9 @@ def train_round(
                 max_grad_norm=max_grad_norm,
                 poisson_sampling=True,
             )
+        if canaries is not None:  # drawn at the loader's own rate, with coins from the same source
+            rows = CanaryRows(canaries, clip_norm=max_grad_norm, sample_rate=1.0 / len(loader), source=engine.source)
+            rows.attach(optimizer)  # type: ignore[arg-type]
     batches = _batches(loader)
     try:
         # dropout draws from torch's global generator: pin it for a reproducible round, then restore it
@@ -278,6 +299,7 @@ def train_round(
                 dp=dp,
                 device=device,
                 autocast=autocast,
+                canaries=rows,
             )
     finally:
         if dp:
@@ -285,7 +307,13 @@ def train_round(
     if dp:
         event = _event_from_opacus(engine.accountant.history, max_grad_norm=max_grad_norm)
     mean_loss = float(np.mean(losses)) if losses else None  # all batches empty: there is no loss to average
-    return TrainResult(mean_loss=mean_loss, steps=steps, empty_batches=empty, event=event)
+    return TrainResult(
+        mean_loss=mean_loss,
+        steps=steps,
+        empty_batches=empty,
+        event=event,
+        canary_update=rows.update() if rows is not None else None,
+    )
 
 
 def noisy_feature_sum(

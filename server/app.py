@@ -46,7 +46,7 @@ from shared.metrics import divergence_warnings
 from shared.model import flatten, get_trainable
 from shared.records import record_from_arrays
 from shared.tasks import get_task
-from shared.tasks.base import CanaryAudit, FeatureCentering, Task
+from shared.tasks.base import CanaryAudit, CanaryScoring, FeatureCentering, Task
 
 __all__ = ["CENTER_MAX_ERROR", "app", "center_error", "center_is_usable", "main", "wait_for_nodes"]
 
@@ -76,9 +76,27 @@ def capabilities(cfg: RunConfig, task: Task) -> tuple[FeatureCentering | None, C
     lacks."""
     if cfg.center_features and task.centering is None:
         raise ConfigError(f"center-features = true: task {task.name!r} has no feature centering; set it false")
-    if cfg.canaries and task.canary_audit is None:
-        raise ConfigError(f"canaries = {cfg.canaries}: task {task.name!r} has no canary audit; set it to 0")
-    return (task.centering if cfg.center_features else None), (task.canary_audit if cfg.canaries else None)
+    text_canaries = bool(cfg.canaries) and cfg.canary_kind == "text"
+    if text_canaries and task.canary_audit is None:
+        raise ConfigError(
+            f"canaries = {cfg.canaries}, canary-kind = 'text': task {task.name!r} has no text canaries; "
+            "use canary-kind = 'gradient'"
+        )
+    return (task.centering if cfg.center_features else None), (task.canary_audit if text_canaries else None)
+
+
+def start_canaries(
+    cfg: RunConfig, canary_audit: CanaryAudit | None, model: nn.Module, rows: Any, *, num_sites: int, run_id: str
+) -> CanaryScoring | None:
+    """The server's side of canary mode (None when off): gradient canaries (task-independent, their sites'
+    records read at the end) or the task's text canaries (scored with the initial model now)."""
+    if cfg.canaries and cfg.canary_kind == "gradient":
+        from shared.gradient_canaries import GradientCanaryScorer
+
+        return GradientCanaryScorer.start(
+            canaries=cfg.canaries, seed=cfg.seed, num_sites=num_sites, sim_dir=cfg.simulation_dir(run_id)
+        )
+    return canary_audit.start(model, cfg, rows, num_sites=num_sites) if canary_audit else None
 
 
 def round_content(
@@ -148,7 +166,7 @@ def main(grid: Grid, context: Context) -> None:
         else "OFF",  # fmt: skip
         "on" if cfg.secure_aggregation else "OFF",
     )
-    scorer = canary_audit.start(model, cfg, held_out.rows, num_sites=len(nodes)) if canary_audit else None
+    scorer = start_canaries(cfg, canary_audit, model, held_out.rows, num_sites=len(nodes), run_id=run_id)
     recorder = RunRecorder(
         cfg,
         run_id,

@@ -1,4 +1,5 @@
-"""Canary mode of a simulation: insert the canaries into the sites' rows, score them with the final model.
+"""Canary mode with text canaries (``canary-kind = "text"``): insert them into the sites' rows, score them with
+the final model. The default, gradient canaries, is :mod:`shared.gradient_canaries`.
 
 The canaries and their assignment come from :func:`shared.audit.canary.make_canaries` with the run's seed, so
 the server and every simulated client derive the same list without exchanging it: a client adds the canaries

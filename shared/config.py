@@ -164,7 +164,14 @@ class RunConfig:
     secagg_timeout: float = field(default=120.0, metadata=_help("Seconds each secure-aggregation stage waits."))
     secagg_on_abort: Literal["skip", "stop"] = field(default="skip", metadata=_help("After an aborted round."))
     # empirical audit (simulation only)
-    canaries: int = field(default=0, metadata=_help("Canary records for the one-run privacy audit (0 = off)."))
+    canaries: int = field(default=0, metadata=_help("Canaries for the one-run privacy audit (0 = off)."))
+    canary_kind: Literal["gradient", "text"] = field(
+        default="gradient",
+        metadata=_help(
+            "gradient: white-box canaries in each DP step (thousands are cheap; local DP); text: random-label rows "
+            "(classifier; black-box, weak). docs/privacy-audit.md."
+        ),
+    )
     # deployment
     roster_path: str = field(
         default="",
@@ -267,10 +274,17 @@ class RunConfig:
         )
         need(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "in 0..65535 (0 = off)")
         need(self.canaries >= 0, "canaries", self.canaries, ">= 0")
+        need(self.canary_kind in ("gradient", "text"), "canary_kind", self.canary_kind, "'gradient' or 'text'")
         if self.canaries and self.roster_path:
             raise ConfigError(
-                f"canaries = {self.canaries} inserts records into sites' data: simulation only "
+                f"canaries = {self.canaries} inserts records into sites' training: simulation only "
                 "(roster-path must be empty)"
+            )
+        if self.canaries and self.canary_kind == "gradient" and (not self.dp or self.dp_noise != "local"):
+            raise ConfigError(
+                f"canaries = {self.canaries} with canary-kind = 'gradient' audits local DP-SGD: it needs dp = true "
+                f"and dp-noise = 'local' (got dp = {self.dp}, dp-noise = {self.dp_noise!r}); the canaries' audit "
+                "coordinates stay at the site and never get distributed noise"
             )
         self._check_task()
         need(self.noise_multiplier >= 0.0, "noise_multiplier", self.noise_multiplier, ">= 0")
@@ -326,7 +340,10 @@ class RunConfig:
         defaults = RunConfig.__dataclass_fields__
         refused = {
             "partitioning": (self.partitioning == "dirichlet", "a Dirichlet label skew needs labels; use 'iid'"),
-            "canaries": (self.canaries > 0, "the canary audit is the classifier's (random labels); set 0"),
+            "canaries": (
+                self.canaries > 0 and self.canary_kind == "text",
+                "text canaries are the classifier's (random labels); use canary-kind = 'gradient'",
+            ),
             "classifier_pooling": (
                 self.classifier_pooling != defaults["classifier_pooling"].default,
                 "a causal LM has no classification head; leave it at its default",

@@ -40,6 +40,8 @@ def test_from_flower_converts_kebab_case_and_numbers():
         ({"noise-multiplier": -1.0, "target-epsilon": 0.0}, "noise-multiplier must be >= 0"),
         ({"canaries": -1}, "canaries must be >= 0"),
         ({"canaries": 10, "roster-path": "/r.json"}, "simulation only"),
+        ({"canaries": 10, "dp": False}, "canary-kind = 'gradient' audits local DP-SGD: it needs dp = true"),
+        ({"canary-kind": "black-box"}, "canary-kind must be one of"),
         ({"classifier-pooling": "cls"}, "center-features = true needs classifier-pooling = 'mean'"),
         ({"center-noise-multiplier": 0.0}, "center-noise-multiplier = 0 with dp = true releases"),
         ({"center-noise-multiplier": -1.0}, "center-noise-multiplier must be finite and >= 0"),

@@ -46,7 +46,6 @@ def test_an_unknown_task_is_refused_naming_the_key():
     ("key", "value"),
     [
         ("partitioning", "dirichlet"),
-        ("canaries", 5),
         ("classifier-pooling", "cls"),
         ("labels", "neg,pos"),
     ],
@@ -55,6 +54,13 @@ def test_settings_the_causal_task_cannot_honour_are_refused_naming_the_key(key, 
     with pytest.raises(ConfigError, match=f"{key} = .* does not apply to task = 'causal-lm'"):
         RunConfig.from_flower({"task": "causal-lm", key: value})
     RunConfig.from_flower({key: value, **({"center-features": False} if key == "classifier-pooling" else {})})
+
+
+def test_text_canaries_are_the_classifiers_and_gradient_canaries_any_tasks():
+    with pytest.raises(ConfigError, match="canaries = 5 does not apply to task = 'causal-lm': text canaries"):
+        RunConfig.from_flower({"task": "causal-lm", "canaries": 5, "canary-kind": "text"})
+
+    assert RunConfig.from_flower({"task": "causal-lm", "canaries": 5}).canary_kind == "gradient"
 
 
 def test_a_causal_run_is_never_centered():
@@ -160,8 +166,9 @@ def test_the_server_refuses_a_run_asking_for_a_capability_the_task_lacks():
 
     with pytest.raises(ConfigError, match="center-features = true: task 'bare' has no feature centering"):
         capabilities(RunConfig(), _NoCapabilities())  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="canaries = 3: task 'bare' has no canary audit"):
-        capabilities(RunConfig(center_features=False, canaries=3), _NoCapabilities())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="canaries = 3, canary-kind = 'text': task 'bare' has no text canaries"):
+        capabilities(RunConfig(center_features=False, canaries=3, canary_kind="text"), _NoCapabilities())  # type: ignore[arg-type]
+    assert capabilities(RunConfig(center_features=False, canaries=3), _NoCapabilities()) == (None, None)  # type: ignore[arg-type]
     assert capabilities(RunConfig(center_features=False), _NoCapabilities()) == (None, None)  # type: ignore[arg-type]
 
 

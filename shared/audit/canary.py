@@ -143,10 +143,47 @@ class OneRunAudit:
         return asdict(self)
 
 
+def epsilon_detectable(
+    m: int, *, delta: float, confidence: float = DEFAULT_CONFIDENCE, choices: Sequence[tuple[int, int]] | None = None
+) -> float:
+    """The largest lower bound :func:`one_run_audit` can give with ``m`` canaries: every guess right. Its delta
+    term grows with ``m``, so at delta 1e-5 and 95% this never exceeds about 5.9, however large ``m``."""
+    pairs = list(choices) if choices is not None else k_choices(m)
+    significance = (1.0 - confidence) / len(pairs)
+    return max(epsilon_lower_bound(m, kp + km, kp + km, delta=delta, significance=significance) for kp, km in pairs)
+
+
 def k_choices(m: int) -> list[tuple[int, int]]:
     """The (k+, k-) pairs tried: symmetric guessing and "in"-only guessing at a few sizes."""
     ks = sorted({max(1, int(round(f * m / 2))) for f in K_FRACTIONS})
     return [(k, k) for k in ks] + [(k, 0) for k in ks]
+
+
+def correct_guesses(
+    scores: np.ndarray, included: np.ndarray, pairs: Sequence[tuple[int, int]], *, seed: int = 0
+) -> list[int]:
+    """For each (k+, k-): how many of the guesses "in" for the k+ highest scores and "out" for the k- lowest are
+    right. Ties are broken by a seeded shuffle, never by index (an index order could carry the truth)."""
+    m = len(scores)
+    for kp, km in pairs:
+        if kp < 0 or km < 0 or kp + km > m or kp + km == 0:
+            raise CanaryError(f"(k+, k-) = ({kp}, {km}) must be non-negative with 0 < k+ + k- <= {m}")
+    jitter = np.random.default_rng(seed).permutation(m)
+    ranked = np.asarray(included, dtype=bool)[np.lexsort((jitter, -np.asarray(scores)))]  # highest score first
+    return [int(ranked[:kp].sum()) + int((~ranked[m - km :]).sum() if km else 0) for kp, km in pairs]
+
+
+def check_scores(scores: Sequence[float], included: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """``scores`` and ``included`` as arrays, checked: 1-D, equal in length, finite, at least 2 canaries."""
+    s = np.asarray(scores, dtype=np.float64)
+    truth = np.asarray(included, dtype=bool)
+    if s.ndim != 1 or s.shape != truth.shape:
+        raise CanaryError(f"scores and included must be 1-D and equal in length, got {s.shape} and {truth.shape}")
+    if not np.all(np.isfinite(s)):
+        raise CanaryError("canary scores must be finite")
+    if len(s) < 2:
+        raise CanaryError(f"need at least 2 canaries, got {len(s)}")
+    return s, truth
 
 
 def one_run_audit(
@@ -159,31 +196,16 @@ def one_run_audit(
     seed: int = 0,
 ) -> OneRunAudit:
     """Empirical epsilon lower bound from canary ``scores`` (higher: more likely a member) and the truth."""
-    s = np.asarray(scores, dtype=np.float64)
-    truth = np.asarray(included, dtype=bool)
-    if s.ndim != 1 or s.shape != truth.shape:
-        raise CanaryError(f"scores and included must be 1-D and equal in length, got {s.shape} and {truth.shape}")
-    if not np.all(np.isfinite(s)):
-        raise CanaryError("canary scores must be finite")
+    s, truth = check_scores(scores, included)
     if not 0.0 < confidence < 1.0:
         raise CanaryError(f"confidence must be in (0, 1), got {confidence}")
     if not 0.0 < delta < 1.0:
         raise CanaryError(f"delta must be in (0, 1), got {delta}")
     m = len(s)
-    if m < 2:
-        raise CanaryError(f"need at least 2 canaries, got {m}")
     pairs = list(choices) if choices is not None else k_choices(m)
-    for kp, km in pairs:
-        if kp < 0 or km < 0 or kp + km > m or kp + km == 0:
-            raise CanaryError(f"(k+, k-) = ({kp}, {km}) must be non-negative with 0 < k+ + k- <= {m}")
-    # rank by score, ties broken by a seeded shuffle (not by index)
-    jitter = np.random.default_rng(seed).permutation(m)
-    order = np.lexsort((jitter, -s))  # highest score first
-    ranked = truth[order]
     significance = (1.0 - confidence) / len(pairs)
     best: OneRunAudit | None = None
-    for kp, km in pairs:
-        correct = int(ranked[:kp].sum()) + int((~ranked[m - km :]).sum() if km else 0)
+    for (kp, km), correct in zip(pairs, correct_guesses(s, truth, pairs, seed=seed), strict=True):
         eps = epsilon_lower_bound(m, kp + km, correct, delta=delta, significance=significance)
         if best is None or eps > best.epsilon_lower:
             best = OneRunAudit(

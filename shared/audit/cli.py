@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.audit.canary import CanaryError, one_run_audit
+from shared.audit.canary import CanaryError, epsilon_detectable, one_run_audit
+from shared.audit.fdp import audit_recorded_events
 from shared.audit.report import build_report, run_section, write_reports
 from shared.audit.verify import (
     Finding,
@@ -28,7 +29,8 @@ from shared.audit.verify import (
 )
 from shared.canary_data import CANARY_FILE
 from shared.identity import ROSTER_FILE, IdentityError, Roster
-from shared.ledger import RUN_LEDGER_FILE
+from shared.ledger import PURPOSE_TRAIN, RUN_LEDGER_FILE
+from shared.privacy import DpEvent
 from shared.site import LEDGER_FILE
 
 logger = logging.getLogger(__name__)
@@ -187,6 +189,33 @@ def _load_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
+def _run_events(
+    sites: Mapping[str, SiteAudit], canary_sites: Sequence[str], run_id: str, *, kind: str
+) -> tuple[dict[str, list[DpEvent]], float] | str:
+    """The DP events each canary site's ledger records for this run (gradient canaries live in its training
+    steps; text canaries are rows, in every release) and the largest delta; or why there are none to test."""
+    events: dict[str, list[DpEvent]] = {}
+    deltas = []
+    for s in canary_sites:
+        audit = sites.get(s)
+        if audit is None or not audit.exists:
+            return f"no ledger of site {s} was audited"
+        of_run = [c.entry for c in audit.checks if c.entry.run_id == run_id]
+        deltas += [e.delta for e in of_run]
+        events[s] = []
+        for entry in of_run:
+            if kind == "gradient" and entry.release != PURPOSE_TRAIN:
+                continue  # the canaries are in the training steps only
+            if not isinstance(entry.event, DpEvent):
+                return f"site {s} recorded distributed-noise rounds, which the f-DP test does not take"
+            if entry.event.steps > 0 and entry.event.noise_multiplier == 0.0:
+                return f"site {s} recorded a round without noise (epsilon = inf: nothing to refute)"
+            events[s].append(entry.event)
+    if not deltas:
+        return f"no site ledger records run {run_id}"
+    return events, max(deltas)
+
+
 def canary_section(
     scores_file: Mapping[str, Any],
     *,
@@ -195,16 +224,60 @@ def canary_section(
     confidence: float,
     where: Path,
 ) -> tuple[dict[str, Any], list[Finding]]:
-    """The one-run lower bound from ``canary_scores.json``, next to the epsilon the sites claim for it."""
+    """The empirical audit of ``canary_scores.json``, against the DP events the canaries' sites recorded for the
+    run (:mod:`shared.audit.fdp`); without those events, Steinke et al.'s (epsilon, delta) bound against the
+    epsilon the sites' ledgers (or the file) claim (:mod:`shared.audit.canary`)."""
     rows = scores_file.get("canaries")
     if not isinstance(rows, list) or not rows:
         raise AuditInputError(f"{where}: 'canaries' must be a non-empty list")
     try:
         scores = [float(r["score"]) for r in rows]
         included = [bool(r["included"]) for r in rows]
-        canary_sites = sorted({str(r["site"]) for r in rows})
+        of_canary = [str(r["site"]) for r in rows]
     except (KeyError, TypeError, ValueError) as e:
         raise AuditInputError(f"{where}: each canary needs 'score', 'included' and 'site': {e}") from e
+    canary_sites = sorted(set(of_canary))
+    kind = str(scores_file.get("kind", "text"))
+    recorded = _run_events(sites, canary_sites, run_id, kind=kind)
+    if isinstance(recorded, tuple):
+        events, delta = recorded
+        try:
+            audit = audit_recorded_events(scores, included, of_canary, events, delta=delta, confidence=confidence)
+        except CanaryError as e:
+            raise AuditInputError(f"{where}: {e}") from e
+        section = {
+            **audit.to_dict(),
+            "claimed_from": f"the DP events of run {run_id} in the site ledgers",
+            "sites": canary_sites,
+            "kind": kind,
+        }
+        findings = []
+        if audit.refuted:
+            findings.append(
+                Finding(
+                    f"run {run_id} canaries",
+                    "canary",
+                    f"empirical lower bound epsilon >= {audit.epsilon_lower:.3f} (confidence {confidence:.0%}) "
+                    f"exceeds the claimed epsilon {audit.claimed_epsilon:.3f}: the training was less private than "
+                    "the DP-SGD its ledgers record, so the DP guarantee does not hold as claimed",
+                )
+            )
+        return section, findings
+    return _steinke_section(scores_file, scores, included, canary_sites, run_id, sites, confidence, where, recorded)
+
+
+def _steinke_section(
+    scores_file: Mapping[str, Any],
+    scores: list[float],
+    included: list[bool],
+    canary_sites: list[str],
+    run_id: str,
+    sites: Mapping[str, SiteAudit],
+    confidence: float,
+    where: Path,
+    why: str,
+) -> tuple[dict[str, Any], list[Finding]]:
+    """Steinke et al.'s bound against one (epsilon, delta) claim: the f-DP test had no recorded events (``why``)."""
     claims: dict[str, tuple[float, float]] = {}  # site -> (epsilon, delta) at the end of this run
     for s in canary_sites:
         audit = sites.get(s)
@@ -223,9 +296,19 @@ def canary_section(
         raise AuditInputError(f"{where}: no delta for the canary audit (no site ledger of run {run_id}, no 'delta')")
     try:
         result = one_run_audit(scores, included, delta=delta, confidence=confidence)
+        detectable = epsilon_detectable(len(scores), delta=delta, confidence=confidence)
     except CanaryError as e:
         raise AuditInputError(f"{where}: {e}") from e
-    section = {**result.to_dict(), "claimed_epsilon": claimed, "claimed_from": source, "sites": canary_sites}
+    section = {
+        **result.to_dict(),
+        "refuted": result.epsilon_lower > claimed,
+        "claimed_epsilon": claimed,
+        "claimed_from": source,
+        "epsilon_detectable": detectable,
+        "method": f"(epsilon, delta) one-run bound (Steinke, Nasr and Jagielski 2023): {why}",
+        "sites": canary_sites,
+        "kind": str(scores_file.get("kind", "text")),
+    }
     findings = []
     if result.epsilon_lower > claimed:
         findings.append(
@@ -334,6 +417,15 @@ def audit_main(argv: list[str] | None = None) -> int:
                     if d.get("distributed_rounds")
                     else ""
                 )
+            )
+    for run in report["runs"]:
+        c = run.get("canary")
+        if c:
+            print(
+                f"run {run['run_id']}: canary audit ({c.get('kind', 'text')} canaries, {c['canaries']}) | empirical "
+                f"epsilon >= {_eps(c['epsilon_lower'])} against the claimed {_eps(c['claimed_epsilon'])} at delta "
+                f"{c['delta']:g} ({c['confidence']:.0%}) | it can refute a claim of at most "
+                f"{_eps(c.get('epsilon_detectable'))}"
             )
     for f in findings:
         print(str(f), file=sys.stderr)

@@ -766,18 +766,35 @@ def _run_html(run: Mapping[str, Any]) -> str:
 
 def _canary_html(c: Mapping[str, Any]) -> str:
     lower, claimed = _num(c.get("epsilon_lower")), _num(c.get("claimed_epsilon"))
+    refuted = bool(c["refuted"]) if "refuted" in c else lower > claimed
+    detectable = _num(c.get("epsilon_detectable"))
     verdict = (
         '<span class="fail">the empirical lower bound EXCEEDS the claim: the claimed guarantee is false</span>'
-        if lower > claimed
+        if refuted
         else '<span class="ok">consistent: the lower bound does not exceed the claim</span>'
     )
+    reach = (
+        f"At these settings (canaries, guesses, confidence, delta) this audit can refute a claim of epsilon up to "
+        f"{detectable:.3f}, if every guess were right; a claim above that cannot be refuted by it, whatever went "
+        "wrong."
+        if not math.isnan(detectable)
+        else ""
+    )
+    if not math.isnan(detectable) and detectable <= claimed:
+        reach += (
+            f" The claim ({claimed:.3f}) is above it: this audit could not have caught a run without noise. "
+            "More canaries raise the reach."
+        )
     return "\n".join(
         [
             "<h3>Empirical audit (canaries, one run)</h3>",
+            f"<p>{_e(str(c.get('method') or 'one-run bound (Steinke, Nasr and Jagielski 2023)'))}; "
+            f"canaries: {_e(str(c.get('kind', 'text')))}.</p>",
             _table(
                 [
                     "claimed epsilon",
                     "empirical lower bound",
+                    "largest epsilon it can refute",
                     "confidence",
                     "delta",
                     "canaries (inserted)",
@@ -788,6 +805,7 @@ def _canary_html(c: Mapping[str, Any]) -> str:
                     (
                         _eps(claimed),
                         _eps(lower),
+                        _eps(detectable),
                         f"{_num(c.get('confidence')):.0%}",
                         _n(c.get("delta")),
                         f"{c.get('canaries')} ({c.get('included')})",
@@ -796,8 +814,9 @@ def _canary_html(c: Mapping[str, Any]) -> str:
                     )
                 ],
             ),
-            f"<p>{verdict}. A lower bound far below the claim is expected (one run, black-box scores) and "
-            "does not show the claim is tight; a lower bound above it shows the claim is wrong.</p>",
+            f"<p>{verdict}. {_e(reach)}</p>",
+            "<p>A lower bound far below the claim is expected (one run) and does not show the claim is tight; a "
+            "lower bound above it shows the claim is wrong.</p>",
         ]
     )
 
