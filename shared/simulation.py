@@ -109,6 +109,7 @@ def preflight(
 
 
 LONG_ROW_TOKENS = 64  # rows this long on average: the estimate says that long texts cost more, and what helps
+LONG_TEXT_LEVER_ROWS = 200  # sites this large gained from more, smaller DP steps on long texts (docs/benchmarks.md)
 
 
 def log_time_estimate(
@@ -156,6 +157,18 @@ def log_time_estimate(
             "a lower max-length or fewer rounds shorten the run, at some cost in accuracy)",
             cfg.max_length,
         )
+        defaults = RunConfig()
+        if (
+            cfg.task == "classify"  # measured for the classifier's head only (docs/benchmarks.md)
+            and (cfg.batch_size, cfg.local_steps) == (defaults.batch_size, defaults.local_steps)
+            and min(plan.site_rows) >= LONG_TEXT_LEVER_ROWS
+        ):
+            log.info(
+                "long texts, %d+ rows per site: --set batch-size=128 --set local-steps=8 (the same rows per round "
+                "for sites of 256 rows or more) ended 8-10 points higher on the long-text set of docs/benchmarks.md "
+                "and level on short texts",
+                LONG_TEXT_LEVER_ROWS,
+            )
 
 
 def await_flower_telemetry(timeout_s: float = FLOWER_TELEMETRY_WAIT_S) -> None:

@@ -68,3 +68,18 @@ def test_the_preflight_measures_this_machine_and_logs_the_runs_time(tmp_path, ti
     (line,) = [r.getMessage() for r in caplog.records if "estimated time" in r.getMessage()]
     assert "a round" in line and "tokens on average" in line
     assert "long texts cost more" not in caplog.text  # rows of a few tokens
+
+
+def test_long_texts_are_said_to_cost_more_with_the_setting_that_learned_more_on_them(tmp_path, tiny_model_dir, caplog):
+    long_rows = [
+        (" ".join([text] * 12), label) for text, label in make_rows(800)
+    ]  # cut at 64 tokens (the tiny model's positions)
+    data = write_csv(tmp_path / "long.csv", long_rows)
+    cfg = RunConfig(data_path=str(data), model_path=str(tiny_model_dir), labels="rotten,fresh", max_length=64)
+    with caplog.at_level(logging.INFO, logger="privatune"):
+        preflight(cfg, num_clients=3, estimate_time=True)  # 226 training rows a site
+        assert "long texts cost more" in caplog.text
+        assert "--set batch-size=128 --set local-steps=8" in caplog.text
+        caplog.clear()
+        preflight(replace(cfg, local_steps=8), num_clients=3, estimate_time=True)  # the user chose already
+    assert "long texts cost more" in caplog.text and "--set batch-size=128" not in caplog.text
