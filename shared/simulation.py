@@ -109,6 +109,8 @@ def preflight(
 
 
 LONG_ROW_TOKENS = 64  # rows this long on average: the estimate says that long texts cost more, and what helps
+CUT_ROWS_SHARE = 0.25  # this share of rows cut at max-length or more: the estimate names the longer setting
+MODEL_MAX_LENGTH_HINT = 256  # the builtin encoder's own limit (all-MiniLM-L6-v2: 256 word pieces)
 LONG_TEXT_LEVER_ROWS = 200  # sites this large gained from more, smaller DP steps on long texts (docs/benchmarks.md)
 
 
@@ -157,6 +159,15 @@ def log_time_estimate(
             "a lower max-length or fewer rounds shorten the run, at some cost in accuracy)",
             cfg.max_length,
         )
+        cut = float(np.mean(lengths >= cfg.max_length))
+        if cut >= CUT_ROWS_SHARE and cfg.max_length < MODEL_MAX_LENGTH_HINT:
+            log.info(
+                "%.0f%% of the rows are cut at max-length %d: --set max-length=%d reads more of each (the centralized "
+                "probe on 180-word speeches: 0.693 at 128, 0.763 at 256, docs/benchmarks.md), at up to twice the time",
+                100 * cut,
+                cfg.max_length,
+                MODEL_MAX_LENGTH_HINT,
+            )
         defaults = RunConfig()
         if (
             cfg.task == "classify"  # measured for the classifier's head only (docs/benchmarks.md)

@@ -80,6 +80,7 @@ def test_long_texts_are_said_to_cost_more_with_the_setting_that_learned_more_on_
         preflight(cfg, num_clients=3, estimate_time=True)  # 226 training rows a site
         assert "long texts cost more" in caplog.text
         assert "--set batch-size=128 --set local-steps=8" in caplog.text
+        assert "100% of the rows are cut at max-length 64: --set max-length=256" in caplog.text
         caplog.clear()
         preflight(replace(cfg, local_steps=8), num_clients=3, estimate_time=True)  # the user chose already
     assert "long texts cost more" in caplog.text and "--set batch-size=128" not in caplog.text
