@@ -84,6 +84,7 @@ class RunPlan:
 @dataclass(frozen=True)
 class RunTimeEstimate:
     round0_seconds: float
+    training_seconds: float  # a round's part at the sites: what the server waits for in the training stage
     round_seconds: float
     total_seconds: float
     mean_tokens: float
@@ -126,6 +127,7 @@ def estimate(plan: RunPlan, speed: MachineSpeed) -> RunTimeEstimate:
     total = STARTUP_SECONDS + round0 + evaluation + plan.rounds * round_seconds
     return RunTimeEstimate(
         round0_seconds=round0,
+        training_seconds=max(waves * site_round, round0),
         round_seconds=round_seconds,
         total_seconds=total,
         mean_tokens=float(plan.lengths.mean()) if plan.lengths.size else 0.0,

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.config import ConfigError, RunConfig
 from shared.identity import site_id_for_partition
 from shared.log import configure_logging
 from shared.site import LEDGER_FILE, write_site_settings
+
+if TYPE_CHECKING:
+    from client.round_time import RunTimeEstimate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,12 +62,13 @@ def preflight(
     device: str | None = None,
     estimate_time: bool = False,
     cpus_per_client: float = 1.0,
-) -> None:
+) -> RunTimeEstimate | None:
     """What would otherwise fail 10-60 s into a run, checked in this process before Flower and Ray start, through
     the run's task: the data file (the classifier: its columns and labels), that it splits over ``num_clients``
     sites, the server's evaluation file, the model path, and the checkpoint to resume from. Raises ``ValueError``
     (a ``DataError``, ``ModelError``, ``ConfigError``...) naming what is wrong. With ``estimate_time``, once all
-    of that holds, it logs how long the run will take on this machine (:func:`log_time_estimate`)."""
+    of that holds, it logs how long the run will take on this machine and returns the estimate
+    (:func:`log_time_estimate`)."""
     from shared.federation import simulated_split
     from shared.tasks import get_task
 
@@ -102,10 +107,11 @@ def preflight(
         if not cfg.sim_dir:
             raise ConfigError("resume in a simulation needs sim-dir set: the sites' ledgers must outlive the restart")
         load_checkpoint(Path(cfg.resume))
-    if estimate_time:
-        log_time_estimate(
-            cfg, task, data, parts, num_clients=num_clients, device=device, cpus_per_client=cpus_per_client
-        )
+    if not estimate_time:
+        return None
+    return log_time_estimate(
+        cfg, task, data, parts, num_clients=num_clients, device=device, cpus_per_client=cpus_per_client
+    )
 
 
 LONG_ROW_TOKENS = 64  # rows this long on average: the estimate says that long texts cost more, and what helps
@@ -123,7 +129,7 @@ def log_time_estimate(
     num_clients: int,
     device: str | None,
     cpus_per_client: float,
-) -> None:
+) -> RunTimeEstimate:
     """Log the run's estimated time on this machine (``client.round_time``): the data's token lengths and a timed
     DP step and evaluation on a few rows (a few seconds; longer for a large model)."""
     import numpy as np
@@ -180,6 +186,21 @@ def log_time_estimate(
                 "and level on short texts",
                 LONG_TEXT_LEVER_ROWS,
             )
+    return result
+
+
+TRAINING_WAIT_MARGIN = 3.0  # the server waits this many times the estimated training of a round, at least
+TRAINING_STAGE_FACTOR = 4  # server/aggregation.py: the stage that includes local training waits 4 x secagg-timeout
+
+
+def timeout_for(cfg: RunConfig, estimate: RunTimeEstimate) -> float | None:
+    """A ``secagg-timeout`` under which the server waits long enough for the sites' training (the estimate's
+    training seconds, :data:`TRAINING_WAIT_MARGIN` times over), or None when the run's own one does: on long
+    texts or a slow machine a round's training can outlast the default's 480 s, and every round would abort."""
+    needed = TRAINING_WAIT_MARGIN * estimate.training_seconds / TRAINING_STAGE_FACTOR
+    if needed <= cfg.secagg_timeout:
+        return None
+    return float(60 * math.ceil(needed / 60))
 
 
 def await_flower_telemetry(timeout_s: float = FLOWER_TELEMETRY_WAIT_S) -> None:
@@ -238,13 +259,24 @@ def run_simulation(
     if not (PROJECT_ROOT / "pyproject.toml").is_file():
         raise RuntimeError(f"{PROJECT_ROOT} has no pyproject.toml: install PrivaTune editable (pip install -e .)")
     configure_logging(verbose=verbose)
-    preflight(
+    estimate = preflight(
         cfg,
         num_clients=num_clients,
         device=(site_settings or {}).get("device"),
         estimate_time=estimate_time,
         cpus_per_client=cpus_per_client,
     )
+    longer = timeout_for(cfg, estimate) if estimate is not None and "secagg-timeout" not in overrides else None
+    if longer is not None:  # left at its default, the wait would cut the sites' training short: every round aborts
+        logging.getLogger("privatune").info(
+            "secagg-timeout %.0f s -> %.0f s for this run: the server waits %d x secagg-timeout for the sites' "
+            "training, estimated at about %.0f s a round here (set secagg-timeout to choose)",
+            cfg.secagg_timeout,
+            longer,
+            TRAINING_STAGE_FACTOR,
+            estimate.training_seconds if estimate is not None else 0.0,
+        )
+        cfg = RunConfig.from_flower({**cfg.to_flower(), "secagg-timeout": longer})
     logging.getLogger("privatune").info(
         "starting %d simulated sites (Flower, Ray); loading the model takes a while", num_clients
     )

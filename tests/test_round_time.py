@@ -10,7 +10,7 @@ import numpy as np
 from client.round_time import MachineSpeed, RunPlan, estimate, measure_speed, padded_tokens
 from shared.config import RunConfig
 from shared.federation import server_test_set, simulated_split
-from shared.simulation import preflight
+from shared.simulation import preflight, timeout_for
 from shared.tasks import get_task
 from tests.conftest import make_rows, write_csv
 
@@ -84,3 +84,12 @@ def test_long_texts_are_said_to_cost_more_with_the_setting_that_learned_more_on_
         caplog.clear()
         preflight(replace(cfg, local_steps=8), num_clients=3, estimate_time=True)  # the user chose already
     assert "long texts cost more" in caplog.text and "--set batch-size=128" not in caplog.text
+
+
+def test_a_round_whose_training_would_outlast_the_servers_wait_gets_a_longer_one():
+    cfg = RunConfig()  # secagg-timeout 120 s: the training stage waits 480 s
+    slow = replace(estimate(_plan(np.full(2000, 128)), SPEED), training_seconds=1000.0)
+    quick = replace(slow, training_seconds=100.0)
+    assert timeout_for(cfg, slow) == 780.0  # 3 x 1000 s over 4, in whole minutes
+    assert timeout_for(cfg, quick) is None
+    assert timeout_for(replace(cfg, secagg_timeout=900.0), slow) is None  # the run's own is long enough
