@@ -420,9 +420,21 @@ def test_site_refuses_a_run_config_asking_for_another_data_path(fed, tiny_model_
 
 
 def _node_config(fed: Federation, site: str, ledger: Path) -> dict:
+    """The site's node config on a copy of its ledger, head record and witness at ``ledger``: the site refuses a
+    fresh ledger where its witness (or its fingerprint key) says it had one, and the real ledger stays as it is."""
+    import shutil
     import tomllib
 
-    return {**tomllib.loads((fed.sites[site] / NODE_CONFIG_FILE).read_text()), "ledger-path": str(ledger)}
+    from shared.ledger_head import default_head_path
+    from shared.site import LEDGER_WITNESS_FILE
+
+    real = fed.sites[site] / "privacy_ledger.jsonl"
+    witness = ledger.with_name(ledger.stem + "-witness.json")
+    shutil.copyfile(real, ledger)
+    shutil.copyfile(default_head_path(real), default_head_path(ledger))
+    shutil.copyfile(fed.sites[site] / LEDGER_WITNESS_FILE, witness)
+    node_config = tomllib.loads((fed.sites[site] / NODE_CONFIG_FILE).read_text())
+    return {**node_config, "ledger-path": str(ledger), "ledger-witness": str(witness)}
 
 
 def reference_arrays(fed: Federation, config: dict, scratch: Path) -> dict:
